@@ -1,0 +1,75 @@
+"""One writer for every benchmark: a JSON file and a markdown table, naming the machine."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on: device, CPU, torch version, date."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "device": gpu or f"CPU ({os.cpu_count()} threads visible, {torch.get_num_threads()} used)",
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if gpu else None,
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub-flavoured markdown table of ``rows`` (dicts sharing keys)."""
+    cols = list(columns or rows[0].keys())
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(name: str, title: str, rows: Sequence[dict[str, Any]], *,
+                 meta: dict[str, Any] | None = None, notes: str = "",
+                 columns: Sequence[str] | None = None, out_dir: Path = RESULTS) -> Path:
+    """Write ``<name>.json`` and ``<name>.md`` into ``out_dir``; print and return the table path."""
+    info = {"machine": machine(), **(meta or {})}
+    _atomic_write(out_dir / f"{name}.json",
+                  json.dumps({"title": title, **info, "rows": list(rows)}, indent=2, default=str))
+    m = info["machine"]
+    header = (f"### {title}\n\nMeasured on {m['device']} ({m['cpu']}), torch {m['torch']}, "
+              f"{m['date']}.\n\n")
+    table = header + markdown_table(rows, columns) + ("\n\n" + notes if notes else "") + "\n"
+    _atomic_write(out_dir / f"{name}.md", table)
+    print(table)
+    return out_dir / f"{name}.md"

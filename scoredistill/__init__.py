@@ -1,0 +1,56 @@
+"""scoredistill: score-distillation losses and samplers for one-step diffusion generators."""
+
+from .analytic import GaussianMixture
+from .batching import predict_batched
+from .guidance import CFG
+from .losses.diffusion import DiffusionLoss, DiffusionOutput
+from .losses.distill import (
+    DistillOutput,
+    ScoreDistillationLoss,
+    SDSLoss,
+    TSDLoss,
+    TSMLoss,
+    VSDLoss,
+    trajectory_directions,
+)
+from .losses.surrogate import surrogate_loss
+from .losses.weighting import distill_weighting, sd3_loss_weight
+from .parametrization import convert, ddim_step, from_x0_eps, to_x0_eps
+from .protocols import Cond, NoiseSchedule, Prediction, ScoreModel
+from .samplers.dasm import DASMSampler
+from .samplers.timesteps import IndexSampler, LogitNormalIndex, ModeIndex, UniformIndex
+from .schedules import RectifiedFlow, VariancePreserving, index_alpha_sigma
+
+__all__ = [
+    "CFG",
+    "Cond",
+    "DASMSampler",
+    "DiffusionLoss",
+    "DiffusionOutput",
+    "DistillOutput",
+    "GaussianMixture",
+    "IndexSampler",
+    "LogitNormalIndex",
+    "ModeIndex",
+    "NoiseSchedule",
+    "Prediction",
+    "RectifiedFlow",
+    "SDSLoss",
+    "ScoreDistillationLoss",
+    "ScoreModel",
+    "TSDLoss",
+    "TSMLoss",
+    "UniformIndex",
+    "VSDLoss",
+    "VariancePreserving",
+    "convert",
+    "ddim_step",
+    "distill_weighting",
+    "from_x0_eps",
+    "index_alpha_sigma",
+    "predict_batched",
+    "sd3_loss_weight",
+    "surrogate_loss",
+    "to_x0_eps",
+    "trajectory_directions",
+]

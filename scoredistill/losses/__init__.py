@@ -1,0 +1,1 @@
+"""Score-distillation losses (SDS, VSD, TSM, TSD) and the fake-score diffusion loss."""

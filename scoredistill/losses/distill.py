@@ -1,0 +1,228 @@
+"""SDS, VSD, TSM and TSD as direction terms that mix linearly and share model evaluations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..batching import predict_batched
+from ..parametrization import check_prediction, convert, ddim_step, expand_like, from_x0_eps
+from ..protocols import Cond, Prediction, ScoreModel
+from ..samplers.dasm import DASMSampler
+from ..samplers.timesteps import IndexSampler, UniformIndex
+from ..schedules import index_alpha_sigma
+from .surrogate import surrogate_loss
+from .validation import check_inputs
+from .weighting import Weighting, distill_weighting
+
+Term = Literal["sds", "vsd", "tsm"]
+
+
+@dataclass(frozen=True)
+class DistillOutput:
+    """A distillation step's loss and what a researcher logs.
+
+    ``loss`` scalar; ``grad`` (B, ...) the mixed gradient g w.r.t. ``z_hat``; ``grads`` each term's
+    gradient (B, ...) before the mix; ``norms`` each term's per-point contribution norm (B, N);
+    ``index``, ``timesteps``, ``sigmas`` (B, N) at the N evaluated (DASM) points.
+    """
+
+    loss: Tensor
+    grad: Tensor
+    grads: dict[str, Tensor]
+    norms: dict[str, Tensor]
+    index: Tensor
+    timesteps: Tensor
+    sigmas: Tensor
+
+
+@torch.no_grad()
+def trajectory_directions(
+    teacher: ScoreModel, fake: ScoreModel | None, z_hat: Tensor, z: Tensor | None, cond: Cond,
+    noise: Tensor, points: Tensor, point_weights: Tensor, terms: tuple[Term, ...],
+    space: Prediction, weighting: Weighting,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor]:
+    """Accumulate the direction terms along the DASM trajectory (TSD-SR Alg. 1, lines 11-23).
+
+    At each point k (noise level ``sigma_k``) with ``T = teacher``, ``F = fake``:
+    ``sds = T(z_hat_t) - target(z_hat, noise)`` (DreamFusion Eq. 3),
+    ``vsd = T(z_hat_t) - F(z_hat_t)`` (Eq. 3), ``tsm = T(z_hat_t) - T(z_t)`` (Eq. 4), each in the
+    ``space`` parametrisation (sign-flipped in x0 space so descent moves toward the teacher) and
+    multiplied by ``point_weight_k * w(t_k)``. Between points ``z_hat_t`` moves along ``F`` and
+    ``z_t`` along ``T`` (Eq. 6). Teacher calls on ``z_hat_t`` and ``z_t`` are one batched call.
+
+    Shapes: ``z_hat``, ``z``, ``noise`` (B, ...); ``points`` (B, N); ``point_weights`` (N,).
+    Returns per-term gradients (B, ...), per-term norms (B, N), timesteps and sigmas (B, N).
+    """
+    n_points = points.shape[1]
+    t_all, a_all, s_all = index_alpha_sigma(teacher.schedule, points)
+    w_all = weighting(a_all, s_all) * point_weights[None]
+    sign = -1.0 if space == "x0" else 1.0
+
+    a, s = expand_like(a_all[:, 0], z_hat), expand_like(s_all[:, 0], z_hat)
+    zh_t = a * z_hat + s * noise
+    z_t = a * z + s * noise if "tsm" in terms else None
+    grads = {term: torch.zeros_like(z_hat) for term in terms}
+    norms: dict[str, list[Tensor]] = {term: [] for term in terms}
+    for k in range(n_points):
+        t = t_all[:, k]
+        a, s = expand_like(a_all[:, k], z_hat), expand_like(s_all[:, k], z_hat)
+        calls = [(teacher, zh_t, t, cond)]
+        if z_t is not None:
+            calls.append((teacher, z_t, t, cond))
+        if fake is not None:
+            calls.append((fake, zh_t, t, cond))
+        preds = [p.float() for p in predict_batched(calls)]
+        t_hat = preds[0]
+        f_hat = preds[-1] if fake is not None else None
+        t_hq = preds[1] if z_t is not None else None
+
+        def in_space(pred: Tensor, model: ScoreModel, x_t: Tensor) -> Tensor:
+            return convert(pred, model.prediction, space, x_t, a, s)  # noqa: B023
+
+        teacher_hat = in_space(t_hat, teacher, zh_t)
+        diffs: dict[str, Tensor] = {}
+        if "sds" in terms:
+            diffs["sds"] = teacher_hat - from_x0_eps(z_hat, noise, space, a, s)
+        if "vsd" in terms:
+            diffs["vsd"] = teacher_hat - in_space(f_hat, fake, zh_t)
+        if "tsm" in terms:
+            diffs["tsm"] = teacher_hat - in_space(t_hq, teacher, z_t)
+        w = sign * expand_like(w_all[:, k], z_hat)
+        for term, diff in diffs.items():
+            contrib = w * diff
+            grads[term] += contrib
+            norms[term].append(contrib.flatten(1).norm(dim=1))
+
+        if k + 1 < n_points:  # no step after the last point
+            a1 = expand_like(a_all[:, k + 1], z_hat)
+            s1 = expand_like(s_all[:, k + 1], z_hat)
+            zh_t = ddim_step(zh_t, f_hat, fake.prediction, a, s, a1, s1)
+            if z_t is not None:
+                z_t = ddim_step(z_t, t_hq, teacher.prediction, a, s, a1, s1)
+    return grads, {k: torch.stack(v, dim=1) for k, v in norms.items()}, t_all, s_all
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreDistillationLoss:
+    """Base of the score-distillation losses: a fixed linear mix of direction terms.
+
+    Fields: ``weighting`` w(t) by name ("sigma2", "sigma", "uniform") or ``(alpha, sigma) -> (B,)``;
+    ``space`` the parametrisation the differences are taken in (default: the teacher's own, so
+    SD3 gets the TSD-SR release's sigma^2-weighted velocity differences); ``index_sampler`` the
+    per-sample start index; ``dasm`` the trajectory (None: one point); ``check_finite`` raise on
+    non-finite inputs (one host sync).
+    """
+
+    weighting: str | Weighting = "sigma2"
+    space: Prediction | None = None
+    index_sampler: IndexSampler = field(default_factory=UniformIndex)
+    dasm: DASMSampler | None = None
+    check_finite: bool = True
+
+    def mix(self) -> dict[Term, float]:
+        """The loss as ``{term: coefficient}``; the gradient is ``sum coef * grads[term]``."""
+        raise NotImplementedError
+
+    def __call__(
+        self, z_hat: Tensor, cond: Cond = None, *, teacher: ScoreModel,
+        fake: ScoreModel | None = None, z: Tensor | None = None, index: Tensor | None = None,
+        noise: Tensor | None = None, dasm_bias: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DistillOutput:
+        """Compute the loss for the student's output ``z_hat`` (B, ...) with gradient to it.
+
+        ``z`` (B, ...) the paired target latent (TSM/TSD); ``cond`` the condition pytree (batch B);
+        ``index`` (B,) int64 start indices into ``teacher.schedule``, ``noise`` (B, ...),
+        ``dasm_bias`` (B,) int64: each drawn with ``generator`` when not given.
+        """
+        mix = self.mix()
+        terms = tuple(mix)
+        n_points = self.dasm.num_points if self.dasm is not None else 1
+        needs_fake = "vsd" in terms or n_points > 1
+        if "sds" in terms and n_points > 1:
+            raise ValueError("SDS compares with the injected noise at one level; it has no DASM "
+                             "trajectory: use dasm=None")
+        if needs_fake and fake is None:
+            raise ValueError(f"{type(self).__name__} needs a fake-score model `fake` "
+                             + ("(VSD term)" if "vsd" in terms else "to move z_hat_t along DASM"))
+        if "tsm" in terms and z is None:
+            raise ValueError(f"{type(self).__name__} needs the target latent `z` (TSM term)")
+        schedule = teacher.schedule
+        if fake is not None and fake.schedule != schedule:
+            raise ValueError("teacher and fake must share one noise schedule")
+        space = check_prediction(self.space or teacher.prediction)
+
+        b, dev = z_hat.shape[0], z_hat.device
+        if index is None:
+            index = self.index_sampler(b, schedule.num_steps, generator=generator, device=dev)
+        if noise is None:
+            where = generator.device if generator is not None else dev
+            noise = torch.randn(z_hat.shape, generator=generator, device=where).to(dev)
+        if self.dasm is not None:
+            if dasm_bias is None:
+                dasm_bias = self.dasm.draw_bias(b, generator=generator, device=dev)
+            check_inputs(z_hat, z, noise, cond, index, dasm_bias, self.check_finite)
+            points = self.dasm.indices(index, schedule.num_steps, dasm_bias)
+            point_weights = self.dasm.point_weights(dev)
+        else:
+            check_inputs(z_hat, z, noise, cond, index, None, self.check_finite)
+            points, point_weights = index[:, None], torch.ones(1, device=dev)
+
+        grads, norms, timesteps, sigmas = trajectory_directions(
+            teacher, fake if needs_fake else None, z_hat.detach().float(),
+            None if z is None else z.float(), cond, noise.float(), points, point_weights, terms,
+            space, distill_weighting(self.weighting))
+        grad = sum(coef * grads[term] for term, coef in mix.items())
+        return DistillOutput(surrogate_loss(z_hat, grad), grad, grads, norms, points, timesteps,
+                             sigmas)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SDSLoss(ScoreDistillationLoss):
+    """Score Distillation Sampling: ``w(t) (teacher(z_hat_t) - noise)`` (DreamFusion, Eq. 3)."""
+
+    def mix(self) -> dict[Term, float]:
+        return {"sds": 1.0}
+
+
+@dataclass(frozen=True, kw_only=True)
+class VSDLoss(ScoreDistillationLoss):
+    """Variational Score Distillation ``w(t) (teacher(z_hat_t) - fake(z_hat_t))`` (TSD-SR Eq. 3)."""
+
+    def mix(self) -> dict[Term, float]:
+        return {"vsd": 1.0}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TSMLoss(ScoreDistillationLoss):
+    """Target Score Matching: ``w(t) (teacher(z_hat_t) - teacher(z_t))`` (TSD-SR Eq. 4)."""
+
+    def mix(self) -> dict[Term, float]:
+        return {"tsm": 1.0}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TSDLoss(ScoreDistillationLoss):
+    """Target Score Distillation ``lam * VSD + (1 - lam) * TSM`` (TSD-SR Eq. 5, lam = 0.7).
+
+    Eq. 5's ``psi_hat - psi + lam (psi - phi_hat)`` rearranged; with ``dasm=DASMSampler()`` it is
+    accumulated over the DASM trajectory (Alg. 1).
+
+    Example:
+        >>> loss_fn = TSDLoss(lam=0.7, dasm=DASMSampler())  # doctest: +SKIP
+        >>> out = loss_fn(z_hat, cond, teacher=teacher, fake=fake, z=z)  # doctest: +SKIP
+        >>> (lpips + mse + out.loss).backward()  # doctest: +SKIP
+    """
+
+    lam: float = 0.7
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"TSD lambda must be in [0, 1], got {self.lam}")
+
+    def mix(self) -> dict[Term, float]:
+        return {"vsd": self.lam, "tsm": 1.0 - self.lam}

@@ -1,0 +1,1 @@
+"""Timestep samplers and the DASM trajectory."""

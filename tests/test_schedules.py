@@ -1,0 +1,58 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scoredistill.schedules import RectifiedFlow, VariancePreserving, index_alpha_sigma
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_rectified_flow_table_matches_diffusers(shift):
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift, num_train_timesteps=1000)
+    idx = torch.arange(1000)
+    rf = RectifiedFlow(shift=shift)
+    torch.testing.assert_close(rf.timesteps(idx), ref.timesteps.float(), rtol=0, atol=2e-4)
+    torch.testing.assert_close(rf.sigmas(idx), ref.sigmas[:1000].float(), rtol=0, atol=2e-7)
+    # The paper's DASM range: index 50 is near pure noise, 949 near clean data.
+    assert rf.timesteps(torch.tensor([0]))[0] == 1000
+
+
+def test_vp_matches_diffusers_ddpm():
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                  beta_end=0.012)
+    vp = VariancePreserving.from_diffusers_config(ref.config)
+    torch.testing.assert_close(vp.alphas_cumprod, ref.alphas_cumprod.float())
+    assert vp == VariancePreserving()
+    t, a, _s = index_alpha_sigma(vp, torch.tensor([0, 999]))
+    assert t.tolist() == [999.0, 0.0]
+    torch.testing.assert_close(a**2, ref.alphas_cumprod[[999, 0]].float())
+
+
+@given(st.sampled_from([RectifiedFlow(), VariancePreserving()]),
+       st.lists(st.integers(0, 999), min_size=1, max_size=8))
+def test_index_order_and_identities(sched, indices):
+    idx = torch.tensor(sorted(indices))
+    _t, a, s = index_alpha_sigma(sched, idx)
+    # Index grows toward clean data: sigma never increases.
+    assert bool((s.diff() <= 0).all())
+    if isinstance(sched, RectifiedFlow):
+        torch.testing.assert_close(a + s, torch.ones_like(a))
+    else:
+        torch.testing.assert_close(a**2 + s**2, torch.ones_like(a))
+
+
+@pytest.mark.parametrize("sched", [RectifiedFlow(), VariancePreserving()])
+def test_bad_indices_are_rejected(sched):
+    with pytest.raises(ValueError, match="out of range"):
+        sched.timesteps(torch.tensor([1000]))
+    with pytest.raises(ValueError, match="integers"):
+        sched.timesteps(torch.tensor([1.5]))
+
+
+def test_vp_rejects_fractional_timesteps_and_bad_tables():
+    with pytest.raises(ValueError, match="integer-valued"):
+        VariancePreserving().alpha_sigma(torch.tensor([10.5]))
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        VariancePreserving(alphas_cumprod=torch.tensor([1.0, 0.5]))
