@@ -1,0 +1,128 @@
+"""Image files <-> float32 tensors (C,H,W) in [0, 1], the layout the TSD-SR scripts work in."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_GREY_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """RGB (3,H,W) float32 in [0, 1], the alpha plane (1,H,W) if any, and whether it was grey."""
+
+    rgb: torch.Tensor
+    alpha: torch.Tensor | None
+    grey: bool
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files (by extension, any case) directly inside `folder`, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"not a folder: {folder}")
+    files = (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(files, key=lambda p: p.name)
+
+
+def load_image(path: str | os.PathLike) -> LoadedImage:
+    """Read an image file as RGB float32 (3,H,W) in [0, 1]; ValueError naming unreadable files."""
+    path = Path(path)
+    try:
+        if _is_16bit_colour_png(path):
+            array = _read_16bit_colour_png(path)
+            grey = False
+        else:
+            with Image.open(path) as img:
+                img.load()  # decode now so truncated data fails here, not later
+                array, grey = _pil_to_array(img)
+    except (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
+    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    rgb = tensor[:1].expand(3, -1, -1).contiguous() if grey else tensor[:3].contiguous()
+    alpha = tensor[-1:].contiguous() if tensor.shape[0] in (2, 4) else None
+    return LoadedImage(rgb=rgb, alpha=alpha, grey=grey)
+
+
+def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
+    """Write a (C,H,W) tensor in [0, 1], C in {1, 3, 4}, as an 8-bit PNG, atomically."""
+    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"expected a (C,H,W) tensor with C in 1, 3, 4; got {tuple(image.shape)}")
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    array = array.transpose(1, 2, 0)
+    pil = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    write_atomic(path, buffer.getvalue())
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _pil_to_array(img: Image.Image) -> tuple[np.ndarray, bool]:
+    """(H,W,C) float32 in [0, 1] with C in {1, 2, 3, 4} (grey/colour, optional trailing alpha)."""
+    mode = img.mode
+    if mode in _GREY_16BIT_MODES:
+        array = np.asarray(img).astype(np.float32)
+        if array.min() < 0 or array.max() > 65535:
+            raise ValueError(f"integer image mode {mode} with values outside 16 bits")
+        return array[..., None] / 65535.0, True
+    if mode in ("1", "L", "LA", "La"):
+        target = "LA" if mode in ("LA", "La") else "L"
+        grey = True
+    elif mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in img.info):
+        target, grey = "RGBA", False
+    else:  # RGB, palette, CMYK, YCbCr, ...
+        target, grey = "RGB", False
+    array = np.asarray(img.convert(target), dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[..., None]
+    return array, grey
+
+
+def _is_16bit_colour_png(path: Path) -> bool:
+    """True for 48/64-bit PNGs, which Pillow would silently reduce to 8 bits per channel."""
+    with path.open("rb") as f:
+        header = f.read(26)
+    # IHDR sits right after the signature: bit depth at byte 24, colour type at byte 25.
+    if len(header) < 26 or not header.startswith(_PNG_SIGNATURE) or header[12:16] != b"IHDR":
+        return False
+    bit_depth, colour_type = header[24], header[25]
+    return bit_depth == 16 and colour_type in (2, 6)  # truecolour, truecolour + alpha
+
+
+def _read_16bit_colour_png(path: Path) -> np.ndarray:
+    """(H,W,C) float32 in [0, 1] from a 16-bit RGB(A) PNG, scaled by 65535."""
+    # torchvision's decoder keeps the 16 bits; its io module warns that it is deprecated in
+    # favour of torchcodec, which is not a dependency here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_png, read_file
+
+        decoded = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
+    array = decoded.to(torch.float32).numpy() / 65535.0
+    return array.transpose(1, 2, 0)
