@@ -3,23 +3,20 @@
 Calls on the same model object are concatenated along the batch into one call. Models that share a
 backbone with other models (LoRA roles on one transformer, :mod:`scoredistill.adapters.shared`)
 declare it through the :class:`Fusable` hook and are evaluated together in one backbone call, also
-through wrappers such as :class:`~scoredistill.CFG` (see :func:`predict_batched`).
+through wrappers such as :class:`~scoredistill.CFG` that state their inner calls
+(:class:`Plannable`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from .conditioning import cat_cond
-from .protocols import Cond, ScoreModel
-
-Call = tuple[ScoreModel, Tensor, Tensor, Cond]
-"""``(model, x_t, t, cond)``: one requested evaluation."""
+from .protocols import Call, Cond, ScoreModel
 
 
 @runtime_checkable
@@ -36,62 +33,33 @@ class Fusable(Protocol):
     def predict_fused(self, calls: Sequence[Call]) -> list[Tensor]: ...
 
 
-class _Recorder:
-    """Stands in for a wrapper's inner model: records the call, answers with a placeholder."""
+@runtime_checkable
+class Plannable(Protocol):
+    """A wrapper (e.g. CFG) that states its inner calls and how it combines their predictions."""
 
-    def __init__(self, model: Any) -> None:
-        self.model, self.calls = model, []
-
-    def __getattr__(self, name: str) -> Any:  # prediction, schedule, ... of the inner model
-        if name == "model":  # not yet set (copy, pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.model, name)
-
-    def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        self.calls.append((self.model, x_t, t, cond))
-        return torch.zeros_like(x_t, dtype=torch.float32)
-
-
-class _Replay(_Recorder):
-    """Stands in for a wrapper's inner model: answers with a prediction computed elsewhere."""
-
-    def __init__(self, model: Any, pred: Tensor) -> None:
-        super().__init__(model)
-        self.pred = pred
-
-    def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        return self.pred
-
-
-def _wraps_fusable(model: Any) -> bool:
-    inner = getattr(model, "model", None) if dataclasses.is_dataclass(model) else None
-    return inner is not None and (isinstance(inner, Fusable) or _wraps_fusable(inner))
+    def plan(self, x_t: Tensor, t: Tensor, cond: Cond
+             ) -> tuple[list[Call], Callable[[list[Tensor]], Tensor]]: ...
 
 
 Finish = Callable[[list[Tensor]], Tensor]
 
 
 def _lower(call: Call) -> tuple[list[Call], Finish]:
-    """Rewrite a call on a wrapper of a fusable model as calls on the fusable model itself.
-
-    A wrapper is a dataclass with a ``model`` field that calls ``model`` once (e.g. CFG): it is run
-    twice with stand-ins, first to record its inner call, then to combine the real prediction, so
-    its own arithmetic is reused rather than restated here.
-    """
+    """Rewrite a call on a wrapper as the calls on the models it wraps, recursively."""
     model, x_t, t, cond = call
-    if not _wraps_fusable(model):
+    if not isinstance(model, Plannable):
         return [call], lambda preds: preds[0]
-    recorder = _Recorder(model.model)
-    dataclasses.replace(model, model=recorder)(x_t, t, cond)
-    if len(recorder.calls) != 1:  # not a single-call wrapper: evaluate it as it is
-        return [call], lambda preds: preds[0]
-    leaves, inner_finish = _lower(recorder.calls[0])
+    inner, combine = model.plan(x_t, t, cond)
+    lowered = [_lower(c) for c in inner]
 
     def finish(preds: list[Tensor]) -> Tensor:
-        replay = _Replay(model.model, inner_finish(preds))
-        return dataclasses.replace(model, model=replay)(x_t, t, cond)
+        outs, start = [], 0
+        for leaf_calls, done in lowered:
+            outs.append(done(preds[start:start + len(leaf_calls)]))
+            start += len(leaf_calls)
+        return combine(outs)
 
-    return leaves, finish
+    return [leaf for leaf_calls, _ in lowered for leaf in leaf_calls], finish
 
 
 def _concatenated(model: ScoreModel, calls: Sequence[Call]) -> list[Tensor]:
@@ -107,8 +75,8 @@ def predict_batched(calls: Sequence[Call]) -> list[Tensor]:
     """Run ``calls`` with as few backbone calls as possible; predictions in the order of ``calls``.
 
     Calls on the same model are concatenated along the batch into one call. Calls on
-    :class:`Fusable` models with one ``fuse_key``, directly or through single-call wrappers such as
-    CFG, are fused into one ``predict_fused`` call. Each prediction has its ``x_t``'s shape.
+    :class:`Fusable` models with one ``fuse_key``, directly or through :class:`Plannable` wrappers
+    such as CFG, are fused into one ``predict_fused`` call. Each prediction has its ``x_t``'s shape.
     """
     plans = [_lower(call) for call in calls]
     leaves = [leaf for leaf_calls, _ in plans for leaf in leaf_calls]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .conditioning import cat_cond, expand_cond
-from .protocols import Cond, NoiseSchedule, Prediction, ScoreModel
+from .protocols import Call, Cond, NoiseSchedule, Prediction, ScoreModel
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,25 @@ class CFG:
     def schedule(self) -> NoiseSchedule:
         return self.model.schedule
 
+    def plan(self, x_t: Tensor, t: Tensor, cond: Cond
+             ) -> tuple[list[Call], Callable[[list[Tensor]], Tensor]]:
+        """The inner call (one, on a 2B batch) and how to combine its prediction.
+
+        :func:`scoredistill.predict_batched` uses it to fuse this call with others on the same
+        backbone; ``x_t`` (B, ...), ``t`` (B,), ``cond`` batch B.
+        """
+        if self.scale == 1.0:
+            return [(self.model, x_t, t, cond)], lambda preds: preds[0]
+        null = expand_cond(self.null_cond, x_t.shape[0], "null_cond")
+        call = (self.model, torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond([cond, null]))
+
+        def combine(preds: list[Tensor]) -> Tensor:
+            pred_cond, pred_null = preds[0].chunk(2)
+            return pred_null + self.scale * (pred_cond - pred_null)
+
+        return [call], combine
+
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Guided prediction; ``x_t`` (B, ...), ``t`` (B,), ``cond`` batch B."""
-        if self.scale == 1.0:
-            return self.model(x_t, t, cond)
-        b = x_t.shape[0]
-        null = expand_cond(self.null_cond, b, "null_cond")
-        out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond([cond, null]))
-        pred_cond, pred_null = out.chunk(2)
-        return pred_null + self.scale * (pred_cond - pred_null)
+        calls, combine = self.plan(x_t, t, cond)
+        return combine([model(x, tt, c) for model, x, tt, c in calls])

@@ -50,3 +50,7 @@ class ScoreModel(Protocol):
     schedule: NoiseSchedule
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor: ...
+
+
+Call: TypeAlias = "tuple[ScoreModel, Tensor, Tensor, Cond]"
+"""``(model, x_t, t, cond)``: one requested evaluation."""

@@ -1,0 +1,351 @@
+"""One TSD-SR train step: LoRA roles on one shared backbone vs the release's two copies.
+
+(a) Parameter bytes resident for SD3-medium (counted on the meta device, nothing allocated).
+(b) Backbone calls, wall time (median of repeats after warm-up) and peak memory of one generator
+step (TSD + DASM, N = 4, plus the latent MSE) and the fake-score update, each with AdamW:
+the library's batched shared-backbone path vs a plain loop written here the way the release does
+it (student copy + teacher/fake copy switching adapters, separate conditional and unconditional
+calls: six backbone calls per DASM point). Both paths are checked to give the same gradients
+before anything is timed.
+
+    python -m benchmarks.train_step                    # tiny SD3 on CPU
+    python -m benchmarks.train_step --quick            # CI smoke run (< 60 s)
+    python -m benchmarks.train_step --config sd3-medium --device cuda --dtype bf16 --checkpointing
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from benchmarks.report import RESULTS, markdown_table, write_report
+from scoredistill import CFG, DASMSampler, DiffusionLoss, RectifiedFlow, TSDLoss
+from scoredistill.adapters import (
+    ATTENTION_TARGETS,
+    STUDENT_TARGETS,
+    SD3ScoreModel,
+    add_lora,
+    lora_config,
+    lora_roles,
+    lora_state_dict,
+)
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": dict(sample_size=32, patch_size=1, in_channels=16, num_layers=1, attention_head_dim=8,
+                 num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+                 pooled_projection_dim=64, out_channels=16),
+    # stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json
+    "sd3-medium": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
+                       attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                       caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+                       pos_embed_max_size=192),
+}
+# (latent side, prompt tokens) per config; SD3-medium: 512 px images, TSD-SR's 333 tokens.
+SHAPES = {"tiny": (16, 8), "sd3-medium": (64, 333)}
+RANK, GUIDANCE, LAM, DASM = 64, 7.5, 0.7, DASMSampler()
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_transformer(config: str, dtype: torch.dtype, device: str) -> nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):  # random init where the weights live: fast for SD3-medium on GPU
+        return SD3Transformer2DModel(**CONFIGS[config]).to(dtype=dtype)
+
+
+def resident_bytes(config: str, param_dtype: torch.dtype) -> tuple[list[dict[str, Any]],
+                                                                    dict[str, int]]:
+    """(a) Parameter bytes: the base once plus each role's LoRA vs two base copies (meta device)."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        module = SD3Transformer2DModel(**CONFIGS[config])
+        base = sum(p.numel() for p in module.parameters())
+        add_lora(module, lora_config(STUDENT_TARGETS, RANK), "student")
+        add_lora(module, lora_config(ATTENTION_TARGETS, RANK), "fake")
+    lora = {a: sum(p.numel() for p in lora_state_dict(module, a).values())
+            for a in ("student", "fake")}
+    lora_bytes = 4 * sum(lora.values())  # LoRA weights stay fp32
+    base_bytes = base * param_dtype.itemsize
+    gib = 2**30
+    return [
+        {"design": "shared backbone (this library)", "base copies": 1,
+         "base GiB": base_bytes / gib, "LoRA GiB": lora_bytes / gib,
+         "total GiB": (base_bytes + lora_bytes) / gib},
+        {"design": "two copies (release)", "base copies": 2, "base GiB": 2 * base_bytes / gib,
+         "LoRA GiB": lora_bytes / gib, "total GiB": (2 * base_bytes + lora_bytes) / gib},
+    ], {"base params": base, "student LoRA params": lora["student"],
+        "fake LoRA params": lora["fake"]}
+
+
+@dataclass
+class Batch:
+    z_lq: Tensor
+    z: Tensor
+    cond: dict[str, Tensor]
+    null: dict[str, Tensor]
+    index: Tensor  # (B,) TSD start index
+    bias: Tensor  # (B,) DASM bias
+    noise: Tensor
+    fake_index: Tensor  # (B,) fake-score update index
+    fake_noise: Tensor
+
+
+def make_batch(config: str, batch: int, side: int, device: str, seed: int = 0) -> Batch:
+    tokens = SHAPES[config][1]
+    cfg = CONFIGS[config]
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g).to(device)
+
+    def cond(b: int) -> dict[str, Tensor]:
+        return {"prompt_embeds": randn(b, tokens, cfg["joint_attention_dim"]),
+                "pooled_projections": randn(b, cfg["pooled_projection_dim"])}
+
+    latent = (batch, cfg["in_channels"], side, side)
+    return Batch(randn(*latent), randn(*latent), cond(batch), cond(1),
+                 torch.randint(50, 950, (batch,), generator=g).to(device),
+                 DASM.draw_bias(batch, generator=g).to(device), randn(*latent),
+                 torch.randint(50, 950, (batch,), generator=g).to(device), randn(*latent))
+
+
+def library_step(roles, data: Batch) -> None:
+    """The library: TSDLoss(dasm=...) on CFG-wrapped roles, one fused backbone call per point."""
+    t = torch.full((data.z_lq.shape[0],), 1000.0, device=data.z_lq.device)
+    z_hat = data.z_lq - roles.student(data.z_lq, t, data.cond)
+    tsd = TSDLoss(lam=LAM, dasm=DASM)(
+        z_hat, data.cond, teacher=CFG(roles.teacher, GUIDANCE, data.null),
+        fake=CFG(roles.fake, GUIDANCE, data.null), z=data.z, index=data.index, noise=data.noise,
+        dasm_bias=data.bias)
+    (tsd.loss + F.mse_loss(z_hat.float(), data.z)).backward()
+    DiffusionLoss()(roles.fake, z_hat, data.cond, index=data.fake_index,
+                    noise=data.fake_noise).loss.backward()
+
+
+def release_step(student: nn.Module, aux: nn.Module, data: Batch) -> None:
+    """The release's loop: two copies, adapters switched on ``aux``, six calls per DASM point."""
+    sched = RectifiedFlow()
+    call = SD3ScoreModel(student)
+    aux_call = SD3ScoreModel(aux)
+    b = data.z_lq.shape[0]
+    null = {k: v.expand(b, *v.shape[1:]) for k, v in data.null.items()}
+
+    def cfg(fn: Callable[..., Tensor], x: Tensor, t: Tensor) -> Tensor:
+        pred_c, pred_u = fn(x, t, data.cond), fn(x, t, null)
+        return pred_u + GUIDANCE * (pred_c - pred_u)
+
+    def teacher(x: Tensor, t: Tensor, c: Any) -> Tensor:
+        aux.disable_adapters()
+        try:
+            return aux_call(x, t, c)
+        finally:
+            aux.enable_adapters()
+
+    z_hat = data.z_lq - call(data.z_lq, torch.full((b,), 1000.0, device=data.z_lq.device),
+                             data.cond)
+    points = DASM.indices(data.index, sched.num_steps, data.bias)
+    sig = sched.sigmas(points)  # (B, N)
+    weights = DASM.point_weights(z_hat.device)
+    with torch.no_grad():
+        s0 = sig[:, 0, None, None, None]
+        zh_t = s0 * data.noise + (1 - s0) * z_hat.detach().float()
+        z_t = s0 * data.noise + (1 - s0) * data.z
+        g_vsd, g_tsm = torch.zeros_like(zh_t), torch.zeros_like(zh_t)
+        for k in range(points.shape[1]):
+            s = sig[:, k, None, None, None]
+            t = sched.timesteps(points[:, k])
+            psi_hat, psi = cfg(teacher, zh_t, t), cfg(teacher, z_t, t)
+            phi_hat = cfg(aux_call, zh_t, t)
+            g_vsd += weights[k] * s**2 * (psi_hat - phi_hat)
+            g_tsm += weights[k] * s**2 * (psi_hat - psi)
+            if k + 1 < points.shape[1]:
+                step = s - sig[:, k + 1, None, None, None]
+                zh_t, z_t = zh_t - step * phi_hat, z_t - step * psi
+        g = LAM * g_vsd + (1 - LAM) * g_tsm
+    z_f = z_hat.float()
+    loss = 0.5 * F.mse_loss(z_f, (z_f - g).detach()) + F.mse_loss(z_f, data.z)
+    loss.backward()
+    # Fake-score update: x0 = x_t - sigma * v, no CFG.
+    s = sched.sigmas(data.fake_index)[:, None, None, None]
+    x0 = z_hat.detach().float()
+    x_t = s * data.fake_noise + (1 - s) * x0
+    pred = aux_call(x_t, sched.timesteps(data.fake_index), data.cond)
+    (0.5 * F.mse_loss(x_t - s * pred, x0)).backward()
+
+
+def setup(config: str, dtype: torch.dtype, device: str, checkpointing: bool):
+    """Shared roles and the release's two copies, with identical (nonzero) LoRA weights."""
+    base = build_transformer(config, dtype, device)
+    copies = [copy.deepcopy(base), copy.deepcopy(base)]
+    roles = lora_roles(SD3ScoreModel(base))
+    for module, adapter in ((copies[0], "student"), (copies[1], "fake")):
+        module.requires_grad_(False)
+        add_lora(module, lora_config(STUDENT_TARGETS if adapter == "student"
+                                     else ATTENTION_TARGETS, RANK), adapter)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for adapter, other in (("student", copies[0]), ("fake", copies[1])):
+            mine, theirs = lora_state_dict(base, adapter), lora_state_dict(other, adapter)
+            for key, p in mine.items():
+                p.data = p.data.float()  # fp32 LoRA on a half-precision base (the release)
+                if ".lora_B." in key:  # the fake score well away from the teacher: VSD is not noise
+                    p.copy_(torch.randn(p.shape, generator=g) * (1e-3 if adapter == "student"
+                                                                 else 1e-2))
+                theirs[key].data = p.data.clone()
+    for m in (base, *copies):
+        if checkpointing:
+            m.enable_gradient_checkpointing()
+    return roles, copies
+
+
+def count_calls(modules: list[nn.Module]) -> Callable[[], int]:
+    counter = [0]
+    for m in modules:
+        m.register_forward_pre_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    return lambda: counter[0]
+
+
+def flat_grads(params: dict[str, Tensor]) -> Tensor:
+    return torch.cat([params[k].grad.float().flatten() for k in sorted(params)])
+
+
+def check_same_gradients(roles, copies, data: Batch, tol: float) -> dict[str, float]:
+    """Relative L2 error of the student's and the fake score's LoRA gradients, path vs path."""
+    library_step(roles, data)
+    release_step(copies[0], copies[1], data)
+    errors = {}
+    for adapter, other in (("student", copies[0]), ("fake", copies[1])):
+        a = flat_grads(lora_state_dict(roles.backbone.module, adapter))
+        b = flat_grads(lora_state_dict(other, adapter))
+        errors[adapter] = float((a - b).norm() / b.norm())
+        if not errors[adapter] <= tol:
+            raise AssertionError(f"{adapter} gradients differ: relative error "
+                                 f"{errors[adapter]:.2e}")
+    return errors
+
+
+def time_path(step: Callable[[], None], params: list[Tensor], device: str, warmup: int,
+              repeats: int) -> tuple[float, float | None]:
+    """Median seconds of ``step`` + AdamW, and the CUDA peak memory (MiB) above the start."""
+    opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=1e-4)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def once() -> None:
+        opt.zero_grad(set_to_none=True)
+        step()
+        opt.step()
+
+    for _ in range(warmup):
+        once()
+    sync()
+    peak = None
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        once()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if device.startswith("cuda"):
+        peak = (torch.cuda.max_memory_allocated() - start) / 2**20
+    return statistics.median(times), peak
+
+
+def module_bytes(modules: list[nn.Module]) -> float:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters()) / 2**20
+
+
+def run(config: str, device: str, dtype: torch.dtype, batch: int, side: int, warmup: int,
+        repeats: int, checkpointing: bool, grad_tol: float, out_dir: Path) -> Path:
+    resident, counts = resident_bytes("sd3-medium", torch.float16 if dtype == torch.float32
+                                      else dtype)
+    roles, copies = setup(config, dtype, device, checkpointing)
+    data = make_batch(config, batch, side, device)
+    errors = check_same_gradients(roles, copies, data, grad_tol)
+    lib_calls = count_calls([roles.backbone.module])
+    rel_calls = count_calls(copies)
+    params = {"library": [*roles.student.parameters(), *roles.fake.parameters()],
+              "release": [*lora_state_dict(copies[0], "student").values(),
+                          *lora_state_dict(copies[1], "fake").values()]}
+    before = lib_calls(), rel_calls()
+    library_step(roles, data)
+    release_step(*copies, data)
+    calls = {"library": lib_calls() - before[0], "release": rel_calls() - before[1]}
+    rows = []
+    for name, step, modules in (
+            ("library: shared backbone, fused calls", lambda: library_step(roles, data),
+             [roles.backbone.module]),
+            ("release: two copies, sequential calls", lambda: release_step(*copies, data),
+             copies)):
+        key = name.split(":")[0]
+        seconds, peak = time_path(step, params[key], device, warmup, repeats)
+        rows.append({"path": name, "backbone calls": calls[key], "median s": seconds,
+                     "peak step MiB": "n/a (CPU)" if peak is None else peak,
+                     "params MiB": module_bytes(modules)})
+    speedup = rows[1]["median s"] / rows[0]["median s"]
+    weights = str(dtype).removeprefix("torch.")
+    notes = (f"Config `{config}`, {device}, weights {weights}, LoRA fp32, "
+             f"batch {batch}, latent {side}x{side}, DASM N=4, CFG "
+             f"{GUIDANCE}, gradient checkpointing {'on' if checkpointing else 'off'}; "
+             f"{warmup} warm-up + {repeats} timed steps (median), AdamW included. Speed-up "
+             f"{speedup:.2f}x. Gradients of the two paths agree to a relative L2 error of "
+             f"{errors['student']:.1e} (student) and {errors['fake']:.1e} (fake score).\n\n"
+             "Resident parameters for SD3-medium (meta device, base in "
+             f"{'fp16' if dtype == torch.float32 else str(dtype).removeprefix('torch.')}, "
+             f"LoRA rank {RANK} fp32; {counts['base params'] / 1e9:.3f} B base parameters, "
+             f"{counts['student LoRA params'] / 1e6:.1f} M student and "
+             f"{counts['fake LoRA params'] / 1e6:.1f} M fake-score LoRA parameters):\n\n")
+    notes += markdown_table(resident)
+    return write_report("train_step", "TSD-SR train step: shared backbone vs two copies", rows,
+                        meta={"config": config, "device_arg": device, "dtype": str(dtype),
+                              "batch": batch, "latent": side, "checkpointing": checkpointing,
+                              "grad_rel_error": errors, "speedup": speedup,
+                              "resident_sd3_medium": resident, "param_counts": counts},
+                        notes=notes, out_dir=out_dir)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="weights' dtype (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--latent", type=int, default=None, help="latent side (default per config)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--grad-tol", type=float, default=None,
+                        help="max relative L2 gradient error (default 1e-3 fp32, 5e-2 half)")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI smoke run: 1 warm-up, 3 steps, 8x8 latents")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    from diffusers.utils import logging
+
+    logging.set_verbosity_error()  # the "keep modules in float32" notice for random weights
+    dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
+    warmup, repeats = (1, 3) if args.quick else (args.warmup, args.repeats)
+    side = args.latent or (8 if args.quick else SHAPES[args.config][0])
+    tol = args.grad_tol or (1e-3 if dtype == torch.float32 else 5e-2)
+    return run(args.config, args.device, dtype, args.batch, side, warmup, repeats,
+               args.checkpointing, tol, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

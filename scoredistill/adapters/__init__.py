@@ -1,0 +1,47 @@
+"""Backbones as ScoreModels, and LoRA roles on one shared backbone (diffusers/peft, lazily)."""
+
+from .lora import (
+    ATTENTION_TARGETS,
+    STUDENT_TARGETS,
+    LoraRoles,
+    add_vae_lora,
+    lora_config,
+    lora_roles,
+    vae_lora_targets,
+)
+from .lora_io import (
+    RELEASED_FILES,
+    add_lora,
+    load_lora,
+    load_tsdsr_release,
+    lora_state_dict,
+    read_lora,
+    save_lora,
+)
+from .module import ModuleScoreModel
+from .sd3 import SD3ScoreModel
+from .shared import BASE, AdapterRole, SharedBackbone
+from .unet import UNetScoreModel
+
+__all__ = [
+    "ATTENTION_TARGETS",
+    "BASE",
+    "RELEASED_FILES",
+    "STUDENT_TARGETS",
+    "AdapterRole",
+    "LoraRoles",
+    "ModuleScoreModel",
+    "SD3ScoreModel",
+    "SharedBackbone",
+    "UNetScoreModel",
+    "add_lora",
+    "add_vae_lora",
+    "load_lora",
+    "load_tsdsr_release",
+    "lora_config",
+    "lora_roles",
+    "lora_state_dict",
+    "read_lora",
+    "save_lora",
+    "vae_lora_targets",
+]

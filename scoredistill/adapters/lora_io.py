@@ -1,0 +1,158 @@
+"""LoRA files in the diffusers/peft layout of ``StableDiffusion3Pipeline.save_lora_weights``.
+
+A file is a safetensors state dict with keys ``<prefix>.<module path>.lora_A.weight`` and
+``...lora_B.weight`` (peft's names without the adapter name; prefix ``transformer``) and,
+optionally, the adapter's LoraConfig as JSON under the ``lora_adapter_metadata`` metadata key.
+The TSD-SR release ships two such files, ``transformer.safetensors`` (the student) and
+``vae.safetensors`` (the VAE encoder), both rank 64 with alpha 64 and, as written by
+``save_lora_weights``, both with the ``transformer.`` prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+METADATA_KEY = "lora_adapter_metadata"
+"""diffusers' safetensors metadata key for the LoraConfig (``LORA_ADAPTER_METADATA_KEY``)."""
+
+_CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern",
+                  "use_rslora", "init_lora_weights")
+RELEASED_FILES = {"transformer": "transformer.safetensors", "vae": "vae.safetensors"}
+
+
+def add_lora(module: nn.Module, config: LoraConfig, adapter: str) -> None:
+    """Inject adapter ``adapter`` into ``module`` (diffusers' ``add_adapter`` where it exists)."""
+    from peft import inject_adapter_in_model
+
+    with warnings.catch_warnings():  # several adapters on one model is the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        if hasattr(module, "add_adapter"):
+            module.add_adapter(config, adapter_name=adapter)
+        else:
+            inject_adapter_in_model(config, module, adapter_name=adapter)
+
+
+def lora_state_dict(module: nn.Module, adapter: str) -> dict[str, Tensor]:
+    """One adapter's parameters under peft's file names ``<module path>.lora_A.weight``."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
+            for part in ("lora_A", "lora_B"):
+                for p_name, p in getattr(layer, part)[adapter].named_parameters():
+                    out[f"{name}.{part}.{p_name}"] = p
+    return out
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    return sorted(value) if isinstance(value, set | frozenset) else value
+
+
+def save_lora(path: str | Path, module: nn.Module, adapter: str, *,
+              prefix: str = "transformer", dtype: torch.dtype | None = None) -> Path:
+    """Write one adapter of ``module`` to ``path`` atomically (temp file + ``os.replace``)."""
+    state = lora_state_dict(module, adapter)
+    if not state:
+        raise ValueError(f"module has no LoRA adapter {adapter!r}")
+    tensors = {f"{prefix}.{k}": v.detach().to("cpu", dtype or v.dtype).contiguous()
+               for k, v in state.items()}
+    metadata = {"format": "pt"}
+    config = getattr(module, "peft_config", {}).get(adapter)
+    if config is not None:
+        fields = {f"{prefix}.{k}": _jsonable(getattr(config, k)) for k in _CONFIG_FIELDS}
+        metadata[METADATA_KEY] = json.dumps(fields, indent=2, sort_keys=True)
+    _atomic_save(tensors, Path(path), metadata)
+    return Path(path)
+
+
+def read_lora(path: str | Path, prefix: str = "transformer") -> tuple[dict[str, Tensor],
+                                                                       dict[str, Any]]:
+    """``(state dict without the prefix, LoraConfig fields from the metadata or {})``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        metadata = f.metadata() or {}
+    head = f"{prefix}."
+    foreign = [k for k in raw if not k.startswith(head)]
+    if foreign:
+        raise ValueError(f"{path}: {len(foreign)} keys lack the {head!r} prefix, "
+                         f"e.g. {foreign[0]!r}")
+    packed = json.loads(metadata.get(METADATA_KEY, "{}"))
+    config = {k.removeprefix(head): v for k, v in packed.items() if k.startswith(head)}
+    return {k.removeprefix(head): v for k, v in raw.items()}, config
+
+
+def _infer_config(state: dict[str, Tensor]) -> LoraConfig:
+    # No metadata (the release's files): ranks from the lora_A shapes, alpha = rank as released.
+    from peft import LoraConfig
+
+    ranks = {k.removesuffix(".lora_A.weight"): v.shape[0] for k, v in state.items()
+             if k.endswith(".lora_A.weight")}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {name: r for name, r in ranks.items() if r != rank}
+    return LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(ranks),
+                      rank_pattern=pattern, alpha_pattern=pattern)
+
+
+@torch.no_grad()
+def load_lora(path: str | Path, module: nn.Module, adapter: str, *,
+              prefix: str = "transformer") -> None:
+    """Load a LoRA file into adapter ``adapter`` of ``module``, creating it if it is missing.
+
+    An existing adapter must have exactly the file's modules and shapes (strict).
+    """
+    state, fields = read_lora(path, prefix)
+    if not lora_state_dict(module, adapter):
+        from peft import LoraConfig
+
+        add_lora(module, LoraConfig(**fields) if fields else _infer_config(state), adapter)
+    own = lora_state_dict(module, adapter)
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit adapter {adapter!r}: missing {missing[:3]}"
+                         f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                         f"{'...' if len(unexpected) > 3 else ''}")
+    for key, param in own.items():
+        if param.shape != state[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, the adapter "
+                             f"{tuple(param.shape)}")
+        param.copy_(state[key])
+
+
+def load_tsdsr_release(directory: str | Path, *, transformer: nn.Module | None = None,
+                       vae: nn.Module | None = None, adapter: str = "student",
+                       vae_adapter: str = "default") -> None:
+    """Load the TSD-SR release's ``transformer.safetensors`` / ``vae.safetensors`` LoRAs."""
+    directory = Path(directory)
+    if transformer is not None:
+        load_lora(directory / RELEASED_FILES["transformer"], transformer, adapter)
+    if vae is not None:
+        load_lora(directory / RELEASED_FILES["vae"], vae, vae_adapter)

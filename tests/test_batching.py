@@ -1,0 +1,108 @@
+"""predict_batched: ordinary models batched per object; views on one backbone fused (Fusable)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scoredistill import CFG, RectifiedFlow, predict_batched
+from scoredistill.batching import Fusable
+
+
+class ToyBackbone:
+    """``x * gain[role] + cond`` evaluated per sample; counts its calls."""
+
+    prediction = "flow"
+    schedule = RectifiedFlow()
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, calls):
+        self.calls += 1
+        gains = torch.cat([torch.full((x.shape[0],), v.gain) for v, x, _, _ in calls])
+        x = torch.cat([c[1] for c in calls])
+        cond = torch.cat([c[3] for c in calls])
+        out = x * gains[:, None] + cond
+        return list(out.split([c[1].shape[0] for c in calls]))
+
+
+@dataclass(frozen=True, eq=False)
+class View:
+    backbone: ToyBackbone
+    gain: float
+    prediction = "flow"
+    schedule = RectifiedFlow()
+
+    @property
+    def fuse_key(self):
+        return self.backbone
+
+    def predict_fused(self, calls):
+        return self.backbone.run(calls)
+
+    def __call__(self, x, t, cond):
+        return self.predict_fused([(self, x, t, cond)])[0]
+
+
+class Plain:
+    prediction = "flow"
+    schedule = RectifiedFlow()
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(self, x, t, cond):
+        self.batches.append(x.shape[0])
+        return x * 2 + cond
+
+
+def inputs(b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 4, generator=g), torch.full((b,), 500.0), torch.randn(b, 4, generator=g)
+
+
+def test_views_on_one_backbone_fuse_into_one_call_also_through_cfg():
+    backbone = ToyBackbone()
+    teacher, fake = View(backbone, 1.0), View(backbone, 3.0)
+    assert isinstance(teacher, Fusable)
+    x, t, c = inputs()
+    z, _, _ = inputs(seed=1)
+    null = torch.zeros(1, 4)
+    calls = [(CFG(teacher, 7.5, null), x, t, c), (CFG(teacher, 7.5, null), z, t, c),
+             (CFG(fake, 7.5, null), x, t, c), (fake, z, t, c)]
+    fused = predict_batched(calls)
+    assert backbone.calls == 1
+    for got, (model, *args) in zip(fused, calls, strict=True):
+        torch.testing.assert_close(got, model(*args))
+
+
+def test_ordinary_models_keep_one_call_per_model_object():
+    a, b = Plain(), Plain()
+    x, t, c = inputs()
+    out = predict_batched([(a, x, t, c), (b, x, t, c), (a, x[:2], t[:2], c[:2])])
+    assert a.batches == [5] and b.batches == [3]
+    torch.testing.assert_close(out[2], x[:2] * 2 + c[:2])
+    # CFG over an ordinary model is called as it is (one call of the CFG object).
+    guided = CFG(a, 2.0, torch.zeros(1, 4))
+    predict_batched([(guided, x, t, c)])
+    assert a.batches[-1] == 6
+
+
+def test_wrapper_calling_its_model_twice_is_evaluated_as_it_is():
+    @dataclass(frozen=True)
+    class Twice:
+        model: object
+        prediction = "flow"
+        schedule = RectifiedFlow()
+
+        def __call__(self, x, t, cond):
+            return self.model(x, t, cond) + self.model(x, t, cond)
+
+    backbone = ToyBackbone()
+    view = View(backbone, 2.0)
+    x, t, c = inputs()
+    out = predict_batched([(Twice(view), x, t, c), (view, x, t, c)])
+    torch.testing.assert_close(out[0], 2 * out[1])
+    assert backbone.calls == 3  # Twice's own two calls, then the view's
