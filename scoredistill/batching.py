@@ -1,10 +1,10 @@
 """Evaluate several score-model calls with as few backbone calls as possible.
 
 Calls on the same model object are concatenated along the batch into one call. Models that share a
-backbone with other models (LoRA roles on one transformer, :mod:`scoredistill.adapters.shared`)
-declare it through the :class:`Fusable` hook and are evaluated together in one backbone call, also
-through wrappers such as :class:`~scoredistill.CFG` that state their inner calls
-(:class:`Plannable`).
+backbone with other models (LoRA roles on one transformer, `scoredistill.adapters.shared`)
+declare it through the `Fusable` hook and are evaluated together in one backbone call, also
+through wrappers such as `scoredistill.CFG` that state their inner calls
+(`Plannable`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def predict_batched(calls: Sequence[Call]) -> list[Tensor]:
     """Run ``calls`` with as few backbone calls as possible; predictions in the order of ``calls``.
 
     Calls on the same model are concatenated along the batch into one call. Calls on
-    :class:`Fusable` models with one ``fuse_key``, directly or through :class:`Plannable` wrappers
+    `Fusable` models with one ``fuse_key``, directly or through `Plannable` wrappers
     such as CFG, are fused into one ``predict_fused`` call. Each prediction has its ``x_t``'s shape.
     """
     plans = [_lower(call) for call in calls]

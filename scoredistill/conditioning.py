@@ -48,7 +48,7 @@ def cat_cond(conds: Sequence[Cond]) -> Cond:
 
 
 def split_cond(cond: Cond, sizes: Sequence[int]) -> list[Cond]:
-    """Inverse of :func:`cat_cond`."""
+    """Inverse of `cat_cond`."""
     parts = [tree_map(lambda x, i=i: x.split(list(sizes), dim=0)[i], cond)
              for i in range(len(sizes))]
     return parts

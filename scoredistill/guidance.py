@@ -20,8 +20,8 @@ class CFG:
     Guidance is linear, so it is exact in any parametrisation. TSD-SR uses ``scale = 7.5``.
 
     Example:
-        >>> teacher = CFG(model, scale=7.5, null_cond=null_embeds)  # doctest: +SKIP
-        >>> pred = teacher(x_t, t, cond)  # one backbone call on a 2B batch  # doctest: +SKIP
+        >>> teacher = CFG(model, scale=7.5, null_cond=null_embeds)
+        >>> pred = teacher(x_t, t, cond)  # one backbone call on a 2B batch
     """
 
     model: ScoreModel
@@ -40,7 +40,7 @@ class CFG:
              ) -> tuple[list[Call], Callable[[list[Tensor]], Tensor]]:
         """The inner call (one, on a 2B batch) and how to combine its prediction.
 
-        :func:`scoredistill.predict_batched` uses it to fuse this call with others on the same
+        `scoredistill.predict_batched` uses it to fuse this call with others on the same
         backbone; ``x_t`` (B, ...), ``t`` (B,), ``cond`` batch B.
         """
         if self.scale == 1.0:

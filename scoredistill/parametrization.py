@@ -1,7 +1,7 @@
 """Pure conversions between the epsilon, v, x0 and flow-velocity parametrisations.
 
 All functions assume ``x_t = alpha * x0 + sigma * eps`` with ``alpha``/``sigma`` broadcastable to
-``x_t`` (use :func:`expand_like`). ``v`` is Salimans & Ho's ``alpha*eps - sigma*x0`` (Progressive
+``x_t`` (use `expand_like`). ``v`` is Salimans & Ho's ``alpha*eps - sigma*x0`` (Progressive
 Distillation, Sec. 4); ``flow`` is the rectified-flow velocity ``eps - x0`` (Liu et al. 2022; SD3).
 """
 

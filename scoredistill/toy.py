@@ -115,7 +115,7 @@ def evaluate(problem: ToySR, gen: OneStepGenerator, n: int = 4096, seed: int = 1
 
 @dataclass
 class ToyTrainer:
-    """Alternating student / fake-score updates of TSD-SR Alg. 1 on :class:`ToySR`."""
+    """Alternating student / fake-score updates of TSD-SR Alg. 1 on `ToySR`."""
 
     problem: ToySR
     loss: ScoreDistillationLoss | None

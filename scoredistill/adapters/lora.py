@@ -53,18 +53,18 @@ def lora_roles(
 ) -> LoraRoles:
     """Add the student and fake-score adapters (and a teacher LoRA file) to ``base.module``.
 
-    ``student``/``fake`` default to TSD-SR's configs (rank 64 on :data:`STUDENT_TARGETS` /
-    :data:`ATTENTION_TARGETS`), an adapter of that name already on the module is kept;
+    ``student``/``fake`` default to TSD-SR's configs (rank 64 on `STUDENT_TARGETS` /
+    `ATTENTION_TARGETS`), an adapter of that name already on the module is kept;
     ``student_lora`` starts the student from a LoRA file (e.g. the
     release's ``transformer.safetensors``). The base weights and the teacher LoRA are frozen.
 
     Example:
-        >>> roles = lora_roles(SD3ScoreModel(transformer))  # doctest: +SKIP
-        >>> z_hat = z_lq - roles.student(z_lq, t_1000, c_default)  # doctest: +SKIP
-        >>> teacher = CFG(roles.teacher, 7.5, null)  # doctest: +SKIP
-        >>> fake = CFG(roles.fake, 7.5, null)  # doctest: +SKIP
+        >>> roles = lora_roles(SD3ScoreModel(transformer))
+        >>> z_hat = z_lq - roles.student(z_lq, t_1000, c_default)
+        >>> teacher = CFG(roles.teacher, 7.5, null)
+        >>> fake = CFG(roles.fake, 7.5, null)
         >>> out = TSDLoss(dasm=DASMSampler())(z_hat, cond, teacher=teacher, fake=fake,
-        ...                                   z=z)  # doctest: +SKIP
+        ...                                   z=z)
     """
     module: nn.Module = base.module  # type: ignore[attr-defined]
     module.requires_grad_(False)
@@ -89,7 +89,7 @@ def vae_lora_targets(vae: nn.Module) -> list[str]:
 
 
 def add_vae_lora(vae: nn.Module, rank: int = 64, adapter: str = "default") -> None:
-    """TSD-SR's trainable VAE encoder: LoRA rank ``rank`` on :func:`vae_lora_targets`, decoder
+    """TSD-SR's trainable VAE encoder: LoRA rank ``rank`` on `vae_lora_targets`, decoder
     frozen."""
     vae.requires_grad_(False)
     add_lora(vae, lora_config(vae_lora_targets(vae), rank), adapter)

@@ -35,7 +35,7 @@ class ModuleScoreModel:
     stays float32 (bf16 would quantise it), and the output is returned as float32.
 
     Example:
-        >>> model = ModuleScoreModel(net, "epsilon", VariancePreserving())  # doctest: +SKIP
+        >>> model = ModuleScoreModel(net, "epsilon", VariancePreserving())
     """
 
     module: Callable[[Tensor, Tensor, Cond], Tensor]

@@ -39,8 +39,8 @@ class SD3ScoreModel:
     the output (B, C, H, W) is float32.
 
     Example:
-        >>> model = SD3ScoreModel(SD3Transformer2DModel.from_pretrained(...))  # doctest: +SKIP
-        >>> v = model(x_t, t, {"prompt_embeds": e, "pooled_projections": p})  # doctest: +SKIP
+        >>> model = SD3ScoreModel(SD3Transformer2DModel.from_pretrained(...))
+        >>> v = model(x_t, t, {"prompt_embeds": e, "pooled_projections": p})
     """
 
     module: SD3Transformer2DModel

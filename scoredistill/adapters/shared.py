@@ -146,10 +146,10 @@ def _checkpoint_selected(func: Any, backbone: SharedBackbone, names: list[str], 
 
 @dataclass(frozen=True, eq=False)
 class AdapterRole:
-    """One role (adapter, or None for the base weights) of a :class:`SharedBackbone`.
+    """One role (adapter, or None for the base weights) of a `SharedBackbone`.
 
     A ScoreModel; calls on roles of one backbone are fused into one backbone call by
-    :func:`scoredistill.predict_batched` (the ``fuse_key`` hook), also through CFG.
+    `scoredistill.predict_batched` (the ``fuse_key`` hook), also through CFG.
     """
 
     backbone: SharedBackbone

@@ -28,7 +28,7 @@ class UNetScoreModel:
     (B, L, D). Inputs are cast to the weights' dtype, the output (B, C, H, W) is float32.
 
     Example:
-        >>> model = UNetScoreModel.from_scheduler_config(unet, scheduler.config)  # doctest: +SKIP
+        >>> model = UNetScoreModel.from_scheduler_config(unet, scheduler.config)
     """
 
     module: UNet2DConditionModel

@@ -213,9 +213,9 @@ class TSDLoss(ScoreDistillationLoss):
     accumulated over the DASM trajectory (Alg. 1).
 
     Example:
-        >>> loss_fn = TSDLoss(lam=0.7, dasm=DASMSampler())  # doctest: +SKIP
-        >>> out = loss_fn(z_hat, cond, teacher=teacher, fake=fake, z=z)  # doctest: +SKIP
-        >>> (lpips + mse + out.loss).backward()  # doctest: +SKIP
+        >>> loss_fn = TSDLoss(lam=0.7, dasm=DASMSampler())
+        >>> out = loss_fn(z_hat, cond, teacher=teacher, fake=fake, z=z)
+        >>> (lpips + mse + out.loss).backward()
     """
 
     lam: float = 0.7

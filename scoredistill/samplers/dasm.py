@@ -19,7 +19,9 @@ class DASMSampler:
     ``s = 50``, weights ``(1, 0.3, 0.3, 0.3)``, bias in ``[-25, 25)``.
 
     With ``clamp=False`` a trajectory that would run past the last index is an error instead of
-    being squeezed into the remaining range.
+    being squeezed into the remaining range. Even clamped, ``N`` points need ``N`` distinct
+    indices: a start within about ``N`` of the last index raises, so keep the index sampler's
+    upper end well below it (the paper draws 50..949; mind the tails of ``LogitNormalIndex``).
     """
 
     num_points: int = 4
