@@ -1,0 +1,121 @@
+"""Tiled evaluation with Gaussian blending, so images of any size fit in memory.
+
+TSD-SR's release tiles the transformer's latent (64 latent px, overlap 8) and blends the tiles
+with Gaussian weights (as MultiDiffusion, Bar-Tal et al. 2023, averages overlapping windows),
+and tiles the VAE encoder (1024 px) and decoder (224 latent px). Here one blending routine serves
+all three. A tile sees only its own pixels, so GroupNorm statistics in the VAE are per tile: the
+result is close to, not equal to, the untiled call; an image within one tile is never tiled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from examples.tsdsr.latents import Posterior, decode, encode, one_step
+from scoredistill.protocols import Cond, ScoreModel
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+GAUSSIAN_STD = 0.1
+"""Blending window std as a fraction of the tile side: weights fall to ~4e-6 at the tile edge,
+so a tile's border (where its zero padding shows) barely counts wherever another tile covers it."""
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sides and overlaps: transformer and decoder in latent px, encoder in image px."""
+
+    latent: int = 64
+    latent_overlap: int = 8
+    encoder: int = 1024
+    encoder_overlap: int = 64
+    decoder: int = 224
+    decoder_overlap: int = 16
+
+
+def gaussian_weights(height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
+    """Separable Gaussian window (1, 1, height, width) float32 centred on the tile."""
+
+    def axis(n: int) -> Tensor:
+        pos = torch.arange(n, dtype=torch.float32, device=device)
+        return torch.exp(-0.5 * ((pos - (n - 1) / 2) / (GAUSSIAN_STD * n)) ** 2)
+
+    return (axis(height)[:, None] * axis(width)[None, :])[None, None]
+
+
+def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]:
+    """Starts of the fewest tiles of side ``tile`` covering ``size`` with at least ``overlap``
+    shared, spread evenly, each a multiple of ``align`` (size and tile must be multiples)."""
+    if size % align or tile % align:
+        raise ValueError(f"size {size} and tile {tile} must be multiples of {align}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap {overlap} must be in [0, tile {tile})")
+    if size <= tile:
+        return [0]
+    count = 1 + math.ceil((size - tile) / (tile - overlap))
+    units = (size - tile) // align
+    return [round(i * units / (count - 1)) * align for i in range(count)]
+
+
+def tiled_apply(fn: Callable[[Tensor], Tensor], x: Tensor, *, tile: int, overlap: int,
+                align: int = 1) -> Tensor:
+    """``fn`` on overlapping ``tile`` x ``tile`` windows of ``x`` (B, C, H, W), blended (float32).
+
+    ``fn`` may change the channels and scale the sides by a fixed factor (the VAE: 1/8 or 8);
+    for a downscaling ``fn`` pass ``align`` = its factor so tiles start on output pixels.
+    Within one tile, ``fn(x)`` is returned as it is.
+    """
+    height, width = x.shape[-2:]
+    if height <= tile and width <= tile:
+        return fn(x)
+    out = weight = None
+    for y in tile_starts(height, tile, overlap, align):
+        for x0 in tile_starts(width, tile, overlap, align):
+            window = x[..., y:y + tile, x0:x0 + tile]
+            piece = fn(window).float()
+            scale = Fraction(piece.shape[-2], window.shape[-2])
+            if out is None:
+                out = piece.new_zeros(*piece.shape[:2], int(height * scale), int(width * scale))
+                weight = piece.new_zeros(1, 1, *out.shape[-2:])
+            top, left = y * scale, x0 * scale
+            if top.denominator != 1 or left.denominator != 1:
+                raise ValueError(f"tile start ({y}, {x0}) is not on the output grid; align it")
+            w = gaussian_weights(*piece.shape[-2:], device=piece.device)
+            region = (..., slice(int(top), int(top) + piece.shape[-2]),
+                      slice(int(left), int(left) + piece.shape[-1]))
+            out[region] += piece * w
+            weight[region] += w
+    return out / weight
+
+
+def vae_factor(vae: AutoencoderKL) -> int:
+    """The VAE's spatial downsampling factor (8 for SD3's four blocks)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def tiled_encode(vae: AutoencoderKL, image: Tensor, *, tile: int = 1024, overlap: int = 64,
+                 posterior: Posterior = "mode", generator: torch.Generator | None = None) -> Tensor:
+    """:func:`~examples.tsdsr.latents.encode` of (B, 3, H, W) in [-1, 1] by image tiles."""
+    return tiled_apply(lambda x: encode(vae, x, posterior=posterior, generator=generator), image,
+                       tile=tile, overlap=overlap, align=vae_factor(vae))
+
+
+def tiled_decode(vae: AutoencoderKL, latent: Tensor, *, tile: int = 224,
+                 overlap: int = 16) -> Tensor:
+    """:func:`~examples.tsdsr.latents.decode` of (B, 16, h, w) by latent tiles, in [-1, 1]."""
+    return tiled_apply(lambda z: decode(vae, z), latent, tile=tile, overlap=overlap)
+
+
+def tiled_one_step(student: ScoreModel, z_lq: Tensor, cond: Cond, *, tile: int = 64,
+                   overlap: int = 8, align: int = 2) -> Tensor:
+    """:func:`~examples.tsdsr.latents.one_step` by latent tiles (``align``: the patch size)."""
+    return tiled_apply(lambda z: one_step(student, z, cond), z_lq, tile=tile, overlap=overlap,
+                       align=align)

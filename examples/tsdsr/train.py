@@ -1,0 +1,179 @@
+"""Train TSD-SR (Dong et al., CVPR 2025, Alg. 1): a one-step SR student distilled from SD3.
+
+    python examples/tsdsr/train.py --tiny                   # embedded tiny model, CPU, minutes
+    accelerate launch examples/tsdsr/train.py --pretrained /path/to/sd3-medium \
+        --hq-dir DATA/hq --embeds-dir DATA/embeds --val-hq-dir DATA/val --output-dir runs/tsdsr
+    ... --resume latest                                     # continue from the last checkpoint
+
+Prompt embeddings (and optionally HQ latents) come from ``precompute.py``; text encoders never
+load here. Checkpoints (``<output-dir>/checkpoints/step-N``) hold the student's
+``transformer.safetensors`` + ``vae.safetensors`` (infer.py's ``--lora``), the fake score's
+LoRA and the optimizer/scheduler state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch examples/tsdsr/train.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+from tqdm import tqdm
+
+from examples.tsdsr.checkpoint import load_checkpoint, resolve, save_checkpoint
+from examples.tsdsr.config import TrainConfig, parse_config, save_config
+from examples.tsdsr.data import PairedSRDataset
+from examples.tsdsr.precompute import load_prompts, precompute
+from examples.tsdsr.training.data import CaptionedCrops, StepBatches, derive_seed, make_loader
+from examples.tsdsr.training.models import build_models
+from examples.tsdsr.training.step import Losses, Optimisation, train_step
+from examples.tsdsr.training.validation import load_val_pairs, validate
+
+log = logging.getLogger("tsdsr.train")
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def prepare_tiny_data(config: TrainConfig, write: bool) -> TrainConfig:
+    """The tiny default's folders (scikit-image photos, embeddings); ``write`` creates them."""
+    from examples.tsdsr.training.tiny_data import write_tiny_data
+
+    root = Path(config.output_dir)
+    train, val = root / "data" / "hq", root / "data" / "val_hq"
+    embeds = config.embeds_dir or str(root / "embeds")
+    if write:
+        write_tiny_data(root / "data")
+        if config.embeds_dir is None:
+            precompute(train, embeds)
+    return dataclasses.replace(config, hq_dir=config.hq_dir or str(train), embeds_dir=embeds,
+                               val_hq_dir=config.val_hq_dir or str(val))
+
+
+def optimisation(params: list[torch.nn.Parameter], lr: float, config: TrainConfig,
+                 world: int) -> Optimisation:
+    """AdamW and the (per-process scaled, as accelerate steps it) warm-up + cosine schedule."""
+    from diffusers.optimization import get_scheduler
+
+    opt = torch.optim.AdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
+                            weight_decay=config.weight_decay, eps=config.adam_eps)
+    sched = get_scheduler(config.lr_scheduler, opt, num_warmup_steps=config.lr_warmup_steps * world,
+                          num_training_steps=config.max_steps * world,
+                          num_cycles=config.lr_num_cycles)
+    return Optimisation(opt, sched, params)
+
+
+def _hparams(config: TrainConfig) -> dict[str, object]:
+    # TensorBoard's hparams take scalars and strings only.
+    return {k: v if isinstance(v, int | float | str | bool) else str(v)
+            for k, v in dataclasses.asdict(config).items()}
+
+
+def train(config: TrainConfig) -> Path:
+    """Run (or resume) training; return the output folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if config.pretrained is None and not config.tiny:
+        raise SystemExit("give --pretrained /path/to/sd3 (a local diffusers folder) or --tiny")
+    out = Path(config.output_dir)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=str(out),
+                              log_with=None if config.report_to == "none" else config.report_to)
+    if config.tiny:
+        config = prepare_tiny_data(config, write=accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+    if config.hq_dir is None or config.embeds_dir is None:
+        raise SystemExit("--hq-dir and --embeds-dir (from precompute.py) are required")
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    set_seed(config.seed)  # the LoRA initialisation
+    models = build_models(config, DTYPES[config.mixed_precision], device)
+    prompts = {name: {k: v.float() for k, v in cond.items()}
+               for name, cond in load_prompts(config.embeds_dir, device).items()}
+    losses = Losses.from_config(config)
+    student = optimisation(models.student_parameters(), config.lr, config, world)
+    fake = optimisation(models.fake_parameters(), config.lr_fake, config, world)
+    student.optimizer, fake.optimizer, student.scheduler, fake.scheduler = accelerator.prepare(
+        student.optimizer, fake.optimizer, student.scheduler, fake.scheduler)
+
+    ckpt_root, start, skipped = out / "checkpoints", 0, {"generator": 0, "fake": 0}
+    resume_from = resolve(config.resume, ckpt_root)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, models)
+        for opt, name in ((student, "student"), (fake, "fake")):
+            opt.optimizer.load_state_dict(state[f"{name}_optimizer"])
+            opt.scheduler.load_state_dict(state[f"{name}_scheduler"])
+        if accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        start, skipped = state["step"], state["skipped"]
+        log.info("resumed from %s at step %d", resume_from, start)
+
+    dataset = PairedSRDataset(config.hq_dir, config.lq_dir, crop_size=config.resolution,
+                              hflip=config.hflip)
+    items = CaptionedCrops(dataset, config.embeds_dir, load_prompts(config.embeds_dir)["default"])
+    loader = make_loader(items, StepBatches(len(dataset), config.batch_size, config.seed, start,
+                                            config.max_steps, rank, world),
+                         config.dataloader_workers)
+    val_pairs = (load_val_pairs(config.val_hq_dir, config.val_lq_dir)
+                 if config.val_hq_dir and accelerator.is_main_process else [])
+
+    def save(step: int) -> None:
+        if accelerator.is_main_process:
+            state = {f"{n}_{part}": getattr(o, part).state_dict()
+                     for n, o in (("student", student), ("fake", fake))
+                     for part in ("optimizer", "scheduler")}
+            state["scaler"] = accelerator.scaler.state_dict() if accelerator.scaler else None
+            save_checkpoint(ckpt_root, step, models, {**state, "skipped": dict(skipped)},
+                            config.checkpoints_keep)
+        accelerator.wait_for_everyone()
+
+    def run_validation(step: int) -> None:
+        if val_pairs:
+            metrics = validate(models, val_pairs, prompts["default"], out / "validation", step,
+                               device)
+            accelerator.log(metrics, step=step)
+            log.info("step %d validation: %s", step, metrics)
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.json")
+    accelerator.init_trackers("tsdsr", config=_hparams(config))
+    if start == 0:
+        run_validation(0)
+    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps,
+               desc="training", disable=not accelerator.is_local_main_process)
+    for step, batch in zip(bar, loader, strict=False):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        generator = torch.Generator(device).manual_seed(derive_seed(config.seed, step, rank, 2))
+        logs = train_step(accelerator, models, losses, config, batch, prompts, student, fake,
+                          generator)
+        for name in skipped:
+            if logs[f"skipped/{name}"]:
+                skipped[name] += 1
+                log.warning("step %d: non-finite %s loss, update skipped (%d so far)",
+                            step + 1, name, skipped[name])
+        done = step + 1
+        if done % config.log_every == 0 or done == config.max_steps:
+            logs.update({"lr/student": student.scheduler.get_last_lr()[0],
+                         "lr/fake": fake.scheduler.get_last_lr()[0],
+                         **{f"skipped_total/{k}": v for k, v in skipped.items()}})
+            accelerator.log(logs, step=done)
+            bar.set_postfix(loss=f"{logs['loss/generator']:.4f}", fake=f"{logs['loss/fake']:.4f}")
+        if done % config.checkpoint_every == 0 or done == config.max_steps:
+            save(done)
+        if done % config.validate_every == 0 or done == config.max_steps:
+            run_validation(done)
+    accelerator.end_training()
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    train(parse_config(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

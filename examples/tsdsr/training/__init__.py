@@ -1,0 +1,1 @@
+"""TSD-SR training pieces: models, batches by step, one iteration, validation."""

@@ -1,0 +1,136 @@
+"""One TSD-SR training iteration (Alg. 1 lines 4-31): generator update, then fake-score update.
+
+All losses come from scoredistill (TSDLoss with DASM, DiffusionLoss) plus LPIPS and the latent
+MSE; a non-finite loss skips its update (no optimizer step, gradients zeroed) and is counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from examples.tsdsr.config import TrainConfig
+from examples.tsdsr.latents import Posterior, decode, encode, one_step
+from examples.tsdsr.training.models import TSDSRModels, hq_latent
+from scoredistill import CFG, DASMSampler, DiffusionLoss, TSDLoss, UniformIndex
+from scoredistill.conditioning import expand_cond
+
+
+@dataclass(frozen=True)
+class Losses:
+    """The regulariser L_TSD (Eq. 5, DASM of Sec. 3.4) and the fake-score loss (Eq. 9)."""
+
+    tsd: TSDLoss
+    fake: DiffusionLoss
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> Losses:
+        index = UniformIndex(config.index_low, config.index_high)
+        dasm = (DASMSampler(config.dasm_points, config.dasm_step, tuple(config.dasm_weights),
+                            tuple(config.dasm_bias)) if config.use_dasm else None)
+        # check_finite=False: the step checks the total loss itself and skips, not raises.
+        return cls(TSDLoss(lam=config.tsd_lambda, dasm=dasm, index_sampler=index,
+                           check_finite=False),
+                   DiffusionLoss(weighting=config.fake_weighting, index_sampler=index,
+                                 check_finite=False))
+
+
+@dataclass
+class Optimisation:
+    """An optimizer, its scheduler and parameters (one per trained role)."""
+
+    optimizer: Any
+    scheduler: Any
+    params: list[torch.nn.Parameter]
+
+
+def student_forward(models: TSDSRModels, lq: Tensor, default: dict[str, Tensor],
+                    generator: torch.Generator | None = None, posterior: Posterior = "sample"
+                    ) -> tuple[Tensor, Tensor]:
+    """``G_theta``: LQ (B, 3, H, W) in [-1, 1] -> (z_hat (B, 16, H/8, W/8), x_hat (B, 3, H, W))."""
+    z_lq = encode(models.vae, lq, posterior=posterior, generator=generator)
+    z_hat = one_step(models.roles.student, z_lq, expand_cond(default, lq.shape[0]))
+    return z_hat, decode(models.vae, z_hat)
+
+
+def generator_loss(models: TSDSRModels, losses: Losses, config: TrainConfig, batch: dict,
+                   prompts: dict[str, dict[str, Tensor]], generator: torch.Generator
+                   ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """``L_G = LPIPS(x_hat, x_H) + MSE(z_hat, z) + gamma L_TSD`` (Alg. 1 lines 6-24).
+
+    Returns the scalar loss, ``z_hat`` (B, 16, h, w) and the pieces to log.
+    """
+    lq, hq = batch["lq"] * 2 - 1, batch["hq"] * 2 - 1
+    cond = {k: batch[k] for k in ("prompt_embeds", "pooled_projections")}
+    z_hat, x_hat = student_forward(models, lq, prompts["default"], generator)
+    z = batch["latent"].float() if "latent" in batch else hq_latent(models.vae, hq)
+    zero = z_hat.new_zeros(())
+    rec = models.lpips(x_hat, hq).mean() if config.lpips_weight else zero
+    mse = F.mse_loss(z_hat, z) if config.mse_weight else zero
+    logs: dict[str, Any] = {"loss/lpips": rec, "loss/latent_mse": mse}
+    tsd_loss = zero
+    if config.gamma:
+        null = prompts["null"]
+        tsd = losses.tsd(z_hat, cond, teacher=CFG(models.roles.teacher, config.cfg_scale, null),
+                         fake=CFG(models.roles.fake, config.cfg_scale, null), z=z,
+                         generator=generator)
+        tsd_loss = tsd.loss
+        for term, norms in tsd.norms.items():  # (B, N): per term and DASM point
+            for k in range(norms.shape[1]):
+                logs[f"tsd_norm/{term}_p{k}"] = norms[:, k].mean()
+        logs["tsd/grad_norm"] = tsd.grad.flatten(1).norm(dim=1).mean()
+        logs["tsd/timestep"] = tsd.timesteps[:, 0].mean()
+    logs["loss/tsd"] = tsd_loss
+    loss = config.lpips_weight * rec + config.mse_weight * mse + config.gamma * tsd_loss
+    logs["loss/generator"] = loss
+    return loss, z_hat, logs
+
+
+def all_finite(accelerator: Any, value: Tensor) -> bool:
+    """Whether ``value`` is finite on every process (all must skip together)."""
+    flag = torch.isfinite(value.detach()).all().float().reshape(1)
+    return bool(accelerator.gather(flag).min() > 0)
+
+
+def apply_update(accelerator: Any, opt: Optimisation, loss: Tensor, max_grad_norm: float) -> bool:
+    """Backward, average gradients over processes, clip, step; False (and no step) if non-finite."""
+    if not all_finite(accelerator, loss):
+        opt.optimizer.zero_grad(set_to_none=True)
+        return False
+    accelerator.backward(loss)
+    if accelerator.num_processes > 1:
+        # The shared backbone is called through role views, not a DDP wrapper: sync by hand.
+        grads = [p.grad for p in opt.params if p.grad is not None]
+        flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), "mean")
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
+    norm = accelerator.clip_grad_norm_(opt.params, max_grad_norm)
+    if accelerator.scaler is None and not all_finite(accelerator, torch.as_tensor(norm)):
+        opt.optimizer.zero_grad(set_to_none=True)  # fp16's GradScaler skips such steps itself
+        return False
+    opt.optimizer.step()
+    opt.scheduler.step()
+    opt.optimizer.zero_grad(set_to_none=True)
+    return True
+
+
+def train_step(accelerator: Any, models: TSDSRModels, losses: Losses, config: TrainConfig,
+               batch: dict, prompts: dict[str, dict[str, Tensor]], student: Optimisation,
+               fake: Optimisation, generator: torch.Generator) -> dict[str, Any]:
+    """Alg. 1 lines 4-31 on one batch; returns the logs with ``skipped/*`` flags (0 or 1)."""
+    with accelerator.autocast():
+        loss, z_hat, logs = generator_loss(models, losses, config, batch, prompts, generator)
+    logs["skipped/generator"] = float(not apply_update(accelerator, student, loss,
+                                                       config.max_grad_norm))
+    cond = {k: batch[k] for k in ("prompt_embeds", "pooled_projections")}
+    with accelerator.autocast():
+        out = losses.fake(models.roles.fake, z_hat.detach(), cond, generator=generator)
+    logs["loss/fake"] = out.loss
+    logs["fake/timestep"] = out.timesteps.float().mean()
+    logs["skipped/fake"] = float(not apply_update(accelerator, fake, out.loss,
+                                                  config.max_grad_norm))
+    return {k: float(v.detach()) if isinstance(v, Tensor) else v for k, v in logs.items()}

@@ -1,0 +1,94 @@
+"""train.py end to end on the tiny model: resume equals an uninterrupted run, an interrupted save
+is ignored, and a non-finite loss never reaches the weights."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from examples.tsdsr.checkpoint import checkpoints
+from examples.tsdsr.config import parse_config
+from examples.tsdsr.imageio import save_png
+from examples.tsdsr.precompute import load_prompts, precompute
+from examples.tsdsr.train import main
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tsdsr")
+    g = torch.Generator().manual_seed(0)
+    for folder, names in (("hq", "abc"), ("val", "v")):
+        (root / folder).mkdir()
+        for name in names:
+            save_png(torch.rand(3, 64, 64, generator=g), root / folder / f"{name}.png")
+    (root / "hq" / "a.txt").write_text("a red cat\n")
+    precompute(root / "hq", root / "embeds")
+    return root
+
+
+def run(data, out, *extra):
+    return main(["--tiny", "--hq-dir", str(data / "hq"), "--embeds-dir", str(data / "embeds"),
+                 "--output-dir", str(out), "--max-steps", "4", "--checkpoint-every", "2",
+                 "--validate-every", "100", "--report-to", "none", "--student-rank", "2",
+                 "--fake-rank", "2", "--vae-rank", "2", *extra])
+
+
+def weights(checkpoint):
+    return {f"{f.name}:{k}": v for f in sorted(checkpoint.glob("*.safetensors"))
+            for k, v in load_file(f).items()}
+
+
+def test_resume_after_interrupted_save_matches_uninterrupted_run(data, tmp_path):
+    out = tmp_path / "run"
+    assert run(data, out, "--val-hq-dir", str(data / "val")) == 0
+    assert sorted(p.name for p in (out / "validation").iterdir()) == [
+        "step-00000000_v.png", "step-00000004_v.png"]
+    root = out / "checkpoints"
+    final = weights(root / "step-00000004")
+    start = weights(root / "step-00000002")
+    assert any(not torch.equal(final[k], start[k]) for k in final)  # training moved the LoRAs
+    # Kill "during" the step-4 save: the finished folder is gone, a partial temp folder remains.
+    shutil.rmtree(root / "step-00000004")
+    partial = root / ".tmp-step-00000004-12345"
+    partial.mkdir()
+    (partial / "transformer.safetensors").write_bytes(b"truncated")
+    assert [p.name for p in checkpoints(root)] == ["step-00000002"]
+    assert run(data, out, "--resume", "latest") == 0
+    resumed = weights(root / "step-00000004")
+    assert resumed.keys() == final.keys()
+    for k in final:
+        torch.testing.assert_close(resumed[k], final[k], rtol=0, atol=1e-6)
+    assert not partial.exists()  # the next save cleaned it up
+
+
+def test_non_finite_loss_skips_the_update(data, tmp_path):
+    from accelerate import Accelerator
+
+    from examples.tsdsr.train import optimisation
+    from examples.tsdsr.training.models import build_models
+    from examples.tsdsr.training.step import Losses, train_step
+
+    config = parse_config(["--tiny", "--student-rank", "2", "--fake-rank", "2", "--vae-rank",
+                           "2", "--lr-warmup-steps", "0"])
+    accelerator = Accelerator(cpu=True)
+    models = build_models(config, torch.float32, torch.device("cpu"))
+    prompts = load_prompts(data / "embeds")
+    student = optimisation(models.student_parameters(), config.lr, config, 1)
+    fake = optimisation(models.fake_parameters(), config.lr_fake, config, 1)
+    before = [p.detach().clone() for p in (*student.params, *fake.params)]
+    hq = torch.rand(2, 3, 64, 64)
+    batch = {"hq": hq.clone(), "lq": hq.clone(),
+             **{k: v.expand(2, *v.shape[1:]) for k, v in prompts["default"].items()}}
+    batch["lq"][0, 0, 0, 0] = float("nan")  # z_hat is NaN: both updates must skip
+    logs = train_step(accelerator, models, Losses.from_config(config), config, batch, prompts,
+                      student, fake, torch.Generator().manual_seed(0))
+    assert logs["skipped/generator"] == logs["skipped/fake"] == 1.0
+    after = [p.detach() for p in (*student.params, *fake.params)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(p.grad is None for p in (*student.params, *fake.params))
+    batch["lq"] = hq.clone()  # a finite batch now updates the student
+    logs = train_step(accelerator, models, Losses.from_config(config), config, batch, prompts,
+                      student, fake, torch.Generator().manual_seed(0))
+    assert logs["skipped/generator"] == 0.0
+    assert any(not torch.equal(a, p) for a, p in zip(before, student.params, strict=False))
