@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .analytic import GaussianMixture
 from .losses.diffusion import DiffusionLoss
 from .losses.distill import ScoreDistillationLoss
-from .protocols import Cond, NoiseSchedule, Prediction
+from .protocols import Cond, NoiseSchedule, Prediction, ScoreModel
 from .schedules import RectifiedFlow
 
 
@@ -115,10 +115,15 @@ def evaluate(problem: ToySR, gen: OneStepGenerator, n: int = 4096, seed: int = 1
 
 @dataclass
 class ToyTrainer:
-    """Alternating student / fake-score updates of TSD-SR Alg. 1 on `ToySR`."""
+    """Alternating student / fake-score updates of TSD-SR Alg. 1 on `ToySR`.
+
+    ``teacher`` defaults to the problem's exact one; pass a learned ScoreModel to study an
+    imperfect teacher.
+    """
 
     problem: ToySR
     loss: ScoreDistillationLoss | None
+    teacher: ScoreModel | None = None
     recon_weight: float = 1.0
     reg_weight: float = 1.0
     batch: int = 256
@@ -128,6 +133,8 @@ class ToyTrainer:
 
     def __post_init__(self) -> None:
         torch.manual_seed(self.seed)
+        if self.teacher is None:
+            self.teacher = self.problem.teacher
         self.gen = OneStepGenerator(self.problem.operator)
         self.fake = MLPScore(self.problem.dim)
         self.g = torch.Generator().manual_seed(self.seed)
@@ -152,7 +159,7 @@ class ToyTrainer:
         loss = self.recon_weight * (z_hat - hq).square().mean()
         logs: dict[str, Tensor] = {}
         if self.loss is not None:
-            out = self.loss(z_hat, None, teacher=self.problem.teacher, fake=self.fake, z=hq,
+            out = self.loss(z_hat, None, teacher=self.teacher, fake=self.fake, z=hq,
                             generator=self.g)
             loss = loss + self.reg_weight * out.loss
             logs = {f"norm/{k}": v.mean() for k, v in out.norms.items()}

@@ -1,0 +1,32 @@
+"""Smoke test of benchmarks/compare_losses.py: a tiny run writes finite, complete results."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from benchmarks.compare_losses import COLUMNS, LOSSES, main
+
+FIELDS = ("nll_mean", "nll_std", "sliced_w2_mean", "sliced_w2_std", "mse_mean", "mse_std",
+          "cos_hat_start", "cos_hat_end", "cos_hq_start", "cos_hq_end", "cos_hat_exact_end",
+          "tsm_align_flow_end", "tsm_align_epsilon_end")
+
+
+def test_compare_losses_quick_smoke(tmp_path: Path) -> None:
+    main(["--quick", "--steps", "10", "--seeds", "1", "--out", str(tmp_path),
+          "--no-docs-assets"])
+    report = json.loads((tmp_path / "compare_losses.json").read_text())
+    assert report["mode"] == "quick" and report["budget"]["steps"] == 10
+    assert report["machine"]["device"] and math.isfinite(report["runtime_s"])
+    rows = report["rows"]
+    assert {(r["teacher"], r["loss"]) for r in rows} == {
+        (t, n) for t in ("exact", "learned") for n in LOSSES}
+    for row in rows:
+        assert all(c in row for c in COLUMNS), row
+        for f in FIELDS:
+            assert math.isfinite(row[f]), (row["teacher"], row["loss"], f, row[f])
+        assert all(math.isfinite(v) for c in row["curves"].values() for v in c)
+    table = (tmp_path / "compare_losses.md").read_text()
+    assert "| teacher | loss |" in table and "Measured on" in table
+    assert (tmp_path / "compare_losses.png").stat().st_size > 10_000
