@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs install clean
+.PHONY: demo toy-demo test lint docs install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/python -m examples.tsdsr.run_tiny
+
+toy-demo: $(STAMP)
 	$(BIN)/python examples/gmm_demo.py
 
 lint: $(STAMP)

@@ -12,7 +12,7 @@ pytest.importorskip("peft")
 
 from examples.tsdsr.infer import load_model, main, plan_outputs, sr_forward
 from examples.tsdsr.latents import decode, encode, one_step
-from examples.tsdsr.tiny import random_backbone
+from examples.tsdsr.tiny import load_backbone
 from scoredistill.adapters import (
     STUDENT_TARGETS,
     SD3ScoreModel,
@@ -115,8 +115,8 @@ def randomized(module, adapter, seed):
 
 @pytest.fixture
 def adapted():
-    """The tiny backbone with nonzero student and VAE-encoder LoRAs (rank 4), unmerged."""
-    parts = random_backbone()
+    """The tiny default backbone with nonzero student and VAE-encoder LoRAs (rank 4), unmerged."""
+    parts = load_backbone(None)
     add_lora(parts.transformer, lora_config(STUDENT_TARGETS, rank=4), "student")
     add_vae_lora(parts.vae, rank=4)
     randomized(parts.transformer, "student", 1)

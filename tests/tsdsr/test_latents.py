@@ -102,12 +102,15 @@ def test_one_step_on_the_tiny_sd3_transformer(parts):
     torch.testing.assert_close(one_step(student, z, cond), z - v)
 
 
-def test_tiny_backbone_is_deterministic_and_sd3_shaped():
-    a, b = random_backbone(), load_backbone(None)
+@pytest.mark.parametrize(("build", "factor"), [(random_backbone, 8),
+                                               (lambda: load_backbone(None), 4)])
+def test_tiny_backbones_are_deterministic_and_sd3_shaped(build, factor):
+    """The instant random backbone (8x VAE) and the fitted default (4x VAE, see tiny_fit)."""
+    a, b = build(), build()
     for x, y in ((a.transformer, b.transformer), (a.vae, b.vae)):
         assert all(torch.equal(p, q) for p, q in zip(x.parameters(), y.parameters(), strict=True))
     assert all(torch.equal(a.cond[k], b.cond[k]) for k in a.cond)
-    assert vae_factor(a.vae) == 8 and a.vae.config.latent_channels == 16
+    assert vae_factor(a.vae) == factor and a.vae.config.latent_channels == 16
     assert (a.vae.config.shift_factor, a.vae.config.scaling_factor) == (0.0609, 1.5305)
     assert a.transformer.config.patch_size == 2
     assert a.cond["prompt_embeds"].shape == (1, CONFIGS["tiny"].tokens, 32)

@@ -31,7 +31,7 @@ def test_cli_writes_prompts_captions_and_latents(hq, tmp_path, caplog):
     assert prompts["null"]["pooled_projections"].shape == (1, 64)
     assert not torch.equal(prompts["default"]["prompt_embeds"], prompts["null"]["prompt_embeds"])
     a = load_file(image_file(out, hq, hq / "a.png"))
-    assert a["prompt_embeds"].shape == (12, 32) and a["latent"].shape == (16, 4, 4)
+    assert a["prompt_embeds"].shape == (12, 32) and a["latent"].shape == (16, 8, 8)  # 4x tiny VAE
     b = load_file(image_file(out, hq, hq / "b.png"))
     assert set(b) == {"latent"}  # no caption: training uses the default prompt
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temp files

@@ -1,5 +1,8 @@
 """train.py end to end on the tiny model: resume equals an uninterrupted run, an interrupted save
-is ignored, and a non-finite loss never reaches the weights."""
+is ignored, and a non-finite loss never reaches the weights.
+
+These check the loop's mechanics, not learning, so they run on the instant random tiny backbone
+instead of the pre-fitted default (run_tiny.py checks learning)."""
 
 import shutil
 
@@ -11,7 +14,15 @@ from examples.tsdsr.checkpoint import checkpoints
 from examples.tsdsr.config import parse_config
 from examples.tsdsr.imageio import save_png
 from examples.tsdsr.precompute import load_prompts, precompute
+from examples.tsdsr.tiny import random_backbone
 from examples.tsdsr.train import main
+from examples.tsdsr.training import models
+
+
+@pytest.fixture(autouse=True)
+def random_tiny_backbone(monkeypatch):
+    monkeypatch.setattr(models, "load_backbone", lambda pretrained, dtype, device:
+                        random_backbone("tiny", dtype=dtype, device=device))
 
 
 @pytest.fixture(scope="module")

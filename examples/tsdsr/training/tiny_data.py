@@ -15,7 +15,7 @@ CAPTIONS = {"astronaut": "an astronaut in a white space suit with a flag",
             "coffee": "a cup of coffee on a saucer"}  # the others use the default prompt
 
 
-def _photo(name: str, side: int) -> torch.Tensor:
+def photo(name: str, side: int) -> torch.Tensor:
     import skimage.data
     from skimage.color import gray2rgb
 
@@ -36,7 +36,7 @@ def write_tiny_data(root: str | Path, side: int = 128) -> tuple[Path, Path]:
         folder.mkdir(parents=True, exist_ok=True)
         for name in names:
             if not (folder / f"{name}.png").is_file():
-                save_png(_photo(name, side), folder / f"{name}.png")
+                save_png(photo(name, side), folder / f"{name}.png")
     for name, caption in CAPTIONS.items():
         (train / f"{name}.txt").write_text(caption + "\n", encoding="utf-8")
     return train, val
