@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo toy-demo test lint docs install clean
+.PHONY: demo toy-demo test lint bench-quick docs install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,15 @@ toy-demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+# The three benchmarks in quick mode (CPU), their checks asserted and tables printed; results
+# go to a temporary folder so the committed GPU tables are not overwritten.
+bench-quick: $(STAMP)
+	out=$$(mktemp -d) && \
+	$(BIN)/python -m benchmarks.train_step --quick --out $$out && \
+	$(BIN)/python -m benchmarks.inference --quick --out $$out && \
+	$(BIN)/python -m benchmarks.compare_losses --quick --no-docs-assets --out $$out
+
+test: lint bench-quick
 	$(BIN)/python -m pytest -q
 
 docs: $(STAMP)

@@ -311,7 +311,8 @@ def run(config: str, device: str, dtype: torch.dtype, batch: int, side: int, war
              f"{counts['student LoRA params'] / 1e6:.1f} M student and "
              f"{counts['fake LoRA params'] / 1e6:.1f} M fake-score LoRA parameters):\n\n")
     notes += markdown_table(resident)
-    return write_report("train_step", "TSD-SR train step: shared backbone vs two copies", rows,
+    name = "train_step_checkpointing" if checkpointing else "train_step"
+    return write_report(name, "TSD-SR train step: shared backbone vs two copies", rows,
                         meta={"config": config, "device_arg": device, "dtype": str(dtype),
                               "batch": batch, "latent": side, "checkpointing": checkpointing,
                               "grad_rel_error": errors, "speedup": speedup,
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> Path:
                         help="max relative L2 gradient error (default 1e-3 fp32, 5e-2 half)")
     parser.add_argument("--quick", action="store_true",
                         help="CI smoke run: 1 warm-up, 3 steps, 8x8 latents")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     from diffusers.utils import logging
 
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> Path:
     side = args.latent or (8 if args.quick else SHAPES[args.config][0])
     tol = args.grad_tol or (1e-3 if dtype == torch.float32 else 5e-2)
     return run(args.config, args.device, dtype, args.batch, side, warmup, repeats,
-               args.checkpointing, tol, args.out_dir)
+               args.checkpointing, tol, args.out)
 
 
 if __name__ == "__main__":

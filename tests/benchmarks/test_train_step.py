@@ -22,7 +22,7 @@ def one_thread():
 
 
 def test_quick_run_writes_calls_times_and_bytes(tmp_path, one_thread):
-    md = main(["--quick", "--out-dir", str(tmp_path)])
+    md = main(["--quick", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "train_step.json").read_text())
     assert md == tmp_path / "train_step.md" and "backbone calls" in md.read_text()
     assert report["machine"]["device"] and report["config"] == "tiny"
