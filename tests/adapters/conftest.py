@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -34,11 +33,3 @@ def unet_model() -> UNetScoreModel:
               "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
     return UNetScoreModel.from_scheduler_config(tiny_unet(), config)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are op-overhead bound: one intra-op thread avoids oversubscribing the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -1,8 +1,11 @@
-"""Make `examples.tsdsr` importable from the tests without installing it."""
+"""Fixtures shared by the TSD-SR recipe tests."""
 
-import sys
-from pathlib import Path
+import pytest
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(_REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(_REPO_ROOT))
+from examples.tsdsr.tiny import Backbone, random_backbone
+
+
+@pytest.fixture(scope="module")
+def parts() -> Backbone:
+    """The instant random tiny backbone (8x VAE), built once per module."""
+    return random_backbone()

@@ -27,13 +27,6 @@ RNG = np.random.default_rng(0)
 FAST = ["--process-size", "64", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def write(path, array, mode=None):
     Image.fromarray(array, mode=mode).save(path)

@@ -17,19 +17,6 @@ from scoredistill.adapters import SD3ScoreModel
 from scoredistill.schedules import RectifiedFlow
 
 
-@pytest.fixture(scope="module")
-def parts():
-    return random_backbone()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def image(h: int = 32, w: int = 48, seed: int = 0) -> torch.Tensor:
     return torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 

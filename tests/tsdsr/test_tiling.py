@@ -19,21 +19,7 @@ from examples.tsdsr.tiling import (
     tiled_encode,
     tiled_one_step,
 )
-from examples.tsdsr.tiny import random_backbone
 from scoredistill.adapters import SD3ScoreModel
-
-
-@pytest.fixture(scope="module")
-def parts():
-    return random_backbone()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def smooth_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
