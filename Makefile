@@ -6,9 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo toy-demo test lint bench-quick docs install clean
 
-$(STAMP): pyproject.toml
+# pyiqa (the `eval` extra) pulls ~1.2 GB with its declared dependencies; the weighted metrics
+# need only these (see docs/guides/tsdsr-recipe.md, "Using the weighted metrics").
+PYIQA_LEAN := pyiqa==0.1.16 opencv-python-headless timm openai-clip ftfy wcwidth 'setuptools>=77.0.3,<82'
+
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[sd3,dev,docs]'
+	$(BIN)/pip install -q --no-deps $(PYIQA_LEAN)
 	touch $(STAMP)
 
 install: $(STAMP)

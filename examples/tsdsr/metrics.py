@@ -114,7 +114,11 @@ PYIQA_METRICS = tuple(name for name in METRICS if name not in BUILTIN_METRICS)
 def create_pyiqa_metric(
     name: str, device: str | torch.device = "cpu", pretrained_model_path: str | None = None
 ) -> Callable[..., torch.Tensor]:
-    """pyiqa's LPIPS (AlexNet), DISTS, FID, NIQE, MUSIQ, MANIQA or CLIPIQA (TSD-SR Sec 4.1)."""
+    """pyiqa's LPIPS (AlexNet), DISTS, FID, NIQE, MUSIQ, MANIQA or CLIPIQA (TSD-SR Sec 4.1).
+
+    `pretrained_model_path` replaces the metric's own weight file in $TORCH_HOME/hub/pyiqa (for
+    CLIPIQA: the CLIP TorchScript file; FID has none); docs/guides/tsdsr-recipe.md lists them.
+    """
     if name not in PYIQA_METRICS:
         raise ValueError(f"unknown pyiqa metric {name!r}; choose from {', '.join(PYIQA_METRICS)}")
     try:
@@ -128,7 +132,14 @@ def create_pyiqa_metric(
         ) from exc
     kwargs = {}
     if pretrained_model_path is not None:
-        kwargs["pretrained_model_path"] = pretrained_model_path
+        if name == "fid":
+            raise ValueError(
+                "pyiqa's FID takes no pretrained_model_path; it reads its Inception weights from "
+                "$TORCH_HOME/hub/pyiqa/pt_inception-2015-12-05-6726825d.pth"
+            )
+        # pyiqa's CLIPIQA loads its CLIP model by name or, given a file, from that file.
+        key = "backbone" if name == "clipiqa" else "pretrained_model_path"
+        kwargs[key] = str(pretrained_model_path)
     return pyiqa.create_metric(name, device=torch.device(device), **kwargs)
 
 
