@@ -133,4 +133,13 @@ def train_step(accelerator: Any, models: TSDSRModels, losses: Losses, config: Tr
     logs["fake/timestep"] = out.timesteps.float().mean()
     logs["skipped/fake"] = float(not apply_update(accelerator, fake, out.loss,
                                                   config.max_grad_norm))
-    return {k: float(v.detach()) if isinstance(v, Tensor) else v for k, v in logs.items()}
+    return to_floats(logs)
+
+
+def to_floats(logs: dict[str, Any]) -> dict[str, Any]:
+    """Scalar tensors to Python floats with ONE device-to-host copy instead of one per entry."""
+    keys = [k for k, v in logs.items() if isinstance(v, Tensor)]
+    if not keys:
+        return logs
+    values = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).tolist()
+    return {**logs, **dict(zip(keys, values, strict=True))}
