@@ -223,6 +223,27 @@ def main(argv: list[str] | None = None) -> Path:
     inputs = {(s, b): (torch.rand(b, 3, s, s, generator=g) * 2 - 1).to(args.device, dtype)
               for s in sizes for b in batches}
     rows, refs, notes = [], {}, []
+    columns = ["variant", "size", "batch", "ms/img", "img/s", "floor ms/img", "of floor",
+               "max abs diff", "mean abs diff", "ok", "compile s", "peak GiB", "note"]
+    tflop: dict[int, float] = {}
+
+    def report(final: bool) -> Path:
+        # Rewritten after every phase, so a run stopped early (e.g. by a time limit) keeps the
+        # rows it measured, marked as partial.
+        counted = ", ".join(f"{v:.3g} at {s} px" for s, v in tflop.items())
+        head = (f"Config `{config}`, {dtype}, LoRA rank {RANKS[config]} on the student "
+                f"modules and the VAE encoder; {args.warmup} warm-up + {args.repeats} timed "
+                f"calls, median. Floor: {TFLOP_512} TFLOP per 512 px image (SD3-medium) "
+                f"scaled by pixels, at a {peak or 'unknown'} TFLOP/s dense bf16 peak. "
+                f"FlopCounterMode counts {counted} TFLOP per image for this config. "
+                f"Tolerance {args.tol} (max |diff| vs eager).")
+        partial = [] if final else ["Partial: the run stopped before all variants were timed."]
+        return write_report("inference", "TSD-SR one-step inference forward", rows,
+                            meta={"config": config, "dtype": str(dtype), "peak_tflops": peak,
+                                  "tflop_512": TFLOP_512, "counted_tflop": tflop,
+                                  "tol": args.tol, "complete": final},
+                            notes="\n\n".join([head, *notes, *partial]), columns=columns,
+                            out_dir=args.out, echo=final)
 
     def forward(m: SRModel) -> Callable[[Tensor], Tensor]:
         return lambda x: sr_forward(m, x)
@@ -230,11 +251,13 @@ def main(argv: list[str] | None = None) -> Path:
     for key, x in inputs.items():
         row, refs[key] = run_row("eager, LoRA unmerged", forward(model), x, None, args, peak)
         rows.append(row)
+    report(final=False)
     merge_and_fuse(model)
-    tflop = {s: measured_tflop(model, inputs[(s, batches[0])][:1]) for s in sizes}
+    tflop.update({s: measured_tflop(model, inputs[(s, batches[0])][:1]) for s in sizes})
     for key, x in inputs.items():
         rows.append(run_row("LoRA merged + fused QKV", forward(model), x, refs[key], args,
                             peak)[0])
+    report(final=False)
     if cuda:
         for key, x in inputs.items():
             try:
@@ -246,6 +269,7 @@ def main(argv: list[str] | None = None) -> Path:
             rows.append(run_row("CUDA graph (merged + fused)", fn, x, refs[key], args, peak)[0])
             del fn
             torch.cuda.empty_cache()
+        report(final=False)
     else:
         notes.append("CUDA graphs skipped: they need a CUDA device.")
     if args.compile and not args.quick:
@@ -260,24 +284,13 @@ def main(argv: list[str] | None = None) -> Path:
             if "ms/img" in rows[-1]:  # first call minus a steady call: the compile time
                 rows[-1]["compile s"] = rows[-1]["first call s"] - rows[-1]["ms/img"] * key[1] / 1e3
                 spent += rows[-1]["compile s"]
+            report(final=False)
     else:
         notes.append("torch.compile skipped (--quick or --no-compile): compiling takes longer "
                      "than the smoke run's budget.")
     for note in notes:
         print(note)
-    counted = ", ".join(f"{v:.3g} at {s} px" for s, v in tflop.items())
-    notes.insert(0, f"Config `{config}`, {dtype}, LoRA rank {RANKS[config]} on the student "
-                    f"modules and the VAE encoder; {args.warmup} warm-up + {args.repeats} timed "
-                    f"calls, median. Floor: {TFLOP_512} TFLOP per 512 px image (SD3-medium) "
-                    f"scaled by pixels, at a {peak or 'unknown'} TFLOP/s dense bf16 peak. "
-                    f"FlopCounterMode counts {counted} TFLOP per image for this config. "
-                    f"Tolerance {args.tol} (max |diff| vs eager).")
-    columns = ["variant", "size", "batch", "ms/img", "img/s", "floor ms/img", "of floor",
-               "max abs diff", "mean abs diff", "ok", "compile s", "peak GiB", "note"]
-    path = write_report("inference", "TSD-SR one-step inference forward", rows,
-                        meta={"config": config, "dtype": str(dtype), "peak_tflops": peak,
-                              "tflop_512": TFLOP_512, "counted_tflop": tflop, "tol": args.tol},
-                        notes="\n\n".join(notes), columns=columns, out_dir=args.out)
+    path = report(final=True)
     bad = [r for r in rows if r.get("ok") is False]
     if bad:
         raise SystemExit(f"{len(bad)} variant(s) differ from eager beyond {args.tol}: "

@@ -62,8 +62,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
 
 def write_report(name: str, title: str, rows: Sequence[dict[str, Any]], *,
                  meta: dict[str, Any] | None = None, notes: str = "",
-                 columns: Sequence[str] | None = None, out_dir: Path = RESULTS) -> Path:
-    """Write ``<name>.json`` and ``<name>.md`` into ``out_dir``; print and return the table path."""
+                 columns: Sequence[str] | None = None, out_dir: Path = RESULTS,
+                 echo: bool = True) -> Path:
+    """Write ``<name>.json`` and ``<name>.md`` into ``out_dir``; print (if ``echo``) and return
+    the table path."""
     info = {"machine": machine(), **(meta or {})}
     _atomic_write(out_dir / f"{name}.json",
                   json.dumps({"title": title, **info, "rows": list(rows)}, indent=2, default=str))
@@ -72,5 +74,6 @@ def write_report(name: str, title: str, rows: Sequence[dict[str, Any]], *,
               f"{m['date']}.\n\n")
     table = header + markdown_table(rows, columns) + ("\n\n" + notes if notes else "") + "\n"
     _atomic_write(out_dir / f"{name}.md", table)
-    print(table)
+    if echo:
+        print(table)
     return out_dir / f"{name}.md"
