@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.report import RESULTS, write_report
+from benchmarks.report import RESULTS, command_line, write_report
 from benchmarks.toy_metrics import (
     FIG3_TIMESTEP,
     DirectionProbe,
@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     write_report("compare_losses", "Distillation losses on the toy SR problem (exact answer known)",
                  rows, meta={"mode": mode, "budget": asdict(budget), "runtime_s": runtime,
                        "fig3_timestep": FIG3_TIMESTEP},
-                 notes=notes, columns=COLUMNS, out_dir=args.out)
+                 notes=notes, columns=COLUMNS, out_dir=args.out,
+                 command=command_line("benchmarks.compare_losses", argv))
     png = save_plot(rows, args.out / "compare_losses.png", title=f"{mode}: {budget.seeds} seeds")
     if args.docs_assets:
         DOCS_ASSETS.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,18 +62,31 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     return "\n".join(lines)
 
 
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command that reproduces a report: ``python -m <module>`` and its arguments (``argv``,
+    default the process's), ``--out`` dropped: it moves the files, not the numbers."""
+    args, kept = list(sys.argv[1:] if argv is None else argv), []
+    while args:
+        arg = args.pop(0)
+        if arg == "--out":
+            args = args[1:]
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return shlex.join(["python", "-m", module, *kept])
+
+
 def write_report(name: str, title: str, rows: Sequence[dict[str, Any]], *,
                  meta: dict[str, Any] | None = None, notes: str = "",
                  columns: Sequence[str] | None = None, out_dir: Path = RESULTS,
-                 echo: bool = True) -> Path:
+                 command: str | None = None, echo: bool = True) -> Path:
     """Write ``<name>.json`` and ``<name>.md`` into ``out_dir``; print (if ``echo``) and return
-    the table path."""
-    info = {"machine": machine(), **(meta or {})}
+    the table path. ``command`` (see :func:`command_line`) is recorded and shown."""
+    info = {"machine": machine(), "command": command, **(meta or {})}
     _atomic_write(out_dir / f"{name}.json",
                   json.dumps({"title": title, **info, "rows": list(rows)}, indent=2, default=str))
     m = info["machine"]
     header = (f"### {title}\n\nMeasured on {m['device']} ({m['cpu']}), torch {m['torch']}, "
-              f"{m['date']}.\n\n")
+              f"{m['date']}" + (f", by `{command}`" if command else "") + ".\n\n")
     table = header + markdown_table(rows, columns) + ("\n\n" + notes if notes else "") + "\n"
     _atomic_write(out_dir / f"{name}.md", table)
     if echo:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.report import RESULTS, markdown_table, write_report
+from benchmarks.report import RESULTS, command_line, markdown_table, write_report
 from scoredistill import CFG, DASMSampler, DiffusionLoss, RectifiedFlow, TSDLoss
 from scoredistill.adapters import (
     ATTENTION_TARGETS,
@@ -271,7 +271,8 @@ def module_bytes(modules: list[nn.Module]) -> float:
 
 
 def run(config: str, device: str, dtype: torch.dtype, batch: int, side: int, warmup: int,
-        repeats: int, checkpointing: bool, grad_tol: float, out_dir: Path) -> Path:
+        repeats: int, checkpointing: bool, grad_tol: float, out_dir: Path,
+        command: str | None = None) -> Path:
     resident, counts = resident_bytes("sd3-medium", torch.float16 if dtype == torch.float32
                                       else dtype)
     roles, copies = setup(config, dtype, device, checkpointing)
@@ -317,7 +318,7 @@ def run(config: str, device: str, dtype: torch.dtype, batch: int, side: int, war
                               "batch": batch, "latent": side, "checkpointing": checkpointing,
                               "grad_rel_error": errors, "speedup": speedup,
                               "resident_sd3_medium": resident, "param_counts": counts},
-                        notes=notes, out_dir=out_dir)
+                        notes=notes, out_dir=out_dir, command=command)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> Path:
     side = args.latent or (8 if args.quick else SHAPES[args.config][0])
     tol = args.grad_tol or (1e-3 if dtype == torch.float32 else 5e-2)
     return run(args.config, args.device, dtype, args.batch, side, warmup, repeats,
-               args.checkpointing, tol, args.out)
+               args.checkpointing, tol, args.out, command_line("benchmarks.train_step", argv))
 
 
 if __name__ == "__main__":
