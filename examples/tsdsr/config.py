@@ -40,6 +40,9 @@ class TrainConfig:
     val_lq_dir: str | None = None  # None: degraded once with a fixed seed
     resolution: int = 512
     hflip: bool = True
+    # Read z = E(x_H) from precompute.py --latents instead of encoding each crop, as the release
+    # does: needs HQ images pre-cropped to `resolution` and no flips (E is not flip-equivariant).
+    use_latents: bool = False
     dataloader_workers: int = 2
     # Generator objective L_G = lpips_weight LPIPS + mse_weight MSE(z_hat, z) + gamma L_TSD.
     lpips_weight: float = 1.0
@@ -86,6 +89,10 @@ class TrainConfig:
                              f"{self.dasm_weights}")
         if len(self.dasm_bias) != 2:
             raise ValueError(f"dasm_bias is a [low, high) pair, got {self.dasm_bias}")
+        if self.use_latents and self.hflip:
+            raise ValueError("use_latents reads the latent of the unflipped image: turn hflip "
+                             "off (--no-hflip), since the VAE's latent of a flipped image is not "
+                             "the flipped latent")
         if self.report_to not in ("tensorboard", "wandb", "none"):
             raise ValueError(f"report_to must be tensorboard, wandb or none, got {self.report_to}")
 

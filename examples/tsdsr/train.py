@@ -29,6 +29,7 @@ from examples.tsdsr.checkpoint import load_checkpoint, resolve, save_checkpoint
 from examples.tsdsr.config import TrainConfig, parse_config, save_config
 from examples.tsdsr.data import PairedSRDataset
 from examples.tsdsr.precompute import load_prompts, precompute
+from examples.tsdsr.tiling import vae_factor
 from examples.tsdsr.training.data import CaptionedCrops, StepBatches, derive_seed, make_loader
 from examples.tsdsr.training.models import build_models
 from examples.tsdsr.training.step import Losses, Optimisation, train_step
@@ -112,7 +113,8 @@ def train(config: TrainConfig) -> Path:
 
     dataset = PairedSRDataset(config.hq_dir, config.lq_dir, crop_size=config.resolution,
                               hflip=config.hflip)
-    items = CaptionedCrops(dataset, config.embeds_dir, load_prompts(config.embeds_dir)["default"])
+    items = CaptionedCrops(dataset, config.embeds_dir, load_prompts(config.embeds_dir)["default"],
+                           latent_factor=vae_factor(models.vae) if config.use_latents else None)
     loader = make_loader(items, StepBatches(len(dataset), config.batch_size, config.seed, start,
                                             config.max_steps, rank, world),
                          config.dataloader_workers)

@@ -103,3 +103,41 @@ def test_non_finite_loss_skips_the_update(data, tmp_path):
                       student, fake, torch.Generator().manual_seed(0))
     assert logs["skipped/generator"] == 0.0
     assert any(not torch.equal(a, p) for a, p in zip(before, student.params, strict=False))
+
+
+@pytest.fixture(scope="module")
+def latent_embeds(data, tmp_path_factory):
+    from examples.tsdsr import tiny
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tiny, "load_backbone", lambda pretrained, dtype, device:
+                   random_backbone("tiny", dtype=dtype, device=device))
+        return precompute(data / "hq", tmp_path_factory.mktemp("embeds") / "e", latents=True)
+
+
+def test_precomputed_latents_train_as_encoding_each_crop_does(data, latent_embeds, tmp_path,
+                                                               monkeypatch):
+    from examples.tsdsr.training import step
+
+    finals = {}
+    for name, extra in (("encoded", []), ("stored", ["--use-latents"])):
+        out = tmp_path / name
+        assert run(data, out, "--embeds-dir", str(latent_embeds), "--no-hflip", *extra) == 0
+        finals[name] = weights(out / "checkpoints" / "step-00000004")
+        # From here on, encoding an HQ crop is an error: the stored run must not need it.
+        monkeypatch.setattr(step, "hq_latent", lambda *a: pytest.fail("HQ crop encoded"))
+    assert finals["stored"].keys() == finals["encoded"].keys()
+    for k, v in finals["encoded"].items():
+        torch.testing.assert_close(finals["stored"][k], v, rtol=0, atol=1e-5)
+
+
+def test_precomputed_latents_refuse_flips_missing_files_and_other_sizes(data, latent_embeds,
+                                                                        tmp_path):
+    with pytest.raises(ValueError, match="hflip"):
+        parse_config(["--tiny", "--use-latents"])
+    # Embeddings written without --latents: a file without its latent, or no file at all.
+    with pytest.raises((ValueError, FileNotFoundError), match=r"precompute\.py --latents"):
+        run(data, tmp_path / "a", "--no-hflip", "--use-latents")
+    with pytest.raises(ValueError, match="pre-cropped to --resolution 32"):
+        run(data, tmp_path / "b", "--embeds-dir", str(latent_embeds), "--no-hflip",
+            "--use-latents", "--resolution", "32")

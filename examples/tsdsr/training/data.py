@@ -58,8 +58,12 @@ class CaptionedCrops(Dataset):
     """PairedSRDataset items plus their precomputed caption embeddings (and HQ latent)."""
 
     def __init__(self, dataset: PairedSRDataset, embeds_dir: str | Path,
-                 default: dict[str, Tensor], use_latents: bool = False) -> None:
-        self.dataset, self.embeds_dir, self.use_latents = dataset, Path(embeds_dir), use_latents
+                 default: dict[str, Tensor], latent_factor: int | None = None) -> None:
+        """``latent_factor``: read the precomputed HQ latent (the VAE's downsampling factor,
+        which its side must be below the crop's); None: the training step encodes the crop."""
+        self.dataset, self.embeds_dir = dataset, Path(embeds_dir)
+        self.latent_factor = latent_factor
+        self.use_latents = latent_factor is not None
         self.default = {k: v[0] for k, v in default.items()}
 
     def __len__(self) -> int:
@@ -80,7 +84,8 @@ class CaptionedCrops(Dataset):
         has_caption = image.with_suffix(".txt").is_file()
         if not file.is_file():
             if has_caption or self.use_latents:
-                raise FileNotFoundError(f"{file} missing for {image}: rerun precompute.py")
+                needed = "precompute.py --latents" if self.use_latents else "precompute.py"
+                raise FileNotFoundError(f"{file} missing for {image}: rerun {needed}")
             return dict(self.default)
         with safe_open(str(file), framework="pt") as f:
             stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
@@ -90,8 +95,21 @@ class CaptionedCrops(Dataset):
         out = {k: stored[k] for k in ("prompt_embeds", "pooled_projections") if k in stored}
         out = out or dict(self.default)
         if self.use_latents:
-            out["latent"] = stored["latent"]
+            out["latent"] = self._latent(stored, file, image)
         return out
+
+    def _latent(self, stored: dict[str, Tensor], file: Path, image: Path) -> Tensor:
+        # The stored latent is of the whole image: it equals the crop's only when the image is
+        # the crop (flips are refused by TrainConfig).
+        if "latent" not in stored:
+            raise ValueError(f"{file} holds no HQ latent for {image}: rerun precompute.py "
+                             "--latents")
+        latent, side = stored["latent"], self.dataset.crop_size
+        if latent.ndim != 3 or tuple(latent.shape[-2:]) != (side // self.latent_factor,) * 2:
+            raise ValueError(f"{image}: its precomputed latent is {tuple(latent.shape)}, not of a "
+                             f"{side} x {side} image; --use-latents needs HQ images pre-cropped "
+                             f"to --resolution {side}")
+        return latent
 
 
 def collate(items: list[dict], degradation: DegradationConfig | None) -> dict:
