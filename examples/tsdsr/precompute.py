@@ -185,8 +185,11 @@ def load_prompts(embeds_dir: str | Path, device: str | torch.device = "cpu"
     "pooled_projections": (1, P)}``."""
     from safetensors.torch import load_file
 
-    flat = load_file(str(Path(embeds_dir) / PROMPTS_FILE), device=str(device))
-    return {name: {key: flat[f"{name}.{key}"] for key in KEYS} for name in ("default", "null")}
+    # Read on the CPU, then moved: safetensors refuses device strings such as "cpu:0", which
+    # accelerate gives each process of a multi-CPU run.
+    flat = load_file(str(Path(embeds_dir) / PROMPTS_FILE))
+    return {name: {key: flat[f"{name}.{key}"].to(device) for key in KEYS}
+            for name in ("default", "null")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

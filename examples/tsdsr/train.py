@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,6 +84,12 @@ def train(config: TrainConfig) -> Path:
     out = Path(config.output_dir)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=str(out),
                               log_with=None if config.report_to == "none" else config.report_to)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # Else every process would train alone on the same batches, silently.
+        raise SystemExit(f"launched as {launched} processes, but accelerate set up "
+                         f"{accelerator.num_processes}: on CPUs set ACCELERATE_USE_CPU=1 "
+                         "(torchrun) or configure multi-CPU in `accelerate config`")
     if config.tiny:
         config = prepare_tiny_data(config, write=accelerator.is_main_process)
         accelerator.wait_for_everyone()
