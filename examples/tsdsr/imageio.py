@@ -11,21 +11,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _GREY_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_TIFF_BITS_PER_SAMPLE = 258
 
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """RGB (3,H,W) float32 in [0, 1], the alpha plane (1,H,W) if any, and whether it was grey."""
+    """RGB (3,H,W) float32 in [0, 1], the alpha plane (1,H,W) if any, whether it was grey, and
+    the file's bits per sample: 8, or 16 for anything deeper."""
 
     rgb: torch.Tensor
     alpha: torch.Tensor | None
     grey: bool
+    bits: int
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -41,27 +44,36 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
     """Read an image file as RGB float32 (3,H,W) in [0, 1]; ValueError naming unreadable files."""
     path = Path(path)
     try:
-        if _is_16bit_colour_png(path):
-            array = _read_16bit_colour_png(path)
-            grey = False
+        if _is_16bit_png_pillow_reduces(path):
+            array = _read_16bit_png(path)
+            grey, bits = array.shape[2] < 3, 16
         else:
             with Image.open(path) as img:
                 img.load()  # decode now so truncated data fails here, not later
                 array, grey = _pil_to_array(img)
+                bits = _pil_source_bits(img, path)
     except (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
     tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
     rgb = tensor[:1].expand(3, -1, -1).contiguous() if grey else tensor[:3].contiguous()
     alpha = tensor[-1:].contiguous() if tensor.shape[0] in (2, 4) else None
-    return LoadedImage(rgb=rgb, alpha=alpha, grey=grey)
+    return LoadedImage(rgb=rgb, alpha=alpha, grey=grey, bits=bits)
 
 
-def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
-    """Write a (C,H,W) tensor in [0, 1], C in {1, 3, 4}, as an 8-bit PNG, atomically."""
-    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
-        raise ValueError(f"expected a (C,H,W) tensor with C in 1, 3, 4; got {tuple(image.shape)}")
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    array = array.transpose(1, 2, 0)
+def save_png(image: torch.Tensor, path: str | os.PathLike, bits: int = 8) -> None:
+    """Write a (C,H,W) tensor in [0, 1], C in {1, 3, 4}, as an 8- or 16-bit PNG, atomically."""
+    if image.ndim != 3 or image.shape[0] not in (1, 3, 4) or 0 in image.shape[1:]:
+        raise ValueError(
+            f"expected a non-empty (C,H,W) tensor with C in 1, 3, 4; got {tuple(image.shape)}"
+        )
+    if bits not in (8, 16):
+        raise ValueError(f"PNG bits per sample must be 8 or 16, got {bits!r}")
+    levels = (image.detach().float().clamp(0, 1) * (2**bits - 1)).round().cpu().numpy()
+    array = levels.transpose(1, 2, 0)
+    if bits == 16:
+        write_atomic(path, _encode_png16(array.astype(np.uint16)))
+        return
+    array = array.astype(np.uint8)
     pil = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG")
@@ -104,19 +116,35 @@ def _pil_to_array(img: Image.Image) -> tuple[np.ndarray, bool]:
     return array, grey
 
 
-def _is_16bit_colour_png(path: Path) -> bool:
-    """True for 48/64-bit PNGs, which Pillow would silently reduce to 8 bits per channel."""
+def _pil_source_bits(img: Image.Image, path: Path) -> int:
+    """8 or 16 (for deeper): the source's bits per sample, from the mode or a TIFF header."""
+    if img.mode in _GREY_16BIT_MODES:
+        return 16
+    if not isinstance(img, TiffImagePlugin.TiffImageFile):
+        return 8
+    declared = max(img.tag_v2.get(_TIFF_BITS_PER_SAMPLE, (1,)))  # TIFF's default is 1 bit
+    if declared <= 8:
+        return 8
+    warnings.warn(
+        f"{path}: Pillow decodes this {declared}-bit TIFF at 8 bits per channel",
+        stacklevel=3,  # the caller of load_image
+    )
+    return 16
+
+
+def _is_16bit_png_pillow_reduces(path: Path) -> bool:
+    """True for 16-bit PNGs with colour or alpha, which Pillow reduces to 8 bits per channel."""
     with path.open("rb") as f:
         header = f.read(26)
     # IHDR sits right after the signature: bit depth at byte 24, colour type at byte 25.
     if len(header) < 26 or not header.startswith(_PNG_SIGNATURE) or header[12:16] != b"IHDR":
         return False
     bit_depth, colour_type = header[24], header[25]
-    return bit_depth == 16 and colour_type in (2, 6)  # truecolour, truecolour + alpha
+    return bit_depth == 16 and colour_type in (2, 4, 6)  # RGB, grey + alpha, RGBA
 
 
-def _read_16bit_colour_png(path: Path) -> np.ndarray:
-    """(H,W,C) float32 in [0, 1] from a 16-bit RGB(A) PNG, scaled by 65535."""
+def _read_16bit_png(path: Path) -> np.ndarray:
+    """(H,W,C) float32 in [0, 1], C in {2, 3, 4}, from a 16-bit PNG, scaled by 65535."""
     # torchvision's decoder keeps the 16 bits; its io module warns that it is deprecated in
     # favour of torchcodec, which is not a dependency here.
     with warnings.catch_warnings():
@@ -126,3 +154,16 @@ def _read_16bit_colour_png(path: Path) -> np.ndarray:
         decoded = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
     array = decoded.to(torch.float32).numpy() / 65535.0
     return array.transpose(1, 2, 0)
+
+
+def _encode_png16(array: np.ndarray) -> bytes:
+    """A 16-bit PNG file of an (H,W,C) uint16 array, C in {1, 3, 4}."""
+    # Neither Pillow (no 48/64-bit modes) nor torchvision's encode_png (uint8 only) writes 16-bit
+    # colour; pypng does.
+    import png
+
+    height, width, channels = array.shape
+    buffer = io.BytesIO()
+    png.Writer(width, height, greyscale=channels == 1, alpha=channels == 4,
+               bitdepth=16).write(buffer, array.reshape(height, width * channels))
+    return buffer.getvalue()

@@ -7,8 +7,8 @@
 The LQ image is bicubic-upsampled by --upscale (its short side raised to --process-size first,
 then the result resized back), padded to a multiple of VAE factor x patch size (16 for SD3),
 encoded, moved by one transformer call at t = 1000, decoded and colour-aligned to the upsampled
-LQ. Output: ``<out>/<stem>.png`` (8 bit; alpha re-attached, grey stays grey). Unreadable or
-too-small inputs are reported and skipped; the exit status is then 1.
+LQ. Output: ``<out>/<stem>.png`` (16 bit for 16-bit inputs, else 8 bit; alpha re-attached, grey
+stays grey). Unreadable or too-small inputs are reported and skipped; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ def super_resolve(model: SRModel, image: Tensor, *, upscale: float = 4.0,
 
 
 def upscale_file(model: SRModel, src: Path, dst: Path, **options: object) -> None:
-    """Read ``src`` (RGB/RGBA/grey, 8/16 bit), super-resolve, write ``dst`` atomically (PNG)."""
+    """Read ``src`` (RGB/RGBA/grey, 8/16 bit), super-resolve, write ``dst`` atomically (PNG at
+    the input's bit depth)."""
     loaded = load_image(src)
     sr = super_resolve(model, loaded.rgb, **options)  # type: ignore[arg-type]
     if loaded.grey:
@@ -201,7 +202,7 @@ def upscale_file(model: SRModel, src: Path, dst: Path, **options: object) -> Non
         alpha = _resize(loaded.alpha[None].to(sr), tuple(sr.shape[-2:]))[0].clamp(0, 1)
         # save_png writes 1, 3 or 4 channels: grey + alpha goes out as RGBA with equal channels.
         sr = torch.cat([sr.expand(3, -1, -1), alpha])
-    save_png(sr.cpu(), dst)
+    save_png(sr.cpu(), dst, bits=loaded.bits)
 
 
 def plan_outputs(inputs: Sequence[Path], out_dir: Path) -> tuple[list[tuple[Path, Path]],

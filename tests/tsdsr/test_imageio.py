@@ -15,7 +15,7 @@ RNG = np.random.default_rng(0)
 
 
 def _write_png16(path: Path, array: np.ndarray) -> None:
-    """A 16-bit RGB(A) PNG written by hand, since Pillow cannot write one."""
+    """A 16-bit grey + alpha / RGB / RGBA PNG written by hand, independently of save_png."""
     height, width, channels = array.shape
     raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)
 
@@ -23,7 +23,7 @@ def _write_png16(path: Path, array: np.ndarray) -> None:
         crc = zlib.crc32(kind + data) & 0xFFFFFFFF
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
-    colour_type = {3: 2, 4: 6}[channels]
+    colour_type = {2: 4, 3: 2, 4: 6}[channels]
     header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
     path.write_bytes(
         b"\x89PNG\r\n\x1a\n"
@@ -33,6 +33,11 @@ def _write_png16(path: Path, array: np.ndarray) -> None:
     )
 
 
+def _png_bit_depth(path: Path) -> int:
+    """The IHDR bit depth of a PNG file."""
+    return path.read_bytes()[24]
+
+
 def test_rgb_png_loads_as_float_chw(tmp_path):
     array = RNG.integers(0, 256, (6, 9, 3), dtype=np.uint8)
     Image.fromarray(array).save(tmp_path / "a.png")
@@ -40,6 +45,7 @@ def test_rgb_png_loads_as_float_chw(tmp_path):
     assert image.rgb.dtype == torch.float32
     assert image.rgb.shape == (3, 6, 9)
     assert image.alpha is None and not image.grey
+    assert image.bits == 8
     np.testing.assert_array_equal(image.rgb.permute(1, 2, 0).numpy() * 255, array)
 
 
@@ -70,7 +76,7 @@ def test_16bit_grey_png_is_scaled_by_65535(tmp_path):
     array = RNG.integers(0, 65536, (4, 5), dtype=np.uint16)
     Image.fromarray(array).save(tmp_path / "g16.png")
     image = load_image(tmp_path / "g16.png")
-    assert image.grey
+    assert image.grey and image.bits == 16
     np.testing.assert_allclose(image.rgb[0].double().numpy() * 65535, array, atol=5e-3)
 
 
@@ -79,11 +85,38 @@ def test_16bit_colour_png_keeps_16_bits(tmp_path, channels):
     array = RNG.integers(0, 65536, (4, 5, channels))
     _write_png16(tmp_path / "c16.png", array)
     image = load_image(tmp_path / "c16.png")
-    assert not image.grey
+    assert not image.grey and image.bits == 16
     np.testing.assert_allclose(
         image.rgb.permute(1, 2, 0).double().numpy() * 65535, array[..., :3], atol=5e-3
     )
     assert (image.alpha is not None) == (channels == 4)
+
+
+def test_16bit_grey_alpha_png_keeps_16_bits_and_stays_grey(tmp_path):
+    array = RNG.integers(0, 65536, (4, 5, 2))
+    _write_png16(tmp_path / "la16.png", array)
+    image = load_image(tmp_path / "la16.png")
+    assert image.grey and image.bits == 16 and image.alpha is not None
+    for channel in image.rgb:
+        np.testing.assert_allclose(channel.double().numpy() * 65535, array[..., 0], atol=5e-3)
+    np.testing.assert_allclose(image.alpha[0].double().numpy() * 65535, array[..., 1], atol=5e-3)
+
+
+def test_16bit_grey_tiff_keeps_16_bits(tmp_path):
+    array = RNG.integers(0, 65536, (4, 5), dtype=np.uint16)
+    Image.fromarray(array).save(tmp_path / "g16.tif")
+    image = load_image(tmp_path / "g16.tif")
+    assert image.grey and image.bits == 16
+    np.testing.assert_array_equal((image.rgb[0].double().numpy() * 65535).round(), array)
+
+
+def test_16bit_colour_tiff_reports_16_bits_and_warns_it_was_read_at_8(tmp_path):
+    tifffile = pytest.importorskip("tifffile")  # Pillow cannot write 16-bit colour TIFFs
+    array = RNG.integers(0, 65536, (4, 5, 3), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "c16.tif", array, photometric="rgb")
+    with pytest.warns(UserWarning, match=r"c16\.tif.*16-bit TIFF at 8 bits"):
+        image = load_image(tmp_path / "c16.tif")
+    assert not image.grey and image.bits == 16
 
 
 def test_palette_image_is_expanded_to_rgb(tmp_path):
@@ -114,6 +147,7 @@ def test_non_image_raises_value_error_naming_file(tmp_path):
 def test_save_png_round_trips_8bit_values(tmp_path, channels):
     tensor = torch.from_numpy(RNG.integers(0, 256, (channels, 5, 6))).float() / 255
     save_png(tensor, tmp_path / "out.png")
+    assert _png_bit_depth(tmp_path / "out.png") == 8
     with Image.open(tmp_path / "out.png") as img:
         array = np.asarray(img).reshape(5, 6, channels)
     np.testing.assert_array_equal(array.transpose(2, 0, 1), (tensor * 255).round().numpy())
@@ -127,9 +161,40 @@ def test_save_png_replaces_atomically_leaving_no_temp_files(tmp_path):
     assert load_image(target).rgb.min() == 1.0
 
 
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_save_png_16bit_round_trips_exactly(tmp_path, channels):
+    levels = torch.from_numpy(RNG.integers(0, 65536, (channels, 5, 6)))
+    levels[:, 0, :2] = torch.tensor([0, 65535])  # both ends of the range
+    tensor = levels.float() / 65535
+    save_png(tensor, tmp_path / "out.png", bits=16)
+    assert _png_bit_depth(tmp_path / "out.png") == 16
+    image = load_image(tmp_path / "out.png")
+    assert image.bits == 16 and image.grey == (channels == 1)
+    rgb = image.rgb[:1] if channels == 1 else image.rgb
+    restored = rgb if image.alpha is None else torch.cat([rgb, image.alpha])
+    assert torch.equal(restored, tensor)
+
+
+def test_save_png_16bit_grey_reads_back_in_pillow(tmp_path):
+    levels = RNG.integers(0, 65536, (5, 6))
+    save_png(torch.from_numpy(levels).float()[None] / 65535, tmp_path / "g.png", bits=16)
+    with Image.open(tmp_path / "g.png") as img:
+        assert img.mode == "I;16"
+        np.testing.assert_array_equal(np.asarray(img), levels)
+
+
 def test_save_png_rejects_bad_shapes(tmp_path):
     with pytest.raises(ValueError, match="C,H,W"):
         save_png(torch.zeros(2, 4, 4), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="non-empty"):
+        save_png(torch.zeros(3, 0, 4), tmp_path / "x.png", bits=16)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("bits", [12, 0, 32])
+def test_save_png_rejects_other_bit_depths(tmp_path, bits):
+    with pytest.raises(ValueError, match=f"got {bits}"):
+        save_png(torch.zeros(3, 4, 4), tmp_path / "x.png", bits=bits)
     assert not any(tmp_path.iterdir())
 
 

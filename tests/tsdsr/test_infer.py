@@ -10,6 +10,7 @@ from PIL import Image
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+from examples.tsdsr.imageio import load_image, save_png
 from examples.tsdsr.infer import load_model, main, plan_outputs, sr_forward
 from examples.tsdsr.latents import decode, encode, one_step
 from examples.tsdsr.tiny import load_backbone
@@ -56,7 +57,7 @@ def test_folder_job_writes_good_images_and_reports_bad_ones(inputs, tmp_path, ca
     modes = {p.name: Image.open(p).mode for p in out.iterdir()}
     assert sizes == {"rgb.png": (96, 80), "rgba.png": (64, 64), "grey.png": (64, 48),
                      "deep.png": (48, 64)}
-    assert modes == {"rgb.png": "RGB", "rgba.png": "RGBA", "grey.png": "L", "deep.png": "L"}
+    assert modes == {"rgb.png": "RGB", "rgba.png": "RGBA", "grey.png": "L", "deep.png": "I;16"}
     assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before  # inputs untouched
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -69,6 +70,30 @@ def test_alpha_is_upsampled_and_reattached(tmp_path):
     assert main([str(src), "--out", str(tmp_path / "o"), *FAST]) == 0
     out = np.asarray(Image.open(tmp_path / "o" / "a.png"))
     assert out[:, :28, 3].max() < 8 and out[:, 36:, 3].min() > 247
+
+
+def test_16bit_inputs_give_16bit_outputs_matching_the_8bit_ones(tmp_path):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    rgb = RNG.integers(0, 256, (16, 20, 3), dtype=np.uint8)
+    grey = RNG.integers(0, 256, (16, 12), dtype=np.uint8)
+    write(folder / "rgb8.png", rgb)
+    write(folder / "grey8.png", grey)
+    # Levels k * 257 of 65535 are k of 255: both depths feed the model the same floats.
+    rgb16 = torch.from_numpy(rgb.astype(np.int32) * 257).permute(2, 0, 1)
+    save_png(rgb16.float() / 65535, folder / "rgb16.png", bits=16)
+    write(folder / "grey16.png", grey.astype(np.uint16) * 257)  # I;16
+    assert main([str(folder), "--out", str(out), *FAST]) == 0
+    for name in ("rgb", "grey"):
+        src8, src16 = (load_image(folder / f"{name}{bits}.png") for bits in (8, 16))
+        assert src16.bits == 16 and torch.equal(src8.rgb, src16.rgb)
+        assert (out / f"{name}8.png").read_bytes()[24] == 8  # IHDR bit depth
+        assert (out / f"{name}16.png").read_bytes()[24] == 16
+        sr8, sr16 = (load_image(out / f"{name}{bits}.png") for bits in (8, 16))
+        assert sr8.grey == sr16.grey == (name == "grey")
+        # The same floats rounded to 255 or to 65535 levels: within half a step of each.
+        assert (sr16.rgb - sr8.rgb).abs().max() <= 0.5 / 255 + 0.5 / 65535 + 1e-6
+        assert ((sr16.rgb * 65535).round() % 257).any()  # finer than 8-bit levels
 
 
 def test_output_folder_equal_to_input_folder_is_refused(inputs):
