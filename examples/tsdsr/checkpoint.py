@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from examples.tsdsr.training.models import VAE_ADAPTER, TSDSRModels
-from scoredistill.adapters import load_lora, save_lora
+from examples.tsdsr.training.sharding import is_sharded
+from scoredistill.adapters import load_lora, lora_state_dict, save_lora
 
 PATTERN = re.compile(r"step-(\d{8})")
 LORA_FILES = {"transformer.safetensors": "student", "fake.safetensors": "fake"}
@@ -51,8 +52,12 @@ def resolve(resume: str | None, root: str | Path) -> Path | None:
 
 
 def save_checkpoint(root: str | Path, step: int, models: TSDSRModels, state: dict[str, Any],
-                    keep: int) -> Path:
-    """Write checkpoint ``step`` atomically, then keep only the newest ``keep`` ones."""
+                    keep: int, lora: dict[str, dict[str, Tensor]] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, then keep only the newest ``keep`` ones.
+
+    ``lora``: per transformer adapter, its tensors to write instead of the module's (whole
+    tensors gathered from FSDP shards, see :func:`gather_lora`).
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step-*"):  # left by a run killed mid-save
@@ -62,7 +67,7 @@ def save_checkpoint(root: str | Path, step: int, models: TSDSRModels, state: dic
     tmp.mkdir()
     transformer = models.roles.backbone.module
     for name, adapter in LORA_FILES.items():
-        save_lora(tmp / name, transformer, adapter)
+        save_lora(tmp / name, transformer, adapter, state=(lora or {}).get(adapter))
     save_lora(tmp / VAE_FILE, models.vae, VAE_ADAPTER)
     write_state({**state, "step": step}, tmp)
     _fsync_dir(tmp)
@@ -75,8 +80,18 @@ def save_checkpoint(root: str | Path, step: int, models: TSDSRModels, state: dic
     return final
 
 
+def gather_lora(models: TSDSRModels) -> dict[str, dict[str, Tensor]]:
+    """Per transformer adapter, its tensors whole: FSDP shards are all-gathered (a collective:
+    every process calls it), other tensors returned as they are."""
+    transformer = models.roles.backbone.module
+    return {adapter: {k: v.full_tensor() if is_sharded(v) else v
+                      for k, v in lora_state_dict(transformer, adapter).items()}
+            for adapter in LORA_FILES.values()}
+
+
 def load_checkpoint(path: str | Path, models: TSDSRModels) -> dict[str, Any]:
-    """Load the LoRA weights into ``models``; return the saved state (optimizers, step, ...)."""
+    """Load the LoRA weights into ``models`` (before any sharding); return the saved state
+    (optimizers, step, ...)."""
     path = Path(path)
     transformer = models.roles.backbone.module
     for name, adapter in LORA_FILES.items():

@@ -72,6 +72,7 @@ class TrainConfig:
     max_steps: int = 200_000
     batch_size: int = 2  # per process
     mixed_precision: str = "fp16"  # LoRA weights stay fp32; the frozen base is cast
+    fsdp: bool = False  # shard the transformer (base + LoRAs) over processes with FSDP2; bf16/fp32
     seed: int = 43
     # Bookkeeping.
     output_dir: str = "outputs/tsdsr"

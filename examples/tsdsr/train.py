@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script (accelerate launch examples/tsdsr/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -26,13 +27,18 @@ if __package__ in (None, ""):  # run as a script (accelerate launch examples/tsd
 import torch
 from tqdm import tqdm
 
-from examples.tsdsr.checkpoint import load_checkpoint, resolve, save_checkpoint
+from examples.tsdsr.checkpoint import gather_lora, load_checkpoint, resolve, save_checkpoint
 from examples.tsdsr.config import TrainConfig, parse_config, save_config
 from examples.tsdsr.data import PairedSRDataset
 from examples.tsdsr.precompute import load_prompts, precompute
 from examples.tsdsr.tiling import vae_factor
 from examples.tsdsr.training.data import CaptionedCrops, StepBatches, derive_seed, make_loader
 from examples.tsdsr.training.models import build_models
+from examples.tsdsr.training.sharding import (
+    full_optimizer_state,
+    shard_optimizer_state,
+    shard_transformer,
+)
 from examples.tsdsr.training.step import Losses, Optimisation, train_step
 from examples.tsdsr.training.validation import load_val_pairs, validate
 
@@ -68,6 +74,28 @@ def optimisation(params: list[torch.nn.Parameter], lr: float, config: TrainConfi
     return Optimisation(opt, sched, params)
 
 
+def check_parallelism(config: TrainConfig, accelerator: Any) -> None:
+    """Refuse launches this script would not run as asked (SystemExit naming the fix)."""
+    from accelerate.utils import DistributedType
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # Else every process would train alone on the same batches, silently.
+        raise SystemExit(f"launched as {launched} processes, but accelerate set up "
+                         f"{accelerator.num_processes}: on CPUs set ACCELERATE_USE_CPU=1 "
+                         "(torchrun) or configure multi-CPU in `accelerate config`")
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # Their plugins wrap one model per optimizer; here three LoRA roles share one backbone.
+        raise SystemExit(f"accelerate's {kind.value} launch is not supported: launch as plain "
+                         "multi-GPU and pass --fsdp to shard the transformer (FSDP2)")
+    if config.fsdp and accelerator.num_processes < 2:
+        raise SystemExit("--fsdp shards over processes: launch several (accelerate launch)")
+    if config.fsdp and config.mixed_precision == "fp16":
+        raise SystemExit("--fsdp with fp16 is not supported (the loss scaler is not wired for "
+                         "sharded gradients): use --mixed-precision bf16")
+
+
 def _hparams(config: TrainConfig) -> dict[str, object]:
     # TensorBoard's hparams take scalars and strings only.
     return {k: v if isinstance(v, int | float | str | bool) else str(v)
@@ -84,12 +112,7 @@ def train(config: TrainConfig) -> Path:
     out = Path(config.output_dir)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=str(out),
                               log_with=None if config.report_to == "none" else config.report_to)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        # Else every process would train alone on the same batches, silently.
-        raise SystemExit(f"launched as {launched} processes, but accelerate set up "
-                         f"{accelerator.num_processes}: on CPUs set ACCELERATE_USE_CPU=1 "
-                         "(torchrun) or configure multi-CPU in `accelerate config`")
+    check_parallelism(config, accelerator)
     if config.tiny:
         config = prepare_tiny_data(config, write=accelerator.is_main_process)
         accelerator.wait_for_everyone()
@@ -101,17 +124,22 @@ def train(config: TrainConfig) -> Path:
     prompts = {name: {k: v.float() for k, v in cond.items()}
                for name, cond in load_prompts(config.embeds_dir, device).items()}
     losses = Losses.from_config(config)
+    ckpt_root, start, skipped = out / "checkpoints", 0, {"generator": 0, "fake": 0}
+    resume_from = resolve(config.resume, ckpt_root)
+    # LoRA weights load into the whole modules, before sharding; optimizers are built after it,
+    # over the sharded parameters.
+    state = load_checkpoint(resume_from, models) if resume_from is not None else None
+    sharded = shard_transformer(models.roles.backbone.module) if config.fsdp else []
     student = optimisation(models.student_parameters(), config.lr, config, world)
     fake = optimisation(models.fake_parameters(), config.lr_fake, config, world)
     student.optimizer, fake.optimizer, student.scheduler, fake.scheduler = accelerator.prepare(
         student.optimizer, fake.optimizer, student.scheduler, fake.scheduler)
 
-    ckpt_root, start, skipped = out / "checkpoints", 0, {"generator": 0, "fake": 0}
-    resume_from = resolve(config.resume, ckpt_root)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, models)
+    if state is not None:
         for opt, name in ((student, "student"), (fake, "fake")):
             opt.optimizer.load_state_dict(state[f"{name}_optimizer"])
+            if sharded:
+                shard_optimizer_state(opt.optimizer)
             opt.scheduler.load_state_dict(state[f"{name}_scheduler"])
         if accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state["scaler"])
@@ -125,25 +153,31 @@ def train(config: TrainConfig) -> Path:
     loader = make_loader(items, StepBatches(len(dataset), config.batch_size, config.seed, start,
                                             config.max_steps, rank, world),
                          config.dataloader_workers)
+    # A sharded transformer runs only with every process taking part: all validate then.
+    validates = accelerator.is_main_process or bool(sharded)
     val_pairs = (load_val_pairs(config.val_hq_dir, config.val_lq_dir)
-                 if config.val_hq_dir and accelerator.is_main_process else [])
+                 if config.val_hq_dir and validates else [])
 
     def save(step: int) -> None:
+        # Gathering FSDP shards is collective: every process runs it, the main one writes.
+        state = {f"{n}_{part}": (full_optimizer_state(o.optimizer) if sharded and part ==
+                                 "optimizer" else getattr(o, part).state_dict())
+                 for n, o in (("student", student), ("fake", fake))
+                 for part in ("optimizer", "scheduler")}
+        lora = gather_lora(models) if sharded else None
         if accelerator.is_main_process:
-            state = {f"{n}_{part}": getattr(o, part).state_dict()
-                     for n, o in (("student", student), ("fake", fake))
-                     for part in ("optimizer", "scheduler")}
             state["scaler"] = accelerator.scaler.state_dict() if accelerator.scaler else None
             save_checkpoint(ckpt_root, step, models, {**state, "skipped": dict(skipped)},
-                            config.checkpoints_keep)
+                            config.checkpoints_keep, lora=lora)
         accelerator.wait_for_everyone()
 
     def run_validation(step: int) -> None:
         if val_pairs:
             metrics = validate(models, val_pairs, prompts["default"], out / "validation", step,
-                               device)
+                               device, write=accelerator.is_main_process)
             accelerator.log(metrics, step=step)
-            log.info("step %d validation: %s", step, metrics)
+            if accelerator.is_main_process:
+                log.info("step %d validation: %s", step, metrics)
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -76,9 +76,14 @@ def _jsonable(value: Any) -> Any:
 
 
 def save_lora(path: str | Path, module: nn.Module, adapter: str, *,
-              prefix: str = "transformer", dtype: torch.dtype | None = None) -> Path:
-    """Write one adapter of ``module`` to ``path`` atomically (temp file + ``os.replace``)."""
-    state = lora_state_dict(module, adapter)
+              prefix: str = "transformer", dtype: torch.dtype | None = None,
+              state: dict[str, Tensor] | None = None) -> Path:
+    """Write one adapter of ``module`` to ``path`` atomically (temp file + ``os.replace``).
+
+    ``state``: the adapter's tensors to write instead of reading them from ``module`` (e.g.
+    gathered whole from FSDP shards), keyed as :func:`lora_state_dict`.
+    """
+    state = lora_state_dict(module, adapter) if state is None else state
     if not state:
         raise ValueError(f"module has no LoRA adapter {adapter!r}")
     tensors = {f"{prefix}.{k}": v.detach().to("cpu", dtype or v.dtype).contiguous()

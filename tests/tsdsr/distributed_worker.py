@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from examples.tsdsr import train
 from examples.tsdsr.tiny import random_backbone
 from examples.tsdsr.training import data, models
+from examples.tsdsr.training.sharding import is_sharded
 
 built, fed = [], []
 
@@ -39,9 +40,11 @@ def main() -> None:
     out = Path(sys.argv[sys.argv.index("--output-dir") + 1])
     train.main(sys.argv[1:])
     params = {"student": built[0].student_parameters(), "fake": built[0].fake_parameters()}
-    save_file({f"{role}.{i}": p.detach().contiguous() for role, ps in params.items()
-               for i, p in enumerate(ps)}, out / f"rank-{os.environ['RANK']}.safetensors",
-              metadata={"fed": json.dumps(fed)})
+    # This rank's own values: its shards under --fsdp (the gathered whole would hide a
+    # difference between ranks), else the replicated tensors.
+    save_file({f"{role}.{i}": (p.to_local() if is_sharded(p) else p).detach().contiguous()
+               for role, ps in params.items() for i, p in enumerate(ps)},
+              out / f"rank-{os.environ['RANK']}.safetensors", metadata={"fed": json.dumps(fed)})
 
 
 if __name__ == "__main__":

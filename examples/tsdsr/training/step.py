@@ -16,6 +16,7 @@ from torch import Tensor
 from examples.tsdsr.config import TrainConfig
 from examples.tsdsr.latents import Posterior, decode, encode, one_step
 from examples.tsdsr.training.models import TSDSRModels, hq_latent
+from examples.tsdsr.training.sharding import clip_grad_norm, is_sharded
 from scoredistill import CFG, DASMSampler, DiffusionLoss, TSDLoss, UniformIndex
 from scoredistill.conditioning import expand_cond
 
@@ -102,13 +103,17 @@ def apply_update(accelerator: Any, opt: Optimisation, loss: Tensor, max_grad_nor
         opt.optimizer.zero_grad(set_to_none=True)
         return False
     accelerator.backward(loss)
-    if accelerator.num_processes > 1:
+    # FSDP has averaged the gradients of sharded parameters over processes (reduce-scatter).
+    grads = [p.grad for p in opt.params if p.grad is not None and not is_sharded(p.grad)]
+    if accelerator.num_processes > 1 and grads:
         # The shared backbone is called through role views, not a DDP wrapper: sync by hand.
-        grads = [p.grad for p in opt.params if p.grad is not None]
         flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), "mean")
         for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             g.copy_(part.view_as(g))
-    norm = accelerator.clip_grad_norm_(opt.params, max_grad_norm)
+    if any(is_sharded(p) for p in opt.params):
+        norm = clip_grad_norm(opt.params, max_grad_norm)  # no GradScaler: fp16 is refused
+    else:
+        norm = accelerator.clip_grad_norm_(opt.params, max_grad_norm)
     if accelerator.scaler is None and not all_finite(accelerator, torch.as_tensor(norm)):
         opt.optimizer.zero_grad(set_to_none=True)  # fp16's GradScaler skips such steps itself
         return False

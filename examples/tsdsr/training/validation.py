@@ -51,14 +51,18 @@ def super_resolve(models: TSDSRModels, lq: Tensor, default: dict[str, Tensor]) -
 
 
 def validate(models: TSDSRModels, pairs: list[ValPair], default: dict[str, Tensor],
-             out_dir: str | Path, step: int, device: torch.device) -> dict[str, float]:
-    """Save LQ | SR | HQ side by side per image and return mean PSNR/SSIM (Y channel)."""
+             out_dir: str | Path, step: int, device: torch.device, write: bool = True
+             ) -> dict[str, float]:
+    """Mean PSNR/SSIM (Y channel) of the student on ``pairs``; with ``write``, also save
+    LQ | SR | HQ side by side per image."""
     psnr, ssim = [], []
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if write:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     for pair in pairs:
         sr = super_resolve(models, pair.lq[None].to(device), default)[0].cpu().clamp(0, 1)
-        save_png(torch.cat([pair.lq, sr, pair.hq], dim=-1),
-                 Path(out_dir) / f"step-{step:08d}_{pair.name}.png")
+        if write:
+            save_png(torch.cat([pair.lq, sr, pair.hq], dim=-1),
+                     Path(out_dir) / f"step-{step:08d}_{pair.name}.png")
         psnr.append(float(psnr_y(sr[None], pair.hq[None])))
         ssim.append(float(ssim_y(sr[None], pair.hq[None])))
     return {"val/psnr": sum(psnr) / len(psnr), "val/ssim": sum(ssim) / len(ssim)}
