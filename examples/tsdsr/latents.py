@@ -13,17 +13,15 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
+from scoredistill.adapters.module import weights_dtype
 from scoredistill.protocols import Cond, ScoreModel
 from scoredistill.schedules import index_alpha_sigma
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 Posterior = Literal["sample", "mode"]
-
-
-def _dtype(module: torch.nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
 
 
 def encode(vae: AutoencoderKL, image: Tensor, *, posterior: Posterior = "sample",
@@ -36,20 +34,38 @@ def encode(vae: AutoencoderKL, image: Tensor, *, posterior: Posterior = "sample"
     Example:
         >>> z = encode(vae, x * 2 - 1, posterior="mode")  # doctest: +SKIP
     """
+    check_posterior(posterior)
+    dist = vae.encode(image.to(weights_dtype(vae))).latent_dist
+    return posterior_latent(vae, dist, posterior, generator)
+
+
+def check_posterior(posterior: str) -> None:
+    """ValueError unless ``posterior`` is "sample" or "mode"."""
     if posterior not in ("sample", "mode"):
         raise ValueError(f"posterior must be 'sample' or 'mode', got {posterior!r}")
-    dist = vae.encode(image.to(_dtype(vae))).latent_dist
+
+
+def posterior_latent(vae: AutoencoderKL, dist: DiagonalGaussianDistribution,
+                     posterior: Posterior, generator: torch.Generator | None = None) -> Tensor:
+    """SD3 latent (B, 16, h, w) float32 from the VAE's posterior ``dist``: its sample or mode,
+    shifted and scaled."""
     sample = dist.sample(generator) if posterior == "sample" else dist.mode()
     config = vae.config
     return (sample.float() - (config.shift_factor or 0.0)) * config.scaling_factor
 
 
+def decoder_input(vae: AutoencoderKL, latent: Tensor) -> Tensor:
+    """What the VAE's decoder takes for an SD3 latent (B, 16, h, w): unscaled, unshifted, in the
+    VAE's dtype (inverse of :func:`posterior_latent`)."""
+    config = vae.config
+    raw = latent.float() / config.scaling_factor + (config.shift_factor or 0.0)
+    return raw.to(weights_dtype(vae))
+
+
 def decode(vae: AutoencoderKL, latent: Tensor) -> Tensor:
     """Image (B, 3, 8h, 8w) float32 in [-1, 1] from an SD3 latent (B, 16, h, w) (inverse of
     :func:`encode`)."""
-    config = vae.config
-    raw = latent.float() / config.scaling_factor + (config.shift_factor or 0.0)
-    return vae.decode(raw.to(_dtype(vae))).sample.float().clamp(-1.0, 1.0)
+    return vae.decode(decoder_input(vae, latent)).sample.float().clamp(-1.0, 1.0)
 
 
 def one_step(student: ScoreModel, z_lq: Tensor, cond: Cond) -> Tensor:

@@ -1,10 +1,13 @@
-"""Tiled evaluation with Gaussian blending, so images of any size fit in memory.
+"""Tiled evaluation, so images of any size fit in memory.
 
 TSD-SR's release tiles the transformer's latent (64 latent px, overlap 8) and blends the tiles
-with Gaussian weights (as MultiDiffusion, Bar-Tal et al. 2023, averages overlapping windows),
-and tiles the VAE encoder (1024 px) and decoder (224 latent px). Here one blending routine serves
-all three. A tile sees only its own pixels, so GroupNorm statistics in the VAE are per tile: the
-result is close to, not equal to, the untiled call; an image within one tile is never tiled.
+with Gaussian weights (as MultiDiffusion, Bar-Tal et al. 2023, averages overlapping windows):
+:func:`tiled_apply`. It tiles the VAE encoder (1024 px) and decoder (224 latent px) the way of
+the multidiffusion-upscaler project's tiled VAE: :mod:`examples.tsdsr.vae_tiling` partitions the
+image into cores, runs each with a margin of context, and normalises every tile with the whole
+image's GroupNorm statistics, so tiles do not drift in colour or brightness. Only the mid
+block's attention (per tile) and the context beyond the margin differ from the untiled VAE.
+An image within one tile is never tiled.
 """
 
 from __future__ import annotations
@@ -18,7 +21,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from examples.tsdsr.latents import Posterior, decode, encode, one_step
+from examples.tsdsr.latents import (
+    Posterior,
+    check_posterior,
+    decode,
+    decoder_input,
+    encode,
+    one_step,
+    posterior_latent,
+)
+from examples.tsdsr.vae_steps import decoder_network, encoder_network
+from examples.tsdsr.vae_tiling import run_tiled
+from scoredistill.adapters.module import weights_dtype
 from scoredistill.protocols import Cond, ScoreModel
 
 if TYPE_CHECKING:
@@ -31,7 +45,10 @@ so a tile's border (where its zero padding shows) barely counts wherever another
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile sides and overlaps: transformer and decoder in latent px, encoder in image px."""
+    """Tile sides and overlaps: transformer and decoder in latent px, encoder in image px.
+
+    For the VAE, the side is a core's and the overlap is the margin of context around it.
+    """
 
     latent: int = 64
     latent_overlap: int = 8
@@ -102,16 +119,37 @@ def vae_factor(vae: AutoencoderKL) -> int:
 
 
 def tiled_encode(vae: AutoencoderKL, image: Tensor, *, tile: int = 1024, overlap: int = 64,
-                 posterior: Posterior = "mode", generator: torch.Generator | None = None) -> Tensor:
-    """:func:`~examples.tsdsr.latents.encode` of (B, 3, H, W) in [-1, 1] by image tiles."""
-    return tiled_apply(lambda x: encode(vae, x, posterior=posterior, generator=generator), image,
-                       tile=tile, overlap=overlap, align=vae_factor(vae))
+                 posterior: Posterior = "mode", generator: torch.Generator | None = None,
+                 offload: bool = True) -> Tensor:
+    """:func:`~examples.tsdsr.latents.encode` of (B, 3, H, W) in [-1, 1] by image tiles.
+
+    Cores of side <= ``tile`` px, each run with ``overlap`` px of context around it (rounded up
+    to the VAE factor; the sides must be multiples of it) and whole-image GroupNorm statistics
+    (:func:`~examples.tsdsr.vae_tiling.run_tiled`); ``offload`` keeps the waiting tiles on the CPU
+    (a no-op there). The posterior and SD3's shift and scale apply to the assembled moments.
+    """
+    if max(image.shape[-2:]) <= tile:
+        return encode(vae, image, posterior=posterior, generator=generator)
+    check_posterior(posterior)
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    moments = run_tiled(encoder_network(vae), image.to(weights_dtype(vae)), tile=tile,
+                        margin=overlap, offload=offload)
+    return posterior_latent(vae, DiagonalGaussianDistribution(moments), posterior, generator)
 
 
-def tiled_decode(vae: AutoencoderKL, latent: Tensor, *, tile: int = 224,
-                 overlap: int = 16) -> Tensor:
-    """:func:`~examples.tsdsr.latents.decode` of (B, 16, h, w) by latent tiles, in [-1, 1]."""
-    return tiled_apply(lambda z: decode(vae, z), latent, tile=tile, overlap=overlap)
+def tiled_decode(vae: AutoencoderKL, latent: Tensor, *, tile: int = 224, overlap: int = 16,
+                 offload: bool = True) -> Tensor:
+    """:func:`~examples.tsdsr.latents.decode` of (B, 16, h, w) by latent tiles, in [-1, 1].
+
+    Cores of side <= ``tile`` latent px, each run with ``overlap`` latent px of context and
+    whole-image GroupNorm statistics; ``offload`` as in :func:`tiled_encode`.
+    """
+    if max(latent.shape[-2:]) <= tile:
+        return decode(vae, latent)
+    image = run_tiled(decoder_network(vae), decoder_input(vae, latent), tile=tile,
+                      margin=overlap, offload=offload)
+    return image.float().clamp(-1.0, 1.0)
 
 
 def tiled_one_step(student: ScoreModel, z_lq: Tensor, cond: Cond, *, tile: int = 64,
