@@ -16,7 +16,6 @@ repeats after warm-up), images/s, and the fraction of the compute floor: TFLOP p
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.report import RESULTS, command_line, write_report
+from benchmarks.timing import time_ms
 from examples.tsdsr.infer import DTYPES, SRModel, merge_lora, sr_forward
 from examples.tsdsr.tiny import random_backbone
 from scoredistill.adapters import (
@@ -109,29 +109,6 @@ def cuda_graphed(fn: Callable[[Tensor], Tensor], example: Tensor) -> Callable[[T
 
     replay.graph = graph  # type: ignore[attr-defined]  # keeps the graph (and its pool) alive
     return replay
-
-
-def time_ms(fn: Callable[[Tensor], Tensor], x: Tensor, warmup: int, repeats: int) -> float:
-    """Median milliseconds per call: CUDA events on a GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn(x)
-    times = []
-    if x.is_cuda:
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeats)]
-        for start, end in events:
-            start.record()
-            fn(x)
-            end.record()
-        torch.cuda.synchronize()
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def measured_tflop(model: SRModel, x: Tensor) -> float:
