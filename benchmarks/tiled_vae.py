@@ -11,11 +11,14 @@ the image in [-1, 1] (decoder) against untiled.
 
     python -m benchmarks.tiled_vae --quick                     # CPU, tiny VAE, seconds
     python -m benchmarks.tiled_vae --warmup 1 --repeats 2      # GPU: SD3-medium VAE, 2048, 4096
+    python -m benchmarks.tiled_vae --device cpu --config sd3-medium --sizes 512 \
+        --encoder-tile 256 64 --decoder-tile 32 16 --warmup 0 --repeats 1   # CPU, ~10 min
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,7 +103,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--config", choices=("tiny", "sd3-medium"), default=None,
+                        help="default: sd3-medium on CUDA, tiny on the CPU")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides (px)")
+    parser.add_argument("--encoder-tile", type=int, nargs=2, default=None,
+                        metavar=("SIDE", "MARGIN"), help="image px (default: infer.py's)")
+    parser.add_argument("--decoder-tile", type=int, nargs=2, default=None,
+                        metavar=("SIDE", "MARGIN"), help="latent px (default: infer.py's)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
@@ -108,10 +117,16 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    config = "sd3-medium" if cuda and not args.quick else "tiny"
+    config = args.config or ("sd3-medium" if cuda and not args.quick else "tiny")
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     tiles = TileConfig(encoder=32, encoder_overlap=8, decoder=8, decoder_overlap=2) \
         if args.quick else TileConfig()
+    if args.encoder_tile:
+        tiles = dataclasses.replace(tiles, encoder=args.encoder_tile[0],
+                                    encoder_overlap=args.encoder_tile[1])
+    if args.decoder_tile:
+        tiles = dataclasses.replace(tiles, decoder=args.decoder_tile[0],
+                                    decoder_overlap=args.decoder_tile[1])
     sizes = args.sizes or ([128] if args.quick else [2048, 4096] if cuda else [256])
     if args.quick:
         args.warmup, args.repeats = 0, 1

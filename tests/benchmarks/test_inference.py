@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -15,11 +14,7 @@ from benchmarks.inference import main, peak_tflops
 
 
 def test_quick_run_writes_a_checked_report(tmp_path):
-    before = torch.get_num_threads()
-    try:
-        main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(before)
+    main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "inference.json").read_text())
     assert (tmp_path / "inference.md").is_file()
     assert report["config"] == "tiny" and "device" in report["machine"]
@@ -48,12 +43,8 @@ def test_a_run_stopped_midway_leaves_its_measured_rows_marked_partial(tmp_path, 
         raise KeyboardInterrupt  # as a time limit would, after the eager rows
 
     monkeypatch.setattr(bench, "merge_and_fuse", stop)
-    before = torch.get_num_threads()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(before)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "inference.json").read_text())
     assert report["complete"] is False
     assert [r["variant"] for r in report["rows"]] == ["eager, LoRA unmerged"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -13,15 +12,7 @@ pytest.importorskip("peft")
 from benchmarks.train_step import main
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_quick_run_writes_calls_times_and_bytes(tmp_path, one_thread):
+def test_quick_run_writes_calls_times_and_bytes(tmp_path):
     md = main(["--quick", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "train_step.json").read_text())
     assert md == tmp_path / "train_step.md" and "backbone calls" in md.read_text()
