@@ -78,8 +78,8 @@ def check_parallelism(config: TrainConfig, accelerator: Any) -> None:
     """Refuse launches this script would not run as asked (SystemExit naming the fix)."""
     from accelerate.utils import DistributedType
 
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; MPI launchers set others
+    if launched > 1 and accelerator.num_processes == 1:
         # Else every process would train alone on the same batches, silently.
         raise SystemExit(f"launched as {launched} processes, but accelerate set up "
                          f"{accelerator.num_processes}: on CPUs set ACCELERATE_USE_CPU=1 "
