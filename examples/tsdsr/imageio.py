@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, TiffImagePlugin
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _GREY_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-_TIFF_BITS_PER_SAMPLE = 258
 
 
 @dataclass(frozen=True)
@@ -47,11 +46,14 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
         if _is_16bit_png_pillow_reduces(path):
             array = _read_16bit_png(path)
             grey, bits = array.shape[2] < 3, 16
+        elif path.suffix.lower() in (".tif", ".tiff") and _tiff_bits(path) > 8:
+            array = _read_deep_tiff(path)
+            grey, bits = array.shape[2] < 3, 16
         else:
             with Image.open(path) as img:
                 img.load()  # decode now so truncated data fails here, not later
                 array, grey = _pil_to_array(img)
-                bits = _pil_source_bits(img, path)
+                bits = 16 if img.mode in _GREY_16BIT_MODES else 8
     except (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
     tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
@@ -116,20 +118,35 @@ def _pil_to_array(img: Image.Image) -> tuple[np.ndarray, bool]:
     return array, grey
 
 
-def _pil_source_bits(img: Image.Image, path: Path) -> int:
-    """8 or 16 (for deeper): the source's bits per sample, from the mode or a TIFF header."""
-    if img.mode in _GREY_16BIT_MODES:
-        return 16
-    if not isinstance(img, TiffImagePlugin.TiffImageFile):
-        return 8
-    declared = max(img.tag_v2.get(_TIFF_BITS_PER_SAMPLE, (1,)))  # TIFF's default is 1 bit
-    if declared <= 8:
-        return 8
-    warnings.warn(
-        f"{path}: Pillow decodes this {declared}-bit TIFF at 8 bits per channel",
-        stacklevel=3,  # the caller of load_image
-    )
-    return 16
+def _tiff_bits(path: Path) -> int:
+    """Bits per sample of a TIFF's first page."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        return int(tif.pages[0].bitspersample)
+
+
+def _read_deep_tiff(path: Path) -> np.ndarray:
+    """(H,W,C) float32 in [0, 1] from a TIFF of more than 8 bits per sample (first page), grey or
+    RGB with an optional alpha; Pillow would decode colour ones at 8 bits."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        array = page.asarray()
+        if page.photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB):
+            raise ValueError(f"TIFF photometric {page.photometric.name} is not grey or RGB")
+        if array.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
+            array = array.transpose(1, 2, 0)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[2] > 4:
+        raise ValueError(f"TIFF of shape {array.shape} is not one grey or RGB(A) image")
+    if array.dtype.kind == "u":
+        return array.astype(np.float32) / np.iinfo(array.dtype).max
+    if array.dtype.kind == "f" and array.min() >= 0 and array.max() <= 1:
+        return array.astype(np.float32)
+    raise ValueError(f"TIFF samples of type {array.dtype} outside [0, 1]")
 
 
 def _is_16bit_png_pillow_reduces(path: Path) -> bool:

@@ -110,13 +110,34 @@ def test_16bit_grey_tiff_keeps_16_bits(tmp_path):
     np.testing.assert_array_equal((image.rgb[0].double().numpy() * 65535).round(), array)
 
 
-def test_16bit_colour_tiff_reports_16_bits_and_warns_it_was_read_at_8(tmp_path):
+@pytest.mark.parametrize(("channels", "layout"), [(3, "contig"), (4, "contig"), (3, "separate"),
+                                                 (2, "contig")])
+@pytest.mark.parametrize("compression", [None, "lzw", "zlib"])
+def test_16bit_tiffs_keep_16_bits(tmp_path, channels, layout, compression):
     tifffile = pytest.importorskip("tifffile")  # Pillow cannot write 16-bit colour TIFFs
-    array = RNG.integers(0, 65536, (4, 5, 3), dtype=np.uint16)
-    tifffile.imwrite(tmp_path / "c16.tif", array, photometric="rgb")
-    with pytest.warns(UserWarning, match=r"c16\.tif.*16-bit TIFF at 8 bits"):
-        image = load_image(tmp_path / "c16.tif")
-    assert not image.grey and image.bits == 16
+    if compression:
+        pytest.importorskip("imagecodecs")  # tifffile's codecs for compressed TIFFs
+    array = RNG.integers(0, 65536, (4, 5, channels), dtype=np.uint16)
+    stored = array.transpose(2, 0, 1) if layout == "separate" else array
+    tifffile.imwrite(tmp_path / "c16.tif", stored, photometric="rgb" if channels > 2 else
+                     "minisblack", planarconfig=layout, compression=compression,
+                     extrasamples=["unassalpha"] if channels in (2, 4) else None)
+    image = load_image(tmp_path / "c16.tif")
+    assert image.bits == 16 and image.grey == (channels == 2)
+    colour = image.rgb[:1] if image.grey else image.rgb
+    restored = torch.cat([colour, image.alpha]) if channels in (2, 4) else colour
+    np.testing.assert_array_equal((restored.double().numpy() * 65535).round(),
+                                  array.transpose(2, 0, 1))
+
+
+def test_float_tiff_in_unit_range_is_read_and_other_ranges_refused(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    array = RNG.random((4, 5, 3), dtype=np.float32)
+    tifffile.imwrite(tmp_path / "f.tif", array, photometric="rgb")
+    assert torch.equal(load_image(tmp_path / "f.tif").rgb, torch.from_numpy(array).permute(2, 0, 1))
+    tifffile.imwrite(tmp_path / "hdr.tif", array * 4, photometric="rgb")
+    with pytest.raises(ValueError, match=r"hdr\.tif.*outside \[0, 1\]"):
+        load_image(tmp_path / "hdr.tif")
 
 
 def test_palette_image_is_expanded_to_rgb(tmp_path):
