@@ -10,8 +10,7 @@ optimizer state goes through :func:`full_optimizer_state` / :func:`shard_optimiz
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -43,19 +42,6 @@ def shard_transformer(transformer: nn.Module) -> list[nn.Module]:
 def is_sharded(p: Tensor) -> bool:
     """Whether ``p`` (a parameter or gradient) is an FSDP shard (DTensor)."""
     return isinstance(p, _dtensor())
-
-
-@contextmanager
-def full_params(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Inside, the FSDP ``modules`` hold their whole (gathered) parameters, for reading them
-    (saving LoRA files); every process must enter. Writes inside are NOT kept on exit."""
-    for module in modules:
-        module.unshard()
-    try:
-        yield
-    finally:
-        for module in modules:
-            module.reshard()
 
 
 def grad_norm(params: Iterable[nn.Parameter]) -> Tensor:
