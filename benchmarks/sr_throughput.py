@@ -31,7 +31,13 @@ from PIL import Image
 
 from benchmarks.inference import build
 from benchmarks.release_style import ReleaseSettings, release_upscale_file
-from benchmarks.report import RESULTS, command_line, markdown_table, write_report
+from benchmarks.report import (
+    RESULTS,
+    command_line,
+    markdown_table,
+    write_pending,
+    write_report,
+)
 from benchmarks.stages import STAGES, StageClock
 from examples.tsdsr.infer import DTYPES, SRModel, merge_lora, sr_forward, upscale_file
 from examples.tsdsr.tiling import TileConfig
@@ -47,6 +53,7 @@ QUICK_TILES = TileConfig(latent=8, latent_overlap=2, encoder=64, encoder_overlap
                          decoder_overlap=2)
 """The pipeline's tiling scaled to the tiny model in the same way."""
 WAYS = ("release", "eager", "compiled", "compiled+fp8")
+TITLE = "TSD-SR super-resolution end to end"
 Runner = Callable[[list[Path], Path, StageClock], None]
 
 
@@ -92,20 +99,24 @@ def release_runner(model: SRModel, settings: ReleaseSettings) -> Runner:
 
 
 def measure(way: str, workload: str, run: Runner, inputs: list[Path], out_dir: Path,
-            device: str) -> dict[str, Any]:
-    """One row: a warm-up image (apart), then the workload, timed end to end."""
+            device: str, warm_up: bool) -> dict[str, Any]:
+    """One row: a warm-up image first if ``warm_up`` (its time apart), then the workload, timed
+    end to end."""
     cuda = device.startswith("cuda")
     row: dict[str, Any] = {"way": way, "workload": workload, "images": len(inputs)}
     try:
-        warm = out_dir / "warm-up"
-        warm.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        run(inputs[:1], warm, StageClock(device))
+        if warm_up:
+            warm = out_dir / "warm-up"
+            warm.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            run(inputs[:1], warm, StageClock(device))
+            if cuda:
+                torch.cuda.synchronize()
+            row["warm-up s"] = time.perf_counter() - t0
         if cuda:
-            torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        row["warm-up s"] = time.perf_counter() - t0
+        out_dir.mkdir(parents=True, exist_ok=True)
         clock = StageClock(device)
         t0 = time.perf_counter()
         run(inputs, out_dir, clock)
@@ -124,7 +135,7 @@ def measure(way: str, workload: str, run: Runner, inputs: list[Path], out_dir: P
 
 
 @torch.no_grad()
-def seam_rows(model: SRModel, side: int, tiles: Any, device: str,
+def seam_row(model: SRModel, side: int, tiles: Any, device: str,
               dtype: torch.dtype) -> dict[str, Any]:
     """The pipeline's tiled forward against its untiled forward on a ``side`` px photo."""
     from benchmarks.tiled_vae import photo
@@ -142,8 +153,7 @@ def seam_rows(model: SRModel, side: int, tiles: Any, device: str,
 
 
 def _report(rows: list[dict[str, Any]], seams: list[dict[str, Any]], notes: list[str],
-            meta: dict[str, Any], args: argparse.Namespace, argv: list[str] | None,
-            final: bool) -> Path:
+            meta: dict[str, Any], out_dir: Path, command: str, final: bool) -> Path:
     text = [*notes]
     if seams:
         text.append("**Seams** (pipeline eager, tiled against untiled on the same input, output "
@@ -152,10 +162,10 @@ def _report(rows: list[dict[str, Any]], seams: list[dict[str, Any]], notes: list
                                                                  "note"]))
     if not final:
         text.append("Partial: the run stopped before all rows were measured.")
-    return write_report("sr_throughput", "TSD-SR super-resolution end to end", rows,
+    return write_report("sr_throughput", TITLE, rows,
                         meta={**meta, "seams": seams, "complete": final},
-                        notes="\n\n".join(text), columns=COLUMNS, out_dir=args.out,
-                        command=command_line("benchmarks.sr_throughput", argv), echo=final)
+                        notes="\n\n".join(text), columns=COLUMNS, out_dir=out_dir,
+                        command=command, echo=final)
 
 
 def pipeline_runner(model: SRModel, tiles: TileConfig, process_size: int) -> Runner:
@@ -169,7 +179,7 @@ def pipeline_runner(model: SRModel, tiles: TileConfig, process_size: int) -> Run
     return run
 
 
-def main(argv: list[str] | None = None) -> Path:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", choices=("tiny", "sd3-medium"), default=None,
@@ -188,22 +198,51 @@ def main(argv: list[str] | None = None) -> Path:
                         help="LQ sides of the single large images (1024 2048)")
     parser.add_argument("--upscale", type=int, default=4)
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
-    parser.add_argument("--no-seams", dest="seams", action="store_false")
+    parser.add_argument("--seams", type=int, nargs="*", default=None,
+                        help="LQ sides whose upscaled image is run tiled and untiled "
+                             "(default: the first of --large)")
     parser.add_argument("--quick", action="store_true",
                         help="CPU smoke run: tiny model, 4 images of 32 px, one of 64 px, tiles "
                              "scaled down so the large image is tiled")
+    parser.add_argument("--plan", action="store_true",
+                        help="measure nothing: write the GPU table's rows marked as awaiting a "
+                             "GPU run, for the docs to include until one fills it")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda") or args.plan
+    args.config = args.config or ("sd3-medium" if cuda and not args.quick else "tiny")
+    args.dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    args.release_dtype = DTYPES[args.release_dtype or ("fp16" if cuda else "fp32")]
+    args.count = args.count or (4 if args.quick else 100)
+    args.folder_side = args.folder_side or (32 if args.quick else 128)
+    if args.large is None:
+        args.large = [64] if args.quick else [1024, 2048]
+    return args
+
+
+def way_labels(args: argparse.Namespace) -> dict[str, str]:
+    """The rows' names of the ways run."""
+    release = ("release (fp16, LoRA unmerged, tiles one by one, empty_cache)"
+               if args.release_dtype == torch.float16 else f"release way ({args.release_dtype})")
+    labels = {"release": release, "eager": "pipeline eager", "compiled": "pipeline compiled",
+              "compiled+fp8": "pipeline compiled + FP8"}
+    return {w: labels[w] for w in args.ways}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse(argv)
     from diffusers.utils import logging
 
     logging.set_verbosity_error()
-    cuda = args.device.startswith("cuda")
-    config = args.config or ("sd3-medium" if cuda and not args.quick else "tiny")
-    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
-    release_dtype = DTYPES[args.release_dtype or ("fp16" if cuda else "fp32")]
-    count = args.count or (4 if args.quick else 100)
-    side = args.folder_side or (32 if args.quick else 128)
-    large = args.large if args.large is not None else [64] if args.quick else [1024, 2048]
+    up, side = args.upscale, args.folder_side
+    names = [f"folder {side} -> {side * up} px", *(f"{s} -> {s * up} px" for s in args.large)]
+    labels = way_labels(args)
+    command = command_line("benchmarks.sr_throughput", argv)
+    if args.plan:
+        return write_pending(
+            "sr_throughput", TITLE, [{"way": w, "workload": n} for w in labels.values()
+                                     for n in names], columns=COLUMNS, out_dir=args.out,
+            awaiting="a GPU", fill="bash benchmarks/gpu_session.sh")
     release = QUICK_RELEASE if args.quick else ReleaseSettings()
     tiles = QUICK_TILES if args.quick else TileConfig()
     if args.quick:
@@ -213,47 +252,49 @@ def main(argv: list[str] | None = None) -> Path:
     seams: list[dict[str, Any]] = []
     work = Path(tempfile.mkdtemp(prefix="sr_throughput_"))
     try:
-        folder, source = folder_inputs(work / "in", count, side, args.folder)
-        workloads = {f"folder {side} -> {side * args.upscale} px": folder}
-        for s in large:
-            workloads[f"{s} -> {s * args.upscale} px"] = [large_input(work / "in", s)]
-        notes = [f"Config `{config}` with RANDOM weights; the pipeline in {dtype}, the release "
-                 f"way in {release_dtype}; folder: {source}. Times are wall clock, files read "
-                 "and written included; warm-up s is the first image's (compiling included)."]
-        meta = {"config": config, "dtype": str(dtype), "release_dtype": str(release_dtype),
-                "folder": source, "upscale": args.upscale}
+        folder, source = folder_inputs(work / "in", args.count, side, args.folder)
+        workloads = dict(zip(names, [folder, *(large_input(work / "in", s) for s in args.large)],
+                             strict=True))
+        workloads = {k: v if isinstance(v, list) else [v] for k, v in workloads.items()}
+        notes = [f"Config `{args.config}` with RANDOM weights; the pipeline in {args.dtype}, the "
+                 f"release way in {args.release_dtype}; folder: {source}. Times are wall clock, "
+                 "files read and written included; warm-up s is the first image's (compiling "
+                 "included), measured before the first workload of each way and before every "
+                 "workload of a compiled way. Stage columns: CUDA events at the stage "
+                 "boundaries, read once per row; empty where the way does not report them."]
+        meta = {"config": args.config, "dtype": str(args.dtype), "folder": source,
+                "release_dtype": str(args.release_dtype), "upscale": up}
 
         def report(final: bool) -> Path:
-            return _report(rows, seams, notes, meta, args, argv, final)
+            return _report(rows, seams, notes, meta, args.out, command, final)
 
         def run_way(way: str, runner: Runner) -> None:
-            for name, inputs in workloads.items():
-                out = work / "out" / way.replace(" ", "_") / name.split()[0]
-                rows.append(measure(way, name, runner, inputs, out, args.device))
+            # Eager ways warm up once (on a folder image); compiled ways on every workload, whose
+            # tile shapes each compile.
+            for i, (name, inputs) in enumerate(workloads.items()):
+                out = work / "out" / way / name.split()[0]
+                rows.append(measure(labels[way], name, runner, inputs, out, args.device,
+                                    warm_up=i == 0 or "compiled" in way))
                 shutil.rmtree(out, ignore_errors=True)
                 report(final=False)
 
-        if "release" in args.ways:
-            model = build(config, release_dtype, args.device)
-            torch.nn.Module.to(model.vae, release_dtype)  # the release: LoRA in fp16 too
-            torch.nn.Module.to(model.student.module, release_dtype)
-            run_way("release (fp16, LoRA unmerged, tiles one by one, empty_cache)"
-                    if release_dtype == torch.float16 else f"release way ({release_dtype})",
-                    release_runner(model, release))
+        if "release" in labels:
+            model = build(args.config, args.release_dtype, args.device)
+            for module in (model.vae, model.student.module):  # the release: LoRA in fp16 too
+                torch.nn.Module.to(module, args.release_dtype)
+            run_way("release", release_runner(model, release))
             del model
-        model = build(config, dtype, args.device)
+        model = build(args.config, args.dtype, args.device)
         for module in (model.student.module, model.vae):
             merge_lora(module)
             module.fuse_qkv_projections()
-        process = release.process_size
-        if "eager" in args.ways:
-            run_way("pipeline eager", pipeline_runner(model, tiles, process))
-        if args.seams:
-            for s in large:
-                seams.append(seam_rows(model, s * args.upscale, tiles, args.device, dtype))
+        if "eager" in labels:
+            run_way("eager", pipeline_runner(model, tiles, release.process_size))
+        seams.extend(seam_row(model, s * up, tiles, args.device, args.dtype)
+                     for s in (args.large[:1] if args.seams is None else args.seams))
         for way in ("compiled", "compiled+fp8"):
-            if way in args.ways:
-                rows.append({"way": f"pipeline {way}", "note": "awaiting the pipeline's API"})
+            if way in labels:
+                rows.append({"way": labels[way], "note": "awaiting the pipeline's API"})
         report(final=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
