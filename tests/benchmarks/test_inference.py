@@ -102,3 +102,14 @@ def test_a_run_stopped_midway_leaves_its_measured_rows_marked_partial(tmp_path, 
     assert report["complete"] is False
     assert [r["variant"] for r in report["rows"]] == ["eager, LoRA unmerged"]
     assert "Partial" in (tmp_path / "inference.md").read_text()
+
+
+def test_flops_are_counted_at_each_size_not_scaled_by_pixels():
+    from benchmarks.inference import build, counted_tflop, merge_and_fuse
+
+    model = build("tiny", torch.float32, "cpu")
+    merge_and_fuse(model)
+    small, large = (counted_tflop(model, torch.zeros(1, 3, s, s)) for s in (32, 64))
+    # Scaling by pixels (4x for twice the side) would be off by more than 2.5% here: fixed costs
+    # (prompt tokens, embeddings) and attention's square growth do not follow the pixel count.
+    assert small > 0 and abs(large / small - 4) > 0.1
