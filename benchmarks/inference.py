@@ -32,8 +32,6 @@ from torch import Tensor
 from benchmarks.correctness import REL_L2_TOL, WRONG_VARIANTS, bit_identical, check_row
 from benchmarks.report import RESULTS, command_line, markdown_table, write_report
 from benchmarks.timing import time_ms
-from examples.tsdsr.infer import DTYPES, SRModel, merge_lora, sr_forward
-from examples.tsdsr.latents import decoder_input, encode, one_step
 from examples.tsdsr.tiny import random_backbone
 from scoredistill.adapters import (
     STUDENT_TARGETS,
@@ -43,6 +41,9 @@ from scoredistill.adapters import (
     lora_config,
     lora_state_dict,
 )
+from scoredistill.sr.latents import decoder_input, encode, one_step
+from scoredistill.sr.loading import DTYPES, SRModel, merge_lora
+from scoredistill.sr.upscale import sr_forward
 
 RANKS = {"tiny": 4, "sd3-medium": 64}
 """LoRA rank per config: TSD-SR's 64 for SD3-medium; 4 keeps the tiny model's ratio of rank to

@@ -14,11 +14,11 @@ output is copied to the host, turned into an 8-bit Pillow image, wavelet colour-
 against the LQ resized by Pillow, saved as PNG, and ``torch.cuda.empty_cache()`` is called.
 
 Approximations, all on this project's modules rather than the release's code: the tiled VAE is
-:func:`examples.tsdsr.vae_tiling.run_tiled` (the same design as the release's ``vaehook.py``:
+:func:`scoredistill.sr.vae_tiling.run_tiled` (the same design as the release's ``vaehook.py``:
 tiles one at a time, offloaded, whole-image GroupNorm statistics; its tile layout picks
 near-equal cores where vaehook picks "best" sizes, same tile counts at 4096 and 8192 px; its
 attention is PyTorch's SDPA where vaehook uses xformers when installed); latent tile positions
-are spread evenly by :func:`examples.tsdsr.tiling.tiled_apply` where the release steps by
+are spread evenly by :func:`scoredistill.sr.tiling.tiled_apply` where the release steps by
 56 and puts the last tile on the edge (same tile counts: 81 at 4096 px, 361 at 8192 px); the
 colour fix is this project's wavelet fix (equal to StableSR's) on the CPU.
 """
@@ -35,12 +35,12 @@ from PIL import Image
 from torch import Tensor
 
 from benchmarks.stages import StageClock
-from examples.tsdsr.colorfix import wavelet_color_fix
-from examples.tsdsr.infer import SRModel
-from examples.tsdsr.tiling import tiled_apply
-from examples.tsdsr.vae_steps import decoder_network, encoder_network
-from examples.tsdsr.vae_tiling import run_tiled
 from scoredistill.adapters.module import weights_dtype
+from scoredistill.sr.colorfix import wavelet_color_fix
+from scoredistill.sr.loading import SRModel
+from scoredistill.sr.tiling import tiled_apply
+from scoredistill.sr.vae_steps import decoder_network, encoder_network
+from scoredistill.sr.vae_tiling import run_tiled
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,9 @@ from benchmarks.report import (
     write_report,
 )
 from benchmarks.stages import STAGES, StageClock
-from examples.tsdsr.infer import DTYPES, SRModel, merge_lora, sr_forward, upscale_file
-from examples.tsdsr.tiling import TileConfig
+from scoredistill.sr.loading import DTYPES, SRModel, merge_lora
+from scoredistill.sr.tiling import TileConfig
+from scoredistill.sr.upscale import sr_forward, upscale_file
 
 REALSR = Path("../shared/data/realsr/test_LR")
 """RealSR's test LQ images, relative to the repository root (the project's shared data)."""
