@@ -1,20 +1,21 @@
-"""TSD-SR one-step SR forward (VAE encode, transformer at t = 1000, decode): eager vs merged.
+"""TSD-SR's one-step SR forward (VAE encode, transformer at t = 1000, decode), timed through
+the pipeline itself (``scoredistill.sr.TSDSRPipeline.forward``, untiled) in each of its modes.
 
-Correctness first, in fp32 with TF32 off (``benchmarks/correctness.py``): every fast variant's
-output before the decoder's clamp against the fp32 eager forward with the LoRA unmerged, by
+Correctness first, in fp32 with TF32 off (``benchmarks/correctness.py``): each mode's output
+before the decoder's clamp against the pipeline's eager fp32 forward with the LoRA unmerged, by
 relative L2, next to two planted mistakes (LoRA dropped in half the blocks, LoRA scaled by
-1.05) that the check must reject; a CUDA graph must be bit-identical to the eager code it
-captured. Then timing in the working dtype: eager with the LoRA unmerged (as the release runs),
-LoRA merged + fused QKV, that captured in a CUDA graph (peak memory includes the graph's private
-pool, also shown apart), and that under torch.compile (compile time apart, bounded by
---compile-budget-s). ms per image (median of CUDA-event timed repeats after warm-up), images/s,
-and the fraction of the compute floor: FLOPs per image counted by FlopCounterMode at each shape
-over the GPU's dense bf16 peak.
+1.05) that the check must reject; the CUDA-graph mode must equal, bit for bit, the compiled
+code it captures. Then timing in the working dtype: eager with the LoRA unmerged (as the
+release runs), LoRA merged + fused QKV, compiled, compiled + CUDA graphs (peak memory counted
+from before capture, so the graphs' pool is in it; the pool's size also apart) and compiled +
+FP8 (its error against compiled bf16 shown). ms per image (median of CUDA-event timed repeats
+after warm-up), images/s, and the fraction of the compute floor: FLOPs per image counted by
+FlopCounterMode at each shape over the GPU's dense bf16 peak. Compiled modes run shape by
+shape until --compile-budget-s is spent.
 
     python -m benchmarks.inference --quick                        # CPU smoke run, < 60 s
     python -m benchmarks.inference                                 # tiny config on the CPU
     python -m benchmarks.inference --config sd3-medium --dtype bf16 --warmup 2 --repeats 6
-        # on a GPU: ~6 min on an H200, of which ~5 min compiling the four shapes
 """
 
 from __future__ import annotations
@@ -22,17 +23,25 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import Tensor
 
-from benchmarks.correctness import REL_L2_TOL, WRONG_VARIANTS, bit_identical, check_row
+from benchmarks.correctness import (
+    REL_L2_TOL,
+    WRONG_VARIANTS,
+    bit_identical,
+    check_row,
+    relative_l2,
+)
 from benchmarks.report import RESULTS, command_line, markdown_table, write_report
 from benchmarks.timing import time_ms
-from examples.tsdsr.tiny import random_backbone
+from examples.tsdsr.models.tiny import random_backbone
 from scoredistill.adapters import (
     STUDENT_TARGETS,
     SD3ScoreModel,
@@ -41,9 +50,10 @@ from scoredistill.adapters import (
     lora_config,
     lora_state_dict,
 )
-from scoredistill.sr.latents import decoder_input, encode, one_step
+from scoredistill.sr import pipeline as sr_pipeline
+from scoredistill.sr.latents import decoder_input
 from scoredistill.sr.loading import DTYPES, SRModel, merge_lora
-from scoredistill.sr.upscale import sr_forward
+from scoredistill.sr.pipeline import TSDSRPipeline
 
 RANKS = {"tiny": 4, "sd3-medium": 64}
 """LoRA rank per config: TSD-SR's 64 for SD3-medium; 4 keeps the tiny model's ratio of rank to
@@ -85,46 +95,30 @@ def merge_and_fuse(model: SRModel) -> None:
         module.fuse_qkv_projections()
 
 
-def compiled(model: SRModel, mode: str) -> SRModel:
-    """The three networks under torch.compile (the VAE's encoder and decoder in place)."""
-    vae = model.vae
-    # Static shapes: one specialised compile per (size, batch), as a deployment would warm up.
-    vae.encoder, vae.decoder = (torch.compile(m, mode=mode, dynamic=False)
-                                for m in (vae.encoder, vae.decoder))
-    return SRModel(SD3ScoreModel(torch.compile(model.student.module, mode=mode, dynamic=False)),
-                   vae, model.cond)
+MODES: dict[str, dict[str, bool]] = {
+    "compiled": {"compile": True, "cuda_graphs": False},
+    "compiled + CUDA graphs": {"compile": True, "cuda_graphs": True},
+    "compiled + FP8": {"compile": True, "cuda_graphs": False, "fp8": True},
+}
+"""The pipeline's fast modes (TSDSRPipeline options), each timed after the eager rows."""
 
 
-def cuda_graphed(fn: Forward, example: Tensor) -> Forward:
-    """``fn`` captured in a CUDA graph: static input/output buffers, replayed per call."""
-    if not example.is_cuda:
-        raise ValueError(f"CUDA graphs need a CUDA tensor, got one on {example.device}")
-    static_in = example.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture: cuDNN/cuBLAS choices, allocator
-        for _ in range(2):
-            fn(static_in)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(static_in)
-
-    def replay(x: Tensor) -> Tensor:
-        static_in.copy_(x)
-        graph.replay()
-        return static_out
-
-    replay.graph = graph  # type: ignore[attr-defined]  # keeps the graph (and its pool) alive
-    return replay
+def pipeline_forward(model: SRModel, batch: int, **mode: bool) -> Forward:
+    """The pipeline's forward of a (batch, 3, H, W) input in [-1, 1], untiled, in ``mode``."""
+    pipe = TSDSRPipeline(model, tiles=None, batch_size=batch, **mode)
+    return lambda x: pipe.forward([x])[0]
 
 
-@torch.no_grad()
-def unclamped_forward(model: SRModel, lq: Tensor) -> Tensor:
-    """:func:`sr_forward` without the decoder's final clamp to [-1, 1] (float32)."""
-    cond = {k: v.expand(lq.shape[0], *v.shape[1:]) for k, v in model.cond.items()}
-    z_hat = one_step(model.student, encode(model.vae, lq, posterior="mode"), cond)
-    return model.vae.decode(decoder_input(model.vae, z_hat)).sample.float()
+def _decode_unclamped(vae: Any, latent: Tensor) -> Tensor:
+    return vae.decode(decoder_input(vae, latent)).sample.float()
+
+
+@contextmanager
+def unclamped() -> Iterator[None]:
+    """Pipelines built and run inside return the decoder's output before its clamp to [-1, 1]:
+    the check compares there, where a clamp cannot hide an error in saturated pixels."""
+    with mock.patch.object(sr_pipeline, "decode", _decode_unclamped):
+        yield
 
 
 def counted_tflop(model: SRModel, x: Tensor) -> float:
@@ -132,52 +126,56 @@ def counted_tflop(model: SRModel, x: Tensor) -> float:
     (matmuls, convolutions, attention) rather than scaled from another size."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    forward = pipeline_forward(model, x.shape[0])
     with FlopCounterMode(display=False) as counter:
-        sr_forward(model, x)
+        forward(x)
     return counter.get_total_flops() / 1e12 / x.shape[0]
 
 
 def fp32_check(config: str, x: Tensor, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The correctness rows: fast variants and planted mistakes against fp32 eager (unmerged),
-    relative L2 before the clamp; the CUDA graph also bit for bit against the merged eager."""
+    """The correctness rows: the pipeline's modes and planted mistakes against its fp32 eager
+    forward with the LoRA unmerged, relative L2 before the clamp; the CUDA-graph mode also bit
+    for bit against the compiled mode it captures."""
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    batch = x.shape[0]
+    with unclamped():
         base = build(config, torch.float32, args.device)
-        reference = unclamped_forward(base, x)
+        reference = pipeline_forward(base, batch)(x).clone()
         rows = []
         for name, plant in (("LoRA merged + fused QKV", None), *WRONG_VARIANTS.items()):
             model = copy.deepcopy(base)
             if plant is not None:
                 plant(model.student.module)
             merge_and_fuse(model)
-            out = unclamped_forward(model, x)
+            out = pipeline_forward(model, batch)(x)
             rows.append(check_row(name + ("" if plant is None else " (planted mistake)"), out,
                                   reference, tol=args.tol, expect_ok=plant is None))
             if plant is None:
-                merged, merged_out = model, out
+                merged = model
             del model
         del base
-        if x.is_cuda:
-            replay = cuda_graphed(lambda t: unclamped_forward(merged, t), x)
-            out = replay(x).clone()
-            rows.append({**check_row("CUDA graph (merged + fused)", out, reference, tol=args.tol),
-                         "bit-identical to eager": bit_identical(out, merged_out)})
-            del replay
         if args.compile and not args.quick:
-            out = unclamped_forward(compiled(merged, args.compile_mode), x)
-            rows.append(check_row(f"torch.compile {args.compile_mode} (merged + fused)", out,
-                                  reference, tol=args.tol))
-        return rows
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            outs = {}
+            for name, mode in MODES.items():
+                if mode.get("fp8") or (mode["cuda_graphs"] and not x.is_cuda):
+                    continue  # FP8 is compared with bf16 in the timing rows; graphs need CUDA
+                outs[name] = pipeline_forward(merged, batch, **mode)(x).clone()
+                rows.append(check_row(name, outs[name], reference, tol=args.tol))
+            if "compiled + CUDA graphs" in outs:
+                rows[-1]["bit-identical to eager"] = bit_identical(
+                    outs["compiled + CUDA graphs"], outs["compiled"])
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    return rows
 
 
 def run_row(variant: str, make: Callable[[], Forward], x: Tensor, reference: Tensor | None,
             args: argparse.Namespace, floor_ms: float | None
             ) -> tuple[dict[str, Any], Tensor | None]:
-    """Time one (variant, size, batch) whose forward ``make()`` builds (a CUDA graph is captured
-    inside the peak-memory window, so its pool counts); return the row and the output."""
+    """Time one (variant, size, batch) whose forward ``make()`` builds; return the row and the
+    output of a steady call (for CUDA graphs: a replay). Peak memory counts from before the
+    first call, so compiling and graph capture (in the warm-up calls) are in it; "graph pool
+    GiB" is what the device memory reserved grew by over the row (the graphs' private pool)."""
     size, batch, cuda = x.shape[-1], x.shape[0], x.is_cuda
     row: dict[str, Any] = {"variant": variant, "size": size, "batch": batch}
     try:
@@ -187,13 +185,14 @@ def run_row(variant: str, make: Callable[[], Forward], x: Tensor, reference: Ten
             reserved = torch.cuda.memory_reserved()
         t0 = time.perf_counter()
         fn = make()
-        if cuda:
-            row["graph pool GiB"] = (torch.cuda.memory_reserved() - reserved) / 2**30
-        out = fn(x).clone()  # a copy: a CUDA graph's output buffer is overwritten
+        fn(x)
         if cuda:
             torch.cuda.synchronize()
         first_s = time.perf_counter() - t0
         ms = time_ms(fn, x, args.warmup, args.repeats) / batch
+        out = fn(x).clone()  # a copy: a CUDA graph's output buffer is overwritten
+        if cuda and "graph" in variant:
+            row["graph pool GiB"] = (torch.cuda.memory_reserved() - reserved) / 2**30
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {**row, "note": "out of memory"}, None
@@ -202,8 +201,6 @@ def run_row(variant: str, make: Callable[[], Forward], x: Tensor, reference: Ten
     row.update({"ms/img": ms, "img/s": 1e3 / ms, "floor ms/img": floor_ms or "n/a",
                 "of floor": floor_ms / ms if floor_ms else "n/a", "first call s": first_s,
                 "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else "n/a"})
-    if "graph" not in variant:
-        row.pop("graph pool GiB", None)
     if reference is not None:
         diff = (out.float() - reference.float()).abs()
         row.update({"max abs diff": diff.max().item(), "mean abs diff": diff.mean().item()})
@@ -258,7 +255,7 @@ def main(argv: list[str] | None = None) -> Path:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     inputs = {k: x.to(dtype) for k, x in inputs.items()}
     model = build(config, dtype, args.device)
-    rows, refs, merged_outs, notes = [], {}, {}, []
+    rows, refs, notes = [], {}, []
     columns = ["variant", "size", "batch", "ms/img", "img/s", "floor ms/img", "of floor",
                "max abs diff", "mean abs diff", "bit-identical to eager", "compile s",
                "peak GiB", "graph pool GiB", "note"]
@@ -298,8 +295,8 @@ def main(argv: list[str] | None = None) -> Path:
         return tflop[size] / peak * 1e3 if peak else None
 
     for key, x in inputs.items():
-        row, refs[key] = run_row("eager, LoRA unmerged", lambda: lambda t: sr_forward(model, t),
-                                 x, None, args, None)
+        row, refs[key] = run_row("eager, LoRA unmerged",
+                                 lambda b=key[1]: pipeline_forward(model, b), x, None, args, None)
         rows.append(row)
     report(final=False)
     merge_and_fuse(model)
@@ -309,40 +306,42 @@ def main(argv: list[str] | None = None) -> Path:
         if "ms/img" in row and peak:
             row["of floor"] = row["floor ms/img"] / row["ms/img"]
     for key, x in inputs.items():
-        row, merged_outs[key] = run_row("LoRA merged + fused QKV",
-                                        lambda: lambda t: sr_forward(model, t), x, refs[key],
-                                        args, floor(key[0]))
-        rows.append(row)
+        rows.append(run_row("LoRA merged + fused QKV", lambda b=key[1]: pipeline_forward(model, b),
+                            x, refs[key], args, floor(key[0]))[0])
     report(final=False)
-    if cuda:
-        for key, x in inputs.items():
-            row, out = run_row("CUDA graph (merged + fused)",
-                               lambda x=x: cuda_graphed(lambda t: sr_forward(model, t), x),
-                               x, refs[key], args, floor(key[0]))
-            if out is not None and merged_outs[key] is not None:
-                row["bit-identical to eager"] = bit_identical(out, merged_outs[key])
-            rows.append(row)
-            del out
-        report(final=False)
-    else:
-        notes.append("CUDA graphs skipped: they need a CUDA device.")
-    if args.compile and not args.quick:
-        fast, spent = compiled(model, args.compile_mode), 0.0
-        for key, x in inputs.items():
-            label = f"torch.compile {args.compile_mode} (merged + fused)"
-            if spent > args.compile_budget_s:
-                rows.append({"variant": label, "size": key[0], "batch": key[1], "note":
-                             f"skipped: compile budget {args.compile_budget_s:.0f} s spent"})
-                continue
-            rows.append(run_row(label, lambda: lambda t: sr_forward(fast, t), x, refs[key],
-                                args, floor(key[0]))[0])
-            if "ms/img" in rows[-1]:  # first call minus a steady call: the compile time
-                rows[-1]["compile s"] = rows[-1]["first call s"] - rows[-1]["ms/img"] * key[1] / 1e3
-                spent += rows[-1]["compile s"]
-            report(final=False)
-    else:
+    modes = {k: m for k, m in MODES.items()
+             if (cuda or not (m["cuda_graphs"] or m.get("fp8"))) and args.compile}
+    if not cuda:
+        notes.append("CUDA graphs and FP8 skipped: they need a CUDA device.")
+    if args.quick or not args.compile:
+        modes = {}
         notes.append("torch.compile skipped (--quick or --no-compile): compiling takes longer "
                      "than the smoke run's budget.")
+    # Shape by shape, FP8 last within a shape (it quantizes the transformer in place, so the
+    # next shape needs the bf16 weights back: a copy of the merged model per FP8 row).
+    spent = 0.0
+    for key, x in inputs.items():
+        outs: dict[str, Tensor | None] = {}
+        for name, mode in modes.items():
+            if spent > args.compile_budget_s:
+                rows.append({"variant": name, "size": key[0], "batch": key[1], "note":
+                             f"skipped: compile budget {args.compile_budget_s:.0f} s spent"})
+                continue
+            target = copy.deepcopy(model) if mode.get("fp8") else model
+            row, outs[name] = run_row(name, lambda m=target, b=key[1], o=mode:
+                                      pipeline_forward(m, b, **o), x, refs[key], args,
+                                      floor(key[0]))
+            if "ms/img" in row:  # first call minus a steady call: the compile time
+                row["compile s"] = row["first call s"] - row["ms/img"] * key[1] / 1e3
+                spent += row["compile s"]
+            graphs, plain = outs.get(name), outs.get("compiled")
+            if mode["cuda_graphs"] and graphs is not None and plain is not None:
+                row["bit-identical to eager"] = bit_identical(graphs, plain)
+            if mode.get("fp8") and graphs is not None and plain is not None:
+                row["note"] = f"rel L2 vs compiled {dtype}: {relative_l2(graphs, plain):.3g}"
+            rows.append(row)
+            del target
+            report(final=False)
     for note in notes:
         print(note)
     path = report(final=True)

@@ -25,6 +25,9 @@ colour fix is this project's wavelet fix (equal to StableSR's) on the CPU.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +37,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from benchmarks.stages import StageClock
 from scoredistill.adapters.module import weights_dtype
 from scoredistill.sr.colorfix import wavelet_color_fix
 from scoredistill.sr.loading import SRModel
 from scoredistill.sr.tiling import tiled_apply
+from scoredistill.sr.timing import StageTimer
 from scoredistill.sr.vae_steps import decoder_network, encoder_network
 from scoredistill.sr.vae_tiling import run_tiled
 
@@ -72,6 +75,18 @@ def release_size(width: int, height: int, s: ReleaseSettings) -> tuple[int, int,
     return width, height, resize
 
 
+@contextmanager
+def stage(timer: StageTimer, name: str, device: torch.device) -> Iterator[None]:
+    """Book the enclosed work to ``name``, waiting for the device at its end: the release
+    synchronises once per image anyway (its output goes to the host), and syncing at the few
+    stage boundaries too attributes each stage's GPU time exactly."""
+    t0 = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timer.add(name, time.perf_counter() - t0)
+
+
 def _to_tensor(image: Image.Image) -> Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
 
@@ -82,20 +97,21 @@ def _to_pil(image: Tensor) -> Image.Image:
 
 
 @torch.no_grad()
-def release_forward(model: SRModel, x: Tensor, s: ReleaseSettings,
-                    clock: StageClock, generator: torch.Generator | None = None) -> Tensor:
+def release_forward(model: SRModel, x: Tensor, s: ReleaseSettings, timer: StageTimer,
+                    generator: torch.Generator | None = None) -> Tensor:
     """test_tsdsr.py's ``main``: (1, 3, H, W) in [-1, 1] (fp16) -> (3, H, W) in [-1, 1]."""
     vae, transformer = model.vae, model.student.module
     factor = vae.config.scaling_factor
-    if max(x.shape[-2:]) > s.encoder_tile + 2 * s.encoder_pad:
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    with stage(timer, "VAE encode", x.device):
+        if max(x.shape[-2:]) > s.encoder_tile + 2 * s.encoder_pad:
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        dist = DiagonalGaussianDistribution(run_tiled(
-            encoder_network(vae), x, tile=s.encoder_tile, margin=s.encoder_pad, offload=True))
-    else:
-        dist = vae.encode(x).latent_dist
-    z = (dist.sample(generator) * factor).to(x.dtype)
-    clock.mark("VAE encode")
+            dist = DiagonalGaussianDistribution(run_tiled(
+                encoder_network(vae), x, tile=s.encoder_tile, margin=s.encoder_pad,
+                offload=True))
+        else:
+            dist = vae.encode(x).latent_dist
+        z = (dist.sample(generator) * factor).to(x.dtype)
     timestep = torch.tensor([1000.0], device=x.device, dtype=x.dtype)
     cond = model.cond
 
@@ -104,43 +120,43 @@ def release_forward(model: SRModel, x: Tensor, s: ReleaseSettings,
                            encoder_hidden_states=cond["prompt_embeds"],
                            pooled_projections=cond["pooled_projections"], return_dict=False)[0]
 
-    v = tiled_apply(velocity, z, tile=s.latent_tile, overlap=s.latent_overlap,
-                    align=transformer.config.patch_size).to(x.dtype)
-    latent = (z - v) / factor
-    clock.mark("transformer")
-    if max(latent.shape[-2:]) > s.decoder_tile + 2 * s.decoder_pad:
-        image = run_tiled(decoder_network(vae), latent, tile=s.decoder_tile,
-                          margin=s.decoder_pad, offload=True)
-    else:
-        image = vae.decode(latent, return_dict=False)[0]
-    out = image[0].clamp(-1, 1)
-    clock.mark("VAE decode")
-    return out
+    with stage(timer, "transformer", x.device):
+        v = tiled_apply(velocity, z, tile=s.latent_tile, overlap=s.latent_overlap,
+                        align=transformer.config.patch_size).to(x.dtype)
+        latent = (z - v) / factor
+    with stage(timer, "VAE decode", x.device):
+        if max(latent.shape[-2:]) > s.decoder_tile + 2 * s.decoder_pad:
+            image = run_tiled(decoder_network(vae), latent, tile=s.decoder_tile,
+                              margin=s.decoder_pad, offload=True)
+        else:
+            image = vae.decode(latent, return_dict=False)[0]
+        return image[0].clamp(-1, 1)
 
 
-def release_upscale_file(model: SRModel, src: Path, dst: Path, clock: StageClock,
+def release_upscale_file(model: SRModel, src: Path, dst: Path, timer: StageTimer,
                          s: ReleaseSettings = ReleaseSettings(),
                          generator: torch.Generator | None = None) -> None:
-    """One file the release's way (see the module docstring); stages booked on ``clock``."""
+    """One file the release's way (see the module docstring); stages booked on ``timer``."""
     device, dtype = model.cond["prompt_embeds"].device, weights_dtype(model.vae)
-    lr = Image.open(src).convert("RGB")
+    with stage(timer, "I/O", device):
+        lr = Image.open(src).convert("RGB")
     width, height = lr.size
     new_w, new_h, resize = release_size(width, height, s)
     target = (width * s.upscale, height * s.upscale)
-    lr_scale = lr.resize(target)  # Pillow's default filter: bicubic
-    pixels = _to_tensor(lr)[None].to(device, dtype)
-    clock.mark("I/O")
-    x = F.interpolate(pixels, size=(new_h, new_w), mode="bicubic", align_corners=False)
-    x = (x * 2 - 1).to(device, dtype).clamp(-1, 1)
-    clock.mark("other")
-    image = release_forward(model, x, s, clock, generator)
-    sr = _to_pil((image.cpu().float() / 2 + 0.5).clamp(0, 1))
-    if resize:
-        sr = sr.resize(target)
-    fixed = wavelet_color_fix(_to_tensor(sr)[None], _to_tensor(lr_scale)[None])[0]
-    sr = _to_pil(fixed.clamp(0, 1))
-    clock.mark("other")
-    sr.save(dst)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    clock.mark("I/O")
+    with stage(timer, "upload + resize", device):
+        lr_scale = lr.resize(target)  # Pillow's default filter: bicubic
+        pixels = _to_tensor(lr)[None].to(device, dtype)
+        x = F.interpolate(pixels, size=(new_h, new_w), mode="bicubic", align_corners=False)
+        x = (x * 2 - 1).to(device, dtype).clamp(-1, 1)
+    image = release_forward(model, x, s, timer, generator)
+    with stage(timer, "colour fix + resize", device):
+        sr = _to_pil((image.cpu().float() / 2 + 0.5).clamp(0, 1))
+        if resize:
+            sr = sr.resize(target)
+        fixed = wavelet_color_fix(_to_tensor(sr)[None], _to_tensor(lr_scale)[None])[0]
+        sr = _to_pil(fixed.clamp(0, 1))
+    with stage(timer, "I/O", device):
+        sr.save(dst)
+    if device.type == "cuda":
+        with stage(timer, "empty_cache", device):
+            torch.cuda.empty_cache()

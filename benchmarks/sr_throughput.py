@@ -18,19 +18,16 @@ GPU): times and memory are real, images are not.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from benchmarks.inference import build
-from benchmarks.release_style import ReleaseSettings, release_upscale_file
+from benchmarks.release_style import ReleaseSettings
 from benchmarks.report import (
     RESULTS,
     command_line,
@@ -38,79 +35,42 @@ from benchmarks.report import (
     write_pending,
     write_report,
 )
-from benchmarks.stages import STAGES, StageClock
-from scoredistill.sr.loading import DTYPES, SRModel, merge_lora
+from benchmarks.sr_ways import (
+    QUICK_RELEASE,
+    QUICK_TILES,
+    REALSR,
+    WAYS,
+    Runner,
+    folder_inputs,
+    large_input,
+    make_runner,
+    merged_model,
+    way_labels,
+)
+from scoredistill.sr.loading import DTYPES, SRModel
+from scoredistill.sr.pipeline import TSDSRPipeline
 from scoredistill.sr.tiling import TileConfig
-from scoredistill.sr.upscale import sr_forward, upscale_file
+from scoredistill.sr.timing import StageTimer
 
-REALSR = Path("../shared/data/realsr/test_LR")
-"""RealSR's test LQ images, relative to the repository root (the project's shared data)."""
+STAGES = {"VAE encode s": ("VAE encode",), "transformer s": ("transformer",),
+          "VAE decode s": ("VAE decode",), "I/O s": ("I/O", "read wait", "write wait"),
+          "other s": ("upload + resize", "colour fix + resize", "empty_cache")}
+"""The table's stage columns and the timer stages each sums: I/O is the time the loop spent
+on files (the pipeline reads and writes in threads, so only its waits count)."""
 COLUMNS = ["way", "workload", "images", "s", "images/s", "s/image", "peak GiB", "warm-up s",
-           *(f"{s} s" for s in STAGES), "note"]
-QUICK_RELEASE = ReleaseSettings(latent_tile=8, latent_overlap=2, encoder_tile=64, encoder_pad=8,
-                                decoder_tile=8, decoder_pad=2, process_size=128)
-"""The release's tiling scaled to the tiny model (so --quick tiles its large images too)."""
-QUICK_TILES = TileConfig(latent=8, latent_overlap=2, encoder=64, encoder_overlap=8, decoder=8,
-                         decoder_overlap=2)
-"""The pipeline's tiling scaled to the tiny model in the same way."""
-WAYS = ("release", "eager", "compiled", "compiled+fp8")
+           *STAGES, "note"]
 TITLE = "TSD-SR super-resolution end to end"
-Runner = Callable[[list[Path], Path, StageClock], None]
-
-
-def folder_inputs(work: Path, count: int, side: int, source: Path | None) -> tuple[list[Path], str]:
-    """The folder workload: the first ``count`` PNGs of ``source`` if it has that many, else
-    ``count`` generated ``side`` px images (smooth random colour fields); and where they came
-    from."""
-    if source is not None and source.is_dir():
-        found = sorted(source.glob("*.png"))[:count]
-        if len(found) == count:
-            return found, f"{count} images of {source}"
-    paths = []
-    g = np.random.default_rng(0)
-    for i in range(count):
-        coarse = (g.random((side // 8, side // 8, 3)) * 255).astype(np.uint8)
-        image = Image.fromarray(coarse).resize((side, side), Image.Resampling.BICUBIC)
-        paths.append(work / "folder" / f"{i:03d}.png")
-        paths[-1].parent.mkdir(parents=True, exist_ok=True)
-        image.save(paths[-1])
-    return paths, f"{count} generated {side} px images"
-
-
-def large_input(work: Path, side: int) -> Path:
-    """One ``side`` px photo (scikit-image's astronaut, bicubic-resized) as a PNG."""
-    import skimage.data
-
-    path = work / f"large_{side}.png"
-    Image.fromarray(skimage.data.astronaut()).resize((side, side), Image.Resampling.BICUBIC
-                                                     ).save(path)
-    return path
-
-
-def release_runner(model: SRModel, settings: ReleaseSettings) -> Runner:
-    """The release's way over a list of files (one at a time)."""
-    generator = torch.Generator(model.cond["prompt_embeds"].device).manual_seed(42)
-
-    def run(inputs: list[Path], out_dir: Path, clock: StageClock) -> None:
-        for src in inputs:
-            release_upscale_file(model, src, out_dir / f"{src.stem}.png", clock, settings,
-                                 generator)
-
-    return run
-
-
-def measure(way: str, workload: str, run: Runner, inputs: list[Path], out_dir: Path,
-            device: str, warm_up: bool) -> dict[str, Any]:
-    """One row: a warm-up image first if ``warm_up`` (its time apart), then the workload, timed
-    end to end."""
+def measure(way: str, workload: str, run: Runner, timer: StageTimer, inputs: list[Path],
+            out_dir: Path, device: str, warm_up: bool) -> dict[str, Any]:
+    """One row: a warm-up run of the workload first if ``warm_up`` (its time apart), then the
+    workload, timed end to end, its stages from ``timer`` (which ``run`` books to)."""
     cuda = device.startswith("cuda")
     row: dict[str, Any] = {"way": way, "workload": workload, "images": len(inputs)}
     try:
-        if warm_up:
-            warm = out_dir / "warm-up"
-            warm.mkdir(parents=True, exist_ok=True)
+        if warm_up:  # the whole workload: a batched folder has several shapes to compile
+            (out_dir / "warm-up").mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            run(inputs[:1], warm, StageClock(device))
+            run(inputs, out_dir / "warm-up")
             if cuda:
                 torch.cuda.synchronize()
             row["warm-up s"] = time.perf_counter() - t0
@@ -118,33 +78,40 @@ def measure(way: str, workload: str, run: Runner, inputs: list[Path], out_dir: P
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         out_dir.mkdir(parents=True, exist_ok=True)
-        clock = StageClock(device)
+        timer.reset()
         t0 = time.perf_counter()
-        run(inputs, out_dir, clock)
-        stages = clock.seconds()  # synchronises
+        failed = run(inputs, out_dir)
+        if cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
+        stages = timer.totals()
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {**row, "note": "out of memory"}
+    except Exception as exc:  # a way failing (no compiler, no FP8) must not stop the others
+        return {**row, "note": f"failed: {type(exc).__name__}: {str(exc)[:160]}"}
     written = sum(1 for p in inputs if (out_dir / f"{p.stem}.png").is_file())
-    if written != len(inputs):
-        row["note"] = f"only {written} of {len(inputs)} outputs written"
+    if failed or written != len(inputs):
+        row["note"] = f"{written} of {len(inputs)} written; " + "; ".join(
+            f"{Path(k).name}: {v}" for k, v in list(failed.items())[:2])
     row.update({"s": seconds, "images/s": len(inputs) / seconds, "s/image": seconds / len(inputs),
-                "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else "n/a",
-                **{f"{s} s": stages[s] for s in STAGES if s in stages}})
+                "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else "n/a"})
+    for column, names in STAGES.items():
+        if any(n in stages for n in names):
+            row[column] = sum(stages.get(n, 0.0) for n in names)
     return row
 
 
 @torch.no_grad()
-def seam_row(model: SRModel, side: int, tiles: Any, device: str,
-              dtype: torch.dtype) -> dict[str, Any]:
+def seam_row(model: SRModel, side: int, tiles: TileConfig, device: str,
+             dtype: torch.dtype) -> dict[str, Any]:
     """The pipeline's tiled forward against its untiled forward on a ``side`` px photo."""
     from benchmarks.tiled_vae import photo
 
     x = photo(side, device, dtype)
     try:
-        tiled = sr_forward(model, x, tiles).float()
-        untiled = sr_forward(model, x, None).float()
+        tiled = TSDSRPipeline(model, tiles=tiles).forward([x])[0]
+        untiled = TSDSRPipeline(model, tiles=None).forward([x])[0]
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"size": side, "note": "untiled run out of memory"}
@@ -169,17 +136,6 @@ def _report(rows: list[dict[str, Any]], seams: list[dict[str, Any]], notes: list
                         command=command, echo=final)
 
 
-def pipeline_runner(model: SRModel, tiles: TileConfig, process_size: int) -> Runner:
-    """This project's inference over a list of files."""
-
-    def run(inputs: list[Path], out_dir: Path, clock: StageClock) -> None:
-        for src in inputs:
-            upscale_file(model, src, out_dir / f"{src.stem}.png", tiles=tiles,
-                         process_size=process_size)
-
-    return run
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -199,6 +155,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="LQ sides of the single large images (1024 2048)")
     parser.add_argument("--upscale", type=int, default=4)
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="the pipeline's transformer tiles per call (its default)")
     parser.add_argument("--seams", type=int, nargs="*", default=None,
                         help="LQ sides whose upscaled image is run tiled and untiled "
                              "(default: the first of --large)")
@@ -221,15 +179,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def way_labels(args: argparse.Namespace) -> dict[str, str]:
-    """The rows' names of the ways run."""
-    release = ("release (fp16, LoRA unmerged, tiles one by one, empty_cache)"
-               if args.release_dtype == torch.float16 else f"release way ({args.release_dtype})")
-    labels = {"release": release, "eager": "pipeline eager", "compiled": "pipeline compiled",
-              "compiled+fp8": "pipeline compiled + FP8"}
-    return {w: labels[w] for w in args.ways}
-
-
 def main(argv: list[str] | None = None) -> Path:
     args = parse(argv)
     from diffusers.utils import logging
@@ -238,65 +187,68 @@ def main(argv: list[str] | None = None) -> Path:
     up, side = args.upscale, args.folder_side
     names = [f"folder {side} -> {side * up} px", *(f"{s} -> {s * up} px" for s in args.large)]
     labels = way_labels(args)
-    command = command_line("benchmarks.sr_throughput", argv)
+    plan = [{"way": labels[w], "workload": n} for n in names for w in labels]
     if args.plan:
-        return write_pending(
-            "sr_throughput", TITLE, [{"way": w, "workload": n} for w in labels.values()
-                                     for n in names], columns=COLUMNS, out_dir=args.out,
-            awaiting="a GPU", fill="bash benchmarks/gpu_session.sh")
-    release = QUICK_RELEASE if args.quick else ReleaseSettings()
+        return write_pending("sr_throughput", TITLE, plan, columns=COLUMNS, out_dir=args.out,
+                             awaiting="a GPU", fill="bash benchmarks/gpu_session.sh")
+    release = dataclasses.replace(QUICK_RELEASE if args.quick else ReleaseSettings(),
+                                  upscale=args.upscale)
     tiles = QUICK_TILES if args.quick else TileConfig()
     if args.quick:
         torch.set_num_threads(1)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    rows: list[dict[str, Any]] = []
+    # Every planned row from the start, replaced as it is measured: a run stopped by a time
+    # limit shows which rows it did not reach.
+    rows = {(r["way"], r["workload"]): {**r, "note": "not reached: the run stopped before it"}
+            for r in plan}
     seams: list[dict[str, Any]] = []
     work = Path(tempfile.mkdtemp(prefix="sr_throughput_"))
     try:
         folder, source = folder_inputs(work / "in", args.count, side, args.folder)
-        workloads = dict(zip(names, [folder, *(large_input(work / "in", s) for s in args.large)],
-                             strict=True))
-        workloads = {k: v if isinstance(v, list) else [v] for k, v in workloads.items()}
-        notes = [f"Config `{args.config}` with RANDOM weights; the pipeline in {args.dtype}, the "
-                 f"release way in {args.release_dtype}; folder: {source}. Times are wall clock, "
-                 "files read and written included; warm-up s is the first image's (compiling "
-                 "included), measured before the first workload of each way and before every "
-                 "workload of a compiled way. Stage columns: CUDA events at the stage "
-                 "boundaries, read once per row; empty where the way does not report them."]
+        workloads = dict(zip(names, [folder, *([large_input(work / "in", s)]
+                                               for s in args.large)], strict=True))
+        notes = [f"Config `{args.config}` with RANDOM weights; the pipeline in {args.dtype} "
+                 f"(batch size {args.batch_size}), the release way in {args.release_dtype}; "
+                 f"folder: {source}. Times are wall clock, files read and written included. "
+                 "warm-up s: one run of the workload before the timed one (compiling "
+                 "included), for the first workload of each way and every workload of a "
+                 "compiled way. Stage columns: the pipeline's own timer (CUDA events read once "
+                 "per row; I/O is the time its loop waited for the reader and writer threads, "
+                 "not the reading and writing they overlapped with GPU work); the release way's "
+                 "stages in host time with a synchronisation at each boundary (it synchronises "
+                 "once per image anyway). other: upload, resizes, colour fix (and the "
+                 "release's empty_cache)."]
         meta = {"config": args.config, "dtype": str(args.dtype), "folder": source,
-                "release_dtype": str(args.release_dtype), "upscale": up}
+                "release_dtype": str(args.release_dtype), "upscale": up,
+                "batch_size": args.batch_size}
 
         def report(final: bool) -> Path:
-            return _report(rows, seams, notes, meta, args.out, command, final)
+            return _report(list(rows.values()), seams, notes, meta, args.out,
+                           command_line("benchmarks.sr_throughput", argv), final)
 
-        def run_way(way: str, runner: Runner) -> None:
-            # Eager ways warm up once (on a folder image); compiled ways on every workload, whose
-            # tile shapes each compile.
-            for i, (name, inputs) in enumerate(workloads.items()):
-                out = work / "out" / way / name.split()[0]
-                rows.append(measure(labels[way], name, runner, inputs, out, args.device,
-                                    warm_up=i == 0 or "compiled" in way))
+        report(final=False)
+        for i, (name, inputs) in enumerate(workloads.items()):  # the folder first
+            for way, label in labels.items():
+                key, compiled = (label, name), way.startswith("compiled")
+                if args.quick and compiled:
+                    rows[key]["note"] = ("skipped in --quick: compiling on the CPU takes "
+                                         "longer than the smoke run's budget")
+                    continue
+                try:
+                    runner, timer = make_runner(way, args, release, tiles)
+                except Exception as exc:  # e.g. no FP8 on this GPU, no torchao
+                    rows[key]["note"] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+                    continue
+                out = work / "out" / way / str(i)
+                rows[key] = measure(label, name, runner, timer, inputs, out, args.device,
+                                    warm_up=i == 0 or compiled)
+                del runner
                 shutil.rmtree(out, ignore_errors=True)
                 report(final=False)
-
-        if "release" in labels:
-            model = build(args.config, args.release_dtype, args.device)
-            for module in (model.vae, model.student.module):  # the release: LoRA in fp16 too
-                torch.nn.Module.to(module, args.release_dtype)
-            run_way("release", release_runner(model, release))
-            del model
-        model = build(args.config, args.dtype, args.device)
-        for module in (model.student.module, model.vae):
-            merge_lora(module)
-            module.fuse_qkv_projections()
-        if "eager" in labels:
-            run_way("eager", pipeline_runner(model, tiles, release.process_size))
-        seams.extend(seam_row(model, s * up, tiles, args.device, args.dtype)
-                     for s in (args.large[:1] if args.seams is None else args.seams))
-        for way in ("compiled", "compiled+fp8"):
-            if way in labels:
-                rows.append({"way": labels[way], "note": "awaiting the pipeline's API"})
-        report(final=False)
+        model = merged_model(args)
+        for s in args.large[:1] if args.seams is None else args.seams:
+            seams.append(seam_row(model, s * up, tiles, args.device, args.dtype))
+            report(final=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report(final=True)

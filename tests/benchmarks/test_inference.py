@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 
 import benchmarks.inference as bench
 from benchmarks.correctness import bit_identical, relative_l2
-from benchmarks.inference import cuda_graphed, fp32_check, main, peak_tflops
+from benchmarks.inference import fp32_check, main, peak_tflops
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -33,9 +33,10 @@ def test_fp32_check_accepts_the_merge_and_rejects_the_planted_mistakes(x64):
     assert merged["accepted"] and merged["rel L2 vs fp32 eager"] < 1e-4
     for name in ("LoRA dropped in half the blocks", "LoRA scaled by 1.05"):
         row = rows[f"{name} (planted mistake)"]
-        # Rejected with room: at least 5x the tolerance, 1000x the correct merge's error.
+        # Rejected with room: at least 3x the tolerance, 1000x the correct merge's error.
         assert not row["accepted"] and row["as expected"]
-        assert row["rel L2 vs fp32 eager"] > 5e-3 > 1e3 * merged["rel L2 vs fp32 eager"]
+        err = row["rel L2 vs fp32 eager"]
+        assert err > 3e-3 and err > 1e3 * merged["rel L2 vs fp32 eager"]
 
 
 def test_a_loose_tolerance_fails_the_benchmark(x64, tmp_path, monkeypatch):
@@ -58,11 +59,6 @@ def test_relative_l2_and_bit_identity():
     assert not bit_identical(b, b.float()) and not bit_identical(b, b[:, :4])
     nan = torch.full((2,), float("nan"))
     assert bit_identical(nan, nan.clone())  # torch.equal would say False
-
-
-def test_cuda_graph_refuses_cpu_tensors():
-    with pytest.raises(ValueError, match="CUDA"):
-        cuda_graphed(lambda t: t * 2, torch.ones(2))
 
 
 def test_quick_run_writes_a_checked_report(tmp_path):

@@ -10,7 +10,7 @@ pytest.importorskip("peft")
 
 import benchmarks.release_style as rs
 from benchmarks.release_style import ReleaseSettings, release_forward, release_size
-from benchmarks.stages import StageClock
+from scoredistill.sr.timing import StageTimer
 
 
 def release_tile_count(size: int, tile: int = 64, overlap: int = 8) -> int:
@@ -60,7 +60,7 @@ def test_latent_tiles_as_many_as_the_release(latent, monkeypatch):
                                     "pooled_projections": torch.zeros(1, 4)}})()
     monkeypatch.setattr(rs, "run_tiled", lambda net, x, **kw: torch.zeros(1, 3, 8, 8))
     monkeypatch.setattr(rs, "decoder_network", lambda vae: None)
-    release_forward(model, torch.zeros(1, 3, 8, 8), ReleaseSettings(), StageClock("cpu"))
+    release_forward(model, torch.zeros(1, 3, 8, 8), ReleaseSettings(), StageTimer(enabled=True))
     assert len(calls) == release_tile_count(latent) ** 2
     assert all(s[0] == 1 and tuple(s[-2:]) == (64, 64) for s in calls)  # one tile at a time
 
@@ -68,7 +68,7 @@ def test_latent_tiles_as_many_as_the_release(latent, monkeypatch):
 def test_vae_tiled_only_beyond_the_release_thresholds(monkeypatch):
     # test_tsdsr.py's vaehook tiles the encoder above 1024 + 2 x 32 px and the decoder above
     # 224 + 2 x 11 latent px, with the tiles waiting on the CPU.
-    from examples.tsdsr.tiny import random_backbone
+    from examples.tsdsr.models.tiny import random_backbone
     from scoredistill.adapters import SD3ScoreModel
 
     seen = []
@@ -87,5 +87,5 @@ def test_vae_tiled_only_beyond_the_release_thresholds(monkeypatch):
     for side, expected in ((64, []), (80, [(80, 48, 8, True), (10, 4, 2, True)])):
         seen.clear()
         x = torch.rand(1, 3, side, side) * 2 - 1
-        out = release_forward(model, x, s, StageClock("cpu"))
+        out = release_forward(model, x, s, StageTimer(enabled=True))
         assert out.shape == (3, side, side) and seen == expected
