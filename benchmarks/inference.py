@@ -23,45 +23,22 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import Tensor
 
-from benchmarks.correctness import (
-    REL_L2_TOL,
-    WRONG_VARIANTS,
-    bit_identical,
-    check_row,
-    relative_l2,
-)
+from benchmarks.correctness import REL_L2_TOL, bit_identical, fp32_check, relative_l2
 from benchmarks.report import RESULTS, command_line, markdown_table, write_report
+from benchmarks.sr_model import MODES, RANKS, Forward, build, merge_and_fuse, pipeline_forward
 from benchmarks.timing import time_ms
-from examples.tsdsr.models.tiny import random_backbone
-from scoredistill.adapters import (
-    STUDENT_TARGETS,
-    SD3ScoreModel,
-    add_lora,
-    add_vae_lora,
-    lora_config,
-    lora_state_dict,
-)
-from scoredistill.sr import pipeline as sr_pipeline
-from scoredistill.sr.latents import decoder_input
-from scoredistill.sr.loading import DTYPES, SRModel, merge_lora
-from scoredistill.sr.pipeline import TSDSRPipeline
+from scoredistill.sr.loading import DTYPES, SRModel
 
-RANKS = {"tiny": 4, "sd3-medium": 64}
-"""LoRA rank per config: TSD-SR's 64 for SD3-medium; 4 keeps the tiny model's ratio of rank to
-width (its layers are 4-32 wide) and so the relative cost of unmerged adapters."""
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
                "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 """Dense bf16 tensor-core peak (TFLOP/s) by device-name substring (longest match wins)."""
-Forward = Callable[[Tensor], Tensor]
 
 
 def peak_tflops(device_name: str, override: float | None) -> float | None:
@@ -70,55 +47,6 @@ def peak_tflops(device_name: str, override: float | None) -> float | None:
         return override
     hits = [k for k in PEAK_TFLOPS if k.lower() in device_name.lower()]
     return PEAK_TFLOPS[max(hits, key=len)] if hits else None
-
-
-def build(config: str, dtype: torch.dtype, device: str) -> SRModel:
-    """Random backbone with student and VAE-encoder LoRAs (nonzero B, so merging changes the
-    weights), unmerged."""
-    parts = random_backbone(config, dtype=dtype, device=device)
-    add_lora(parts.transformer, lora_config(STUDENT_TARGETS, RANKS[config]), "student")
-    add_vae_lora(parts.vae, RANKS[config])
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module, adapter in ((parts.transformer, "student"), (parts.vae, "default")):
-            for key, p in lora_state_dict(module, adapter).items():
-                if ".lora_B." in key:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            module.requires_grad_(False)
-    return SRModel(SD3ScoreModel(parts.transformer), parts.vae, parts.cond)
-
-
-def merge_and_fuse(model: SRModel) -> None:
-    """What inference does: LoRA folded into the weights, Q/K/V projections fused."""
-    for module in (model.student.module, model.vae):
-        merge_lora(module)
-        module.fuse_qkv_projections()
-
-
-MODES: dict[str, dict[str, bool]] = {
-    "compiled": {"compile": True, "cuda_graphs": False},
-    "compiled + CUDA graphs": {"compile": True, "cuda_graphs": True},
-    "compiled + FP8": {"compile": True, "cuda_graphs": False, "fp8": True},
-}
-"""The pipeline's fast modes (TSDSRPipeline options), each timed after the eager rows."""
-
-
-def pipeline_forward(model: SRModel, batch: int, **mode: bool) -> Forward:
-    """The pipeline's forward of a (batch, 3, H, W) input in [-1, 1], untiled, in ``mode``."""
-    pipe = TSDSRPipeline(model, tiles=None, batch_size=batch, **mode)
-    return lambda x: pipe.forward([x])[0]
-
-
-def _decode_unclamped(vae: Any, latent: Tensor) -> Tensor:
-    return vae.decode(decoder_input(vae, latent)).sample.float()
-
-
-@contextmanager
-def unclamped() -> Iterator[None]:
-    """Pipelines built and run inside return the decoder's output before its clamp to [-1, 1]:
-    the check compares there, where a clamp cannot hide an error in saturated pixels."""
-    with mock.patch.object(sr_pipeline, "decode", _decode_unclamped):
-        yield
 
 
 def counted_tflop(model: SRModel, x: Tensor) -> float:
@@ -130,43 +58,6 @@ def counted_tflop(model: SRModel, x: Tensor) -> float:
     with FlopCounterMode(display=False) as counter:
         forward(x)
     return counter.get_total_flops() / 1e12 / x.shape[0]
-
-
-def fp32_check(config: str, x: Tensor, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The correctness rows: the pipeline's modes and planted mistakes against its fp32 eager
-    forward with the LoRA unmerged, relative L2 before the clamp; the CUDA-graph mode also bit
-    for bit against the compiled mode it captures."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    batch = x.shape[0]
-    with unclamped():
-        base = build(config, torch.float32, args.device)
-        reference = pipeline_forward(base, batch)(x).clone()
-        rows = []
-        for name, plant in (("LoRA merged + fused QKV", None), *WRONG_VARIANTS.items()):
-            model = copy.deepcopy(base)
-            if plant is not None:
-                plant(model.student.module)
-            merge_and_fuse(model)
-            out = pipeline_forward(model, batch)(x)
-            rows.append(check_row(name + ("" if plant is None else " (planted mistake)"), out,
-                                  reference, tol=args.tol, expect_ok=plant is None))
-            if plant is None:
-                merged = model
-            del model
-        del base
-        if args.compile and not args.quick:
-            outs = {}
-            for name, mode in MODES.items():
-                if mode.get("fp8") or (mode["cuda_graphs"] and not x.is_cuda):
-                    continue  # FP8 is compared with bf16 in the timing rows; graphs need CUDA
-                outs[name] = pipeline_forward(merged, batch, **mode)(x).clone()
-                rows.append(check_row(name, outs[name], reference, tol=args.tol))
-            if "compiled + CUDA graphs" in outs:
-                rows[-1]["bit-identical to eager"] = bit_identical(
-                    outs["compiled + CUDA graphs"], outs["compiled"])
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    return rows
 
 
 def run_row(variant: str, make: Callable[[], Forward], x: Tensor, reference: Tensor | None,
@@ -270,13 +161,14 @@ def main(argv: list[str] | None = None) -> Path:
         head = (f"Config `{config}` with RANDOM weights, timed in {dtype}, LoRA rank "
                 f"{RANKS[config]} on the student modules and the VAE encoder; {args.warmup} "
                 f"warm-up + {args.repeats} timed calls, median. Floor: TFLOP per image counted "
-                f"by FlopCounterMode at each size ({counted}) over a {peak or 'unknown'} "
-                "TFLOP/s dense bf16 peak. Diffs: against eager with the LoRA unmerged in the "
-                "same dtype (information only; correctness is the fp32 check below). CUDA-graph "
-                "rows: peak memory from before capture (the graph's pool included), and the "
-                "pool's reserved size apart.")
-        check = (f"**Correctness, fp32, TF32 off, {tuple(checks_x.shape)} input:** output "
-                 f"before the decoder's clamp against eager fp32 with the LoRA unmerged; a "
+                f"by FlopCounterMode at each size ({counted}) over the dense bf16 peak "
+                f"({peak or 'unknown'} TFLOP/s). Diffs: against eager with the LoRA unmerged "
+                "in the same dtype (information only; correctness is the fp32 check below). "
+                "CUDA-graph rows: peak memory from before the first call (capture and the "
+                "graphs' pool included), and the pool's reserved size apart.")
+        check = (f"**Correctness, fp32, TF32 off, {tuple(checks_x.shape)} input:** the "
+                 "pipeline's output before the decoder's clamp against its eager fp32 forward "
+                 "with the LoRA unmerged; a "
                  f"variant is accepted at relative L2 <= {args.tol:g}. The planted mistakes "
                  "must be rejected.\n\n" + markdown_table(checks, check_columns))
         partial = [] if final else ["Partial: the run stopped before all variants were timed."]

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.inference import build
 from benchmarks.release_style import ReleaseSettings, release_upscale_file
+from benchmarks.sr_model import build
 from scoredistill.sr.files import super_resolve_files
 from scoredistill.sr.loading import SRModel, merge_lora
 from scoredistill.sr.pipeline import SROptions, TSDSRPipeline

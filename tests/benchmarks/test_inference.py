@@ -13,8 +13,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 import benchmarks.inference as bench
-from benchmarks.correctness import bit_identical, relative_l2
-from benchmarks.inference import fp32_check, main, peak_tflops
+from benchmarks.correctness import bit_identical, fp32_check, relative_l2
+from benchmarks.inference import main, peak_tflops
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -101,7 +101,8 @@ def test_a_run_stopped_midway_leaves_its_measured_rows_marked_partial(tmp_path, 
 
 
 def test_flops_are_counted_at_each_size_not_scaled_by_pixels():
-    from benchmarks.inference import build, counted_tflop, merge_and_fuse
+    from benchmarks.inference import counted_tflop
+    from benchmarks.sr_model import build, merge_and_fuse
 
     model = build("tiny", torch.float32, "cpu")
     merge_and_fuse(model)
