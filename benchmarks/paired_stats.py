@@ -67,9 +67,11 @@ def verdict(diff_mean: float, p_adjusted: float, better: str) -> str:
 def judge(claims: Sequence[Claim], per_seed: dict[tuple[str, str], dict[str, list[float]]]
           ) -> list[dict[str, Any]]:
     """One row per claim with its test, Holm-adjusted p and verdict; claims whose runs are
-    missing or diverged on some seed are compared on the seeds both finished."""
+    missing are left out, runs diverged on some seed are compared on the seeds both finished."""
     rows = []
     for c in claims:
+        if c.a not in per_seed or c.b not in per_seed:
+            continue
         a, b = per_seed[c.a][c.metric], per_seed[c.b][c.metric_b or c.metric]
         pairs = [(x, y) for x, y in zip(a, b, strict=True)
                  if math.isfinite(x) and math.isfinite(y)]
