@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from examples.tsdsr.config import TrainConfig
-from examples.tsdsr.latents import encode
-from examples.tsdsr.tiny import load_backbone
+from examples.tsdsr.models.backbone import load_backbone
+from examples.tsdsr.training.config import TrainConfig
 from scoredistill.adapters import (
     ATTENTION_TARGETS,
     STUDENT_TARGETS,
@@ -24,6 +23,7 @@ from scoredistill.adapters import (
     lora_roles,
     lora_state_dict,
 )
+from scoredistill.sr.latents import encode
 
 log = logging.getLogger("tsdsr.train")
 VAE_ADAPTER = "default"

@@ -24,7 +24,7 @@ from typing import Any
 class TrainConfig:
     """Every knob of TSD-SR training; defaults are the paper's / release's (CVPR 2025, Alg. 1)."""
 
-    # Models. pretrained=None: the embedded tiny SD3-shaped model (examples/tsdsr/tiny.py).
+    # Models. pretrained=None: the embedded tiny SD3-shaped model (examples/tsdsr/models/tiny.py).
     pretrained: str | None = None  # local SD3(-medium) diffusers folder; never downloaded
     teacher_lora: str | None = None  # optional teacher LoRA file ("use_teacher_lora")
     lpips_backbone: str | None = None  # local torchvision AlexNet state dict; None: random
@@ -184,7 +184,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as JSON beside a run, so it can be rerun with ``--config``."""
-    from examples.tsdsr.imageio import write_atomic
+    from scoredistill.sr.imageio import write_atomic
 
     text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
     write_atomic(path, text.encode("utf-8"))
