@@ -11,6 +11,8 @@ import contextlib
 import io
 import logging
 import re
+import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -122,9 +124,9 @@ def test_benchmark_results_present():
                     "`mkdocs build --strict` fails until they exist): " + ", ".join(missing))
 
 
-def test_site_builds_strict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                            caplog: pytest.LogCaptureFixture):
-    """``mkdocs build --strict`` into a temporary directory.
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``mkdocs build --strict`` into a temporary directory, once for the tests that read it.
 
     Missing snippet files (benchmark results not generated yet) would make the real build fail
     with "Snippet at path ... could not be found"; here they are replaced by placeholder pages
@@ -140,6 +142,7 @@ def test_site_builds_strict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     from mkdocs.config import load_config
     from mkdocs.exceptions import Abort
 
+    tmp_path = tmp_path_factory.mktemp("docs")
     overrides: dict = {"site_dir": str(tmp_path / "site"), "strict": True}
     missing = missing_snippets()
     if missing:
@@ -151,16 +154,63 @@ def test_site_builds_strict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                             "run the benchmark that writes it (see above).\n")
         warnings.warn("docs built with placeholders for missing snippet files: "
                       + ", ".join(missing), stacklevel=1)
-    monkeypatch.chdir(ROOT)  # snippet and mkdocstrings paths are relative to the root
-    config = load_config(str(ROOT / "mkdocs.yml"), **overrides)
-    if missing:
-        opts = config["mdx_configs"].setdefault("pymdownx.snippets", {})
-        opts["base_path"] = [*opts.get("base_path", ["."]), str(stubs)]
-    try:
-        with caplog.at_level(logging.WARNING, logger="mkdocs"):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    mkdocs_log = logging.getLogger("mkdocs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)  # snippet, hook and mkdocstrings paths are relative to the root
+        config = load_config(str(ROOT / "mkdocs.yml"), **overrides)
+        if missing:
+            opts = config["mdx_configs"].setdefault("pymdownx.snippets", {})
+            opts["base_path"] = [*opts.get("base_path", ["."]), str(stubs)]
+        mkdocs_log.addHandler(handler)
+        try:
             build(config)
-    except Abort as e:  # strict mode turns warnings into an Abort; the log names them
-        found = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
-        pytest.fail(f"mkdocs build --strict failed: {e}\n{found}")
-    assert (tmp_path / "site" / "index.html").exists()
+        except Abort as e:  # strict mode turns warnings into an Abort; the log names them
+            found = "\n".join(r.getMessage() for r in records)
+            pytest.fail(f"mkdocs build --strict failed: {e}\n{found}")
+        finally:
+            mkdocs_log.removeHandler(handler)
+    return tmp_path / "site"
 
+
+def test_site_builds_strict(site: Path):
+    assert (site / "index.html").exists()
+    assert (site / "assets" / "mathjax" / "tex-chtml.js").is_file()  # served, not from a CDN
+    html = "".join(p.read_text() for p in site.rglob("*.html"))
+    assert "cdn.jsdelivr" not in html and "github.com/scoredistill" not in html
+
+
+def test_api_reference_shows_call_signatures(site: Path):
+    """The losses' ``__call__`` (their whole keyword interface) is on the API pages."""
+    losses = (site / "api" / "losses" / "index.html").read_text()
+    for name in ("ScoreDistillationLoss.__call__", "DiffusionLoss.__call__"):
+        assert name in losses, f"{name} missing from the API reference"
+    for keyword in ("teacher", "fake", "dasm_bias", "generator", "model", "noise"):
+        assert re.search(rf"\b{keyword}\b", losses), keyword
+
+
+def _chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(n)), None)
+
+
+def test_equations_render_offline_in_a_browser(site: Path):
+    """Headless Chromium with every host unresolvable: MathJax typesets the concepts pages."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium): the "
+                    "offline rendering of equations is not checked")
+    for page in ("concepts/score-distillation", "concepts/parametrisations"):
+        html = site / page / "index.html"
+        spans = html.read_text().count('class="arithmatex"')
+        assert spans > 5, f"{page}: no equations to check"
+        dom = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=20000",
+             "--dump-dom", html.as_uri()],
+            capture_output=True, text=True, timeout=120, check=True).stdout
+        prose = re.sub(r"<(pre|code|script)\b.*?</\1>", "", dom, flags=re.S)
+        assert "\\(" not in prose and "\\[" not in prose, f"{page}: raw LaTeX left in the page"
+        assert dom.count("<mjx-container") >= spans, f"{page}: not every equation typeset"
