@@ -1,8 +1,9 @@
 """The documentation: runnable snippets execute, every nav page exists, the site builds strictly.
 
-Convention: a ```python block directly preceded by a ``<!-- test -->`` line is runnable. The
+Convention: a ```python block directly preceded by a ``<!-- test -->`` line is runnable; the
 runnable blocks of one page run in order in one namespace (like a notebook), so a guide can build
-up its example; every other ```python block must at least compile.
+up its example. Every other ```python block must be marked ``<!-- sketch -->`` (an excerpt that
+needs real weights or files) and must at least compile. The README is checked like a page.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 MARKER = "<!-- test -->"
+SKETCH = "<!-- sketch -->"
+README = ROOT / "README.md"
 # Pages that must show at least one runnable example.
-MUST_RUN = ("index.md", "guides/losses-in-your-loop.md")
+MUST_RUN = ("index.md", "guides/losses-in-your-loop.md", "guides/adapters.md", "../README.md")
 # Nav pages written by other engineers: a missing one is reported as a skip, not a failure.
 OTHERS = ("guides/adapters.md", "benchmarks/compare_losses.md")
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
@@ -30,32 +33,66 @@ FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=
 SNIPPET = re.compile(r"""^[ \t]*-{1,}8<-{1,}[ \t]+["']([^"';]+)["']""", re.M)
 
 
-def python_blocks(page: Path) -> list[tuple[int, str, bool]]:
-    """``(line, code, runnable)`` for each ```python block of a markdown page."""
+def code_blocks(page: Path, langs: tuple[str, ...]) -> list[tuple[int, str, str]]:
+    """``(line, code, marker)`` for each fenced block in ``langs``; marker: the line before."""
     text = page.read_text()
     blocks = []
     for m in FENCE.finditer(text):
         lang = m["info"].strip().split()[0] if m["info"].strip() else ""
-        if lang not in ("python", "py"):
+        if lang not in langs:
             continue
         before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
         indent = len(m["indent"])
         code = "\n".join(line[indent:] for line in m["body"].splitlines())
-        blocks.append((text.count("\n", 0, m.start()) + 1, code, before == MARKER))
+        blocks.append((text.count("\n", 0, m.start()) + 1, code, before))
     return blocks
 
 
+def python_blocks(page: Path) -> list[tuple[int, str, bool]]:
+    """``(line, code, runnable)`` for each ```python block of a markdown page."""
+    return [(line, code, mark == MARKER) for line, code, mark in
+            code_blocks(page, ("python", "py"))]
+
+
 def pages() -> list[Path]:
-    return sorted(DOCS.rglob("*.md"))
+    return [*sorted(DOCS.rglob("*.md")), README]
 
 
 def _id(page: Path) -> str:
-    return str(page.relative_to(DOCS))
+    return "README.md" if page == README else str(page.relative_to(DOCS))
 
 
 def test_runnable_pages_have_examples():
     for name in MUST_RUN:
-        assert any(run for _, _, run in python_blocks(DOCS / name)), f"{name}: no {MARKER} block"
+        assert any(run for _, _, run in python_blocks((DOCS / name).resolve())), (
+            f"{name}: no {MARKER} block")
+
+
+@pytest.mark.parametrize("page", pages(), ids=_id)
+def test_python_blocks_run_or_are_sketches(page: Path):
+    for line, _, mark in code_blocks(page, ("python", "py")):
+        assert mark in (MARKER, SKETCH), (
+            f"{_id(page)}, python block at line {line}: mark it {MARKER} (it runs in this test) "
+            f"or {SKETCH} (an excerpt that needs real weights or files)")
+
+
+def _make_targets() -> set[str]:
+    return set(re.findall(r"^([a-z][\w-]*):", (ROOT / "Makefile").read_text(), re.M))
+
+
+@pytest.mark.parametrize("page", pages(), ids=_id)
+def test_shell_blocks_name_real_commands(page: Path):
+    """``make X`` is a Makefile target, ``python -m mod`` / ``python path.py`` exist here."""
+    targets = _make_targets()
+    for line, code, _ in code_blocks(page, ("bash", "sh", "shell", "console")):
+        for target in re.findall(r"^\s*make ([\w-]+)", code, re.M):
+            assert target in targets, f"{_id(page)}:{line}: no make target {target!r}"
+        for module in re.findall(r"python -m ((?:examples|benchmarks)[\w.]*)", code):
+            path = ROOT / module.replace(".", "/")
+            assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), (
+                f"{_id(page)}:{line}: no module {module}")
+        for script in re.findall(r"(?:python|launch) ((?:examples|benchmarks)/\S+\.py)", code):
+            assert (ROOT / script).is_file(), f"{_id(page)}:{line}: no script {script}"
 
 
 @pytest.mark.parametrize("page", pages(), ids=_id)
