@@ -45,9 +45,10 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.tiled_vae --quick --out $$out && \
 	$(BIN)/python -m benchmarks.compare_losses --quick --no-docs-assets --out $$out
 
-# The library's own tests (not the recipe's or the benchmarks') on the oldest tested versions.
+# The core library's tests (not the SR pipeline's, the recipe's or the benchmarks') on the oldest
+# tested versions, in a lean venv without the sr/train extras.
 test-oldest: $(OLD_STAMP)
-	$(OLD)/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/tsdsr \
+	$(OLD)/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/tsdsr --ignore=tests/sr \
 		--ignore=tests/benchmarks
 
 test: lint bench-quick test-oldest
