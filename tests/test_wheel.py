@@ -33,7 +33,10 @@ def _run(*cmd: str | Path, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("setuptools", reason="building the wheel needs setuptools>=77")
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip(f"setuptools {setuptools.__version__}: building the wheel (license-files, "
+                    "PEP 639) needs setuptools>=77")
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
     for name in SOURCES:
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
