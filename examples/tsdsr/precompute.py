@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 from torch import Tensor
@@ -137,7 +141,7 @@ def precompute(hq_dir: str | Path, out: str | Path, *, pretrained: str | None = 
     paths = _images_under(Path(hq_dir))
     captions = read_captions(paths, require_captions)
     if pretrained is None:
-        from examples.tsdsr.tiny import CONFIGS
+        from examples.tsdsr.models.tiny import CONFIGS
 
         spec = CONFIGS["tiny"]
         pipe = tiny_pipeline([DEFAULT_PROMPT, *captions.values()],
@@ -153,7 +157,7 @@ def precompute(hq_dir: str | Path, out: str | Path, *, pretrained: str | None = 
                  out / PROMPTS_FILE, {"default_prompt": DEFAULT_PROMPT, "null_prompt": ""})
     vae = None
     if latents:
-        from examples.tsdsr.tiny import load_backbone
+        from examples.tsdsr.models.backbone import load_backbone
 
         vae = load_backbone(pretrained, dtype, device).vae
     for start in range(0, len(paths), batch_size):
