@@ -36,14 +36,15 @@ toy-demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# The four benchmarks in quick mode (CPU), their checks asserted and tables printed; results
+# The benchmarks in quick mode (CPU), their checks asserted and tables printed; results
 # go to a temporary folder so the committed GPU tables are not overwritten.
 bench-quick: $(STAMP)
 	out=$$(mktemp -d) && \
 	$(BIN)/python -m benchmarks.train_step --quick --out $$out && \
 	$(BIN)/python -m benchmarks.inference --quick --out $$out && \
 	$(BIN)/python -m benchmarks.tiled_vae --quick --out $$out && \
-	$(BIN)/python -m benchmarks.compare_losses --quick --no-docs-assets --out $$out
+	$(BIN)/python -m benchmarks.compare_losses --quick --no-docs-assets --out $$out && \
+	$(BIN)/python -m benchmarks.natural_patches --quick --no-docs-assets --out $$out
 
 # The core library's tests (not the SR pipeline's, the recipe's or the benchmarks') on the oldest
 # tested versions, in a lean venv without the sr/train extras.
