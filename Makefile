@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OLD := .venv-oldest
 OLD_STAMP := $(OLD)/.installed
 
-.PHONY: demo toy-demo test test-oldest lint bench-quick docs install clean
+.PHONY: demo toy-demo test test-oldest lint bench-quick bench-train-step-gpu docs install clean
 
 # pyiqa (the `eval` extra) pulls ~1.2 GB with its declared dependencies; the weighted metrics
 # need only these (see docs/guides/tsdsr-recipe.md, "Using the weighted metrics").
@@ -43,6 +43,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.train_step --quick --out $$out && \
 	$(BIN)/python -m benchmarks.inference --quick --out $$out && \
 	$(BIN)/python -m benchmarks.tiled_vae --quick --out $$out && \
+	$(BIN)/python -m benchmarks.sr_throughput --quick --out $$out && \
 	$(BIN)/python -m benchmarks.compare_losses --quick --no-docs-assets --out $$out && \
 	$(BIN)/python -m benchmarks.natural_patches --quick --no-docs-assets --out $$out
 
@@ -51,6 +52,12 @@ bench-quick: $(STAMP)
 test-oldest: $(OLD_STAMP)
 	$(OLD)/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/tsdsr --ignore=tests/sr \
 		--ignore=tests/benchmarks
+
+# On a GPU machine: the train step on SD3-medium (random weights) against the release's call
+# pattern, with and without gradient checkpointing.
+bench-train-step-gpu: $(STAMP)
+	$(BIN)/python -m benchmarks.train_step --config sd3-medium --device cuda --dtype bf16 --repeats 5
+	$(BIN)/python -m benchmarks.train_step --config sd3-medium --device cuda --dtype bf16 --repeats 5 --checkpointing
 
 test: lint bench-quick test-oldest
 	$(BIN)/python -m pytest -q

@@ -14,7 +14,6 @@ import logging
 import re
 import shutil
 import subprocess
-import warnings
 from pathlib import Path
 
 import pytest
@@ -26,8 +25,6 @@ SKETCH = "<!-- sketch -->"
 README = ROOT / "README.md"
 # Pages that must show at least one runnable example.
 MUST_RUN = ("index.md", "guides/losses-in-your-loop.md", "guides/adapters.md", "../README.md")
-# Nav pages written by other engineers: a missing one is reported as a skip, not a failure.
-OTHERS = ("guides/adapters.md", "benchmarks/compare_losses.md")
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
                    re.M | re.S)
 SNIPPET = re.compile(r"""^[ \t]*-{1,}8<-{1,}[ \t]+["']([^"';]+)["']""", re.M)
@@ -141,8 +138,6 @@ def _nav_files(nav) -> list[str]:
                          else [])
 def test_nav_page_exists(name: str):
     if not (DOCS / name).exists():
-        if name in OTHERS:
-            pytest.skip(f"docs/{name} is in the nav but not written yet (another engineer's page)")
         pytest.fail(f"docs/{name} is in the nav of mkdocs.yml but does not exist")
 
 
@@ -155,21 +150,16 @@ def missing_snippets() -> list[str]:
 
 
 def test_benchmark_results_present():
+    # A page that includes a results file shows it as a table: a missing file is a broken page.
     missing = missing_snippets()
-    if missing:
-        pytest.skip("benchmark results not generated yet (the site shows a placeholder; "
-                    "`mkdocs build --strict` fails until they exist): " + ", ".join(missing))
+    assert not missing, ("docs include results files that do not exist (run the benchmark that "
+                         "writes them): " + ", ".join(missing))
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``mkdocs build --strict`` into a temporary directory, once for the tests that read it.
-
-    Missing snippet files (benchmark results not generated yet) would make the real build fail
-    with "Snippet at path ... could not be found"; here they are replaced by placeholder pages
-    under a fallback snippet base path, and reported with a warning, so the rest of the site
-    is still checked strictly.
-    """
+    """``mkdocs build --strict`` into a temporary directory (a missing snippet file fails it),
+    once for the tests that read the site."""
     pytest.importorskip("mkdocs", reason="mkdocs is not installed: pip install -e '.[docs]'")
     pytest.importorskip("material", reason="mkdocs-material is not installed: "
                         "pip install -e '.[docs]'")
@@ -180,27 +170,14 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mkdocs.exceptions import Abort
 
     tmp_path = tmp_path_factory.mktemp("docs")
-    overrides: dict = {"site_dir": str(tmp_path / "site"), "strict": True}
-    missing = missing_snippets()
-    if missing:
-        stubs = tmp_path / "stubs"
-        for target in missing:
-            stub = stubs / target
-            stub.parent.mkdir(parents=True, exist_ok=True)
-            stub.write_text(f'!!! warning "Not generated yet"\n    `{target}` does not exist: '
-                            "run the benchmark that writes it (see above).\n")
-        warnings.warn("docs built with placeholders for missing snippet files: "
-                      + ", ".join(missing), stacklevel=1)
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append  # type: ignore[method-assign]
     mkdocs_log = logging.getLogger("mkdocs")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ROOT)  # snippet, hook and mkdocstrings paths are relative to the root
-        config = load_config(str(ROOT / "mkdocs.yml"), **overrides)
-        if missing:
-            opts = config["mdx_configs"].setdefault("pymdownx.snippets", {})
-            opts["base_path"] = [*opts.get("base_path", ["."]), str(stubs)]
+        config = load_config(str(ROOT / "mkdocs.yml"), site_dir=str(tmp_path / "site"),
+                             strict=True)
         mkdocs_log.addHandler(handler)
         try:
             build(config)

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch examples/tsd
 import torch
 from tqdm import tqdm
 
-from examples.tsdsr.data import PairedSRDataset
+from examples.tsdsr.data import DegradationConfig, PairedSRDataset
 from examples.tsdsr.precompute import precompute
 from examples.tsdsr.training.checkpoint import (
     gather_lora,
@@ -156,12 +156,13 @@ def train(config: TrainConfig) -> Path:
                               hflip=config.hflip)
     items = CaptionedCrops(dataset, config.embeds_dir, load_prompts(config.embeds_dir)["default"],
                            latent_factor=vae_factor(models.vae) if config.use_latents else None)
+    degradation = DegradationConfig(jpeg_codec=config.jpeg_codec)
     loader = make_loader(items, StepBatches(len(dataset), config.batch_size, config.seed, start,
                                             config.max_steps, rank, world),
-                         config.dataloader_workers)
+                         config.dataloader_workers, degradation)
     # A sharded transformer runs only with every process taking part: all validate then.
     validates = accelerator.is_main_process or bool(sharded)
-    val_pairs = (load_val_pairs(config.val_hq_dir, config.val_lq_dir)
+    val_pairs = (load_val_pairs(config.val_hq_dir, config.val_lq_dir, degradation=degradation)
                  if config.val_hq_dir and validates else [])
 
     def save(step: int) -> None:
