@@ -7,7 +7,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..parametrization import check_prediction, convert, expand_like, from_x0_eps
+from ..parametrization import (
+    check_alpha_nonzero,
+    check_prediction,
+    convert,
+    expand_like,
+    from_x0_eps,
+)
 from ..protocols import Cond, Prediction, ScoreModel
 from ..samplers.timesteps import IndexSampler, UniformIndex
 from ..schedules import index_alpha_sigma
@@ -59,6 +65,8 @@ class DiffusionLoss:
             noise = torch.randn(x0.shape, generator=generator, device=where).to(dev)
         check_inputs(x0, None, noise, cond, index, None, self.check_finite)
         t, alpha, sigma = index_alpha_sigma(model.schedule, index)
+        if model.prediction == "epsilon" and space != "epsilon":
+            check_alpha_nonzero(alpha, "DiffusionLoss")
         a, s = expand_like(alpha, x0), expand_like(sigma, x0)
         x0f, noise = x0.float(), noise.float()
         x_t = a * x0f + s * noise

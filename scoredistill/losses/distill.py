@@ -9,7 +9,14 @@ import torch
 from torch import Tensor
 
 from ..batching import predict_batched
-from ..parametrization import check_prediction, convert, ddim_step, expand_like, from_x0_eps
+from ..parametrization import (
+    check_alpha_nonzero,
+    check_prediction,
+    convert,
+    ddim_step,
+    expand_like,
+    from_x0_eps,
+)
 from ..protocols import Cond, Prediction, ScoreModel
 from ..samplers.dasm import DASMSampler
 from ..samplers.timesteps import IndexSampler, UniformIndex
@@ -59,6 +66,10 @@ def trajectory_directions(
     """
     n_points = points.shape[1]
     t_all, a_all, s_all = index_alpha_sigma(teacher.schedule, points)
+    # epsilon -> x0 divides by alpha: in a conversion to another space or a DASM step.
+    if any(m is not None and m.prediction == "epsilon" for m in (teacher, fake)) and (
+            space != "epsilon" or n_points > 1):
+        check_alpha_nonzero(a_all, "score distillation")
     w_all = weighting(a_all, s_all) * point_weights[None]
     sign = -1.0 if space == "x0" else 1.0
 
