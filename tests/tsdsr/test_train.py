@@ -132,12 +132,16 @@ def test_precomputed_latents_train_as_encoding_each_crop_does(data, latent_embed
 
 
 def test_precomputed_latents_refuse_flips_missing_files_and_other_sizes(data, latent_embeds,
-                                                                        tmp_path):
+                                                                        tmp_path, caplog):
     with pytest.raises(ValueError, match="hflip"):
         parse_config(["--tiny", "--use-latents"])
-    # Embeddings written without --latents: a file without its latent, or no file at all.
-    with pytest.raises((ValueError, FileNotFoundError), match=r"precompute\.py --latents"):
-        run(data, tmp_path / "a", "--no-hflip", "--use-latents")
-    with pytest.raises(ValueError, match="pre-cropped to --resolution 32"):
-        run(data, tmp_path / "b", "--embeds-dir", str(latent_embeds), "--no-hflip",
-            "--use-latents", "--resolution", "32")
+    # Embeddings written without --latents: a file without its latent, or no file at all. The
+    # data check lists every image before the first step, and nothing trains.
+    assert run(data, tmp_path / "a", "--no-hflip", "--use-latents") == 2
+    bad = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bad file")]
+    assert len(bad) == 3 and all(r"precompute.py --latents" in m for m in bad)
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    caplog.clear()
+    assert run(data, tmp_path / "b", "--embeds-dir", str(latent_embeds), "--no-hflip",
+               "--use-latents", "--resolution", "32") == 2
+    assert "pre-cropped to --resolution 32" in caplog.text
