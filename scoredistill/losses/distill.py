@@ -110,14 +110,15 @@ def trajectory_directions(
 class ScoreDistillationLoss:
     """Base of the score-distillation losses: a fixed linear mix of direction terms.
 
-    Fields: ``weighting`` w(t) by name ("sigma2", "sigma", "uniform") or ``(alpha, sigma) -> (B,)``;
+    Fields: ``time_weighting`` w(t) by name ("sigma2", "sigma", "uniform") or
+    ``(alpha, sigma) -> (B,)``;
     ``space`` the parametrisation the differences are taken in (default: the teacher's own, so
     SD3 gets the TSD-SR release's sigma^2-weighted velocity differences); ``index_sampler`` the
     per-sample start index; ``dasm`` the trajectory (None: one point); ``check_finite`` raise on
     non-finite inputs (one host sync).
     """
 
-    weighting: str | Weighting = "sigma2"
+    time_weighting: str | Weighting = "sigma2"
     space: Prediction | None = None
     index_sampler: IndexSampler = field(default_factory=UniformIndex)
     dasm: DASMSampler | None = None
@@ -175,7 +176,7 @@ class ScoreDistillationLoss:
         grads, norms, timesteps, sigmas = trajectory_directions(
             teacher, fake if needs_fake else None, z_hat.detach().float(),
             None if z is None else z.float(), cond, noise.float(), points, point_weights, terms,
-            space, distill_weighting(self.weighting))
+            space, distill_weighting(self.time_weighting))
         grad = sum(coef * grads[term] for term, coef in mix.items())
         return DistillOutput(surrogate_loss(z_hat, grad), grad, grads, norms, points, timesteps,
                              sigmas)

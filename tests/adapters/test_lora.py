@@ -58,7 +58,8 @@ def train_step(student, teacher, fake):
                                       fake=CFG(fake, 7.5, null), z=z,
                                       generator=torch.Generator().manual_seed(0))
     gen_loss = tsd.loss + F.mse_loss(z_hat, z)
-    fake_loss = DiffusionLoss()(fake, z_hat, cond, generator=torch.Generator().manual_seed(1)).loss
+    fake_loss = DiffusionLoss()(z_hat, cond, model=fake,
+                                generator=torch.Generator().manual_seed(1)).loss
     # Backward after the other forwards: recomputation must not see their adapter selection.
     gen_loss.backward()
     fake_loss.backward()
