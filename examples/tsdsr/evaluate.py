@@ -10,7 +10,6 @@ other images are still evaluated.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -24,7 +23,17 @@ import torch
 from tqdm import tqdm
 
 from examples.tsdsr import metrics as metrics_lib
-from examples.tsdsr.imageio import list_images, load_image, write_atomic
+from examples.tsdsr.imageio import IMAGE_EXTENSIONS, list_images, load_image, write_atomic
+from scoredistill.cli import (
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    ArgumentParser,
+    UserError,
+    entry_point,
+    existing_dir,
+    writable_dir,
+)
+from scoredistill.cli import device as device_type
 
 DEFAULT_METRICS = ("psnr", "ssim")
 
@@ -156,18 +165,23 @@ def default_out_dir(sr_dir: str | os.PathLike) -> Path:
     return sr_dir.parent / f"metrics_{sr_dir.name}"
 
 
+@entry_point("evaluate")
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 all evaluated, 1 some failed or unpaired)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sr", required=True, type=Path, help="folder of super-resolved images")
-    parser.add_argument("--hr", required=True, type=Path, help="folder of reference images")
+    """CLI entry point; returns the exit status (0 all evaluated, 1 some failed or unpaired,
+    2 a usage error: nothing evaluated)."""
+    parser = ArgumentParser(prog="evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sr", required=True, type=existing_dir,
+                        help="folder of super-resolved images")
+    parser.add_argument("--hr", required=True, type=existing_dir,
+                        help="folder of reference images")
     parser.add_argument(
         "--metrics",
         default=",".join(DEFAULT_METRICS),
         help=f"comma-separated, from: {', '.join(metrics_lib.METRICS)}",
     )
     parser.add_argument("--out", type=Path, help="report folder; default <sr>/../metrics_<sr>")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_type,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 
@@ -175,17 +189,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         metrics_lib.check_metric_names(names)
     except ValueError as exc:
-        parser.error(str(exc))
+        parser.error(f"argument --metrics: {exc}")
+    if not names:
+        parser.error("argument --metrics: no metric named")
+    if args.sr.resolve() == args.hr.resolve():
+        raise UserError(f"--sr and --hr are the same folder ({args.hr}): every image would "
+                        "score as identical; give the super-resolved folder as --sr")
     for folder, flag in ((args.sr, "--sr"), (args.hr, "--hr")):
-        if not folder.is_dir():
-            parser.error(f"{flag} {folder} is not a folder")
+        if not list_images(folder):
+            raise UserError(f"{flag} {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     out_dir = (args.out or default_out_dir(args.sr)).resolve()
     if out_dir == args.hr.resolve() or out_dir.is_relative_to(args.hr.resolve()):
-        parser.error(f"--out {out_dir} is inside the HR folder; refusing to write there")
+        raise UserError(f"--out {out_dir} is inside the HR folder; refusing to write there")
+    writable_dir(out_dir, "--out")
 
-    report = evaluate_folders(
-        args.sr, args.hr, names, device=args.device, progress=not args.no_progress
-    )
+    try:
+        report = evaluate_folders(
+            args.sr, args.hr, names, device=args.device, progress=not args.no_progress
+        )
+    except (metrics_lib.MissingWeights, ImportError) as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
     write_report(report, out_dir)
     print(markdown_table(report))
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}")
@@ -194,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, file=sys.stderr)
     if issues:
         print(f"{len(issues)} problem(s); see above", file=sys.stderr)
-    return 1 if issues else 0
+    return EXIT_ITEMS_FAILED if issues else EXIT_OK
 
 
 def _score_pair(
