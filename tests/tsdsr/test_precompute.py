@@ -2,6 +2,7 @@
 
 import logging
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
