@@ -3,7 +3,7 @@
 Variants, one photo per size (scikit-image's astronaut, resized): the untiled VAE; tiles with
 their own GroupNorm statistics blended with Gaussian weights (this project's previous tiling, as
 per-tile schemes such as diffusers' ``enable_tiling`` normalise); and tiles with the whole
-image's statistics (``examples/tsdsr/tiling.py``, the release's design), with the waiting tiles
+image's statistics (``scoredistill/sr/tiling.py``, the release's design), with the waiting tiles
 on the CPU (``offload``, the default) or kept on the device. Both tiled forms run the same
 windows: cores of ``--encoder-tile`` / ``--decoder-tile`` with their margin of context. The
 decoder decodes the untiled latent. Errors: max and mean |diff| of the latent (encoder) and of
@@ -29,10 +29,10 @@ from torch import Tensor
 
 from benchmarks.report import RESULTS, command_line, write_report
 from benchmarks.timing import time_ms
-from examples.tsdsr.infer import DTYPES
-from examples.tsdsr.latents import decode, encode
-from examples.tsdsr.tiling import TileConfig, tiled_apply, tiled_decode, tiled_encode, vae_factor
 from examples.tsdsr.tiny import random_backbone
+from scoredistill.sr.latents import decode, encode
+from scoredistill.sr.loading import DTYPES
+from scoredistill.sr.tiling import TileConfig, tiled_apply, tiled_decode, tiled_encode, vae_factor
 
 COLUMNS = ["stage", "variant", "size", "ms", "peak GiB", "max abs diff", "mean abs diff", "note"]
 

@@ -296,7 +296,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as JSON beside a run, so it can be rerun with ``--config``."""
-    from examples.tsdsr.imageio import write_atomic
+    from scoredistill.sr.imageio import write_atomic
 
     text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
     write_atomic(path, text.encode("utf-8"))

@@ -23,7 +23,6 @@ import torch
 from tqdm import tqdm
 
 from examples.tsdsr import metrics as metrics_lib
-from examples.tsdsr.imageio import IMAGE_EXTENSIONS, list_images, load_image, write_atomic
 from scoredistill.cli import (
     EXIT_ITEMS_FAILED,
     EXIT_OK,
@@ -34,6 +33,7 @@ from scoredistill.cli import (
     writable_dir,
 )
 from scoredistill.cli import device as device_type
+from scoredistill.sr.imageio import IMAGE_EXTENSIONS, list_images, load_image, write_atomic
 
 DEFAULT_METRICS = ("psnr", "ssim")
 

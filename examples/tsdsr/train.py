@@ -34,8 +34,7 @@ from tqdm import tqdm
 from examples.tsdsr.checkpoint import gather_lora, load_checkpoint, save_checkpoint
 from examples.tsdsr.config import TrainConfig, parse_config, save_config
 from examples.tsdsr.data import PairedSRDataset
-from examples.tsdsr.precompute import load_prompts, precompute
-from examples.tsdsr.tiling import vae_factor
+from examples.tsdsr.precompute import precompute
 from examples.tsdsr.training.data import CaptionedCrops, StepBatches, derive_seed, make_loader
 from examples.tsdsr.training.models import build_models
 from examples.tsdsr.training.preemption import Preempted, StopOnSignal
@@ -50,6 +49,8 @@ from examples.tsdsr.training.sharding import (
 from examples.tsdsr.training.step import Losses, Optimisation, train_step
 from examples.tsdsr.training.validation import ValPair, load_val_pairs, validate
 from scoredistill.cli import EXIT_OK, EXIT_PREEMPTED, UserError, entry_point
+from scoredistill.sr.loading import load_prompts
+from scoredistill.sr.tiling import vae_factor
 
 log = logging.getLogger("tsdsr.train")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

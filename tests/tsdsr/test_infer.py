@@ -10,9 +10,7 @@ from PIL import Image
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from examples.tsdsr.imageio import load_image, save_png
-from examples.tsdsr.infer import load_model, main, plan_outputs, sr_forward
-from examples.tsdsr.latents import decode, encode, one_step
+from examples.tsdsr.infer import main
 from examples.tsdsr.tiny import load_backbone
 from scoredistill.adapters import (
     STUDENT_TARGETS,
@@ -23,6 +21,10 @@ from scoredistill.adapters import (
     lora_state_dict,
     save_lora,
 )
+from scoredistill.sr.imageio import load_image, save_png
+from scoredistill.sr.latents import decode, encode, one_step
+from scoredistill.sr.loading import load_model
+from scoredistill.sr.upscale import plan_outputs, sr_forward
 
 RNG = np.random.default_rng(0)
 FAST = ["--process-size", "64", "--no-progress"]
@@ -151,7 +153,7 @@ def reference(parts, x, cond):
 def test_lora_checkpoint_is_merged_and_fused(adapted, tmp_path, inputs):
     save_lora(tmp_path / "ckpt" / "transformer.safetensors", adapted.transformer, "student")
     save_lora(tmp_path / "ckpt" / "vae.safetensors", adapted.vae, "default")
-    model = load_model(lora=tmp_path / "ckpt")
+    model = load_model(load_backbone(None), lora=tmp_path / "ckpt")
     x = torch.rand(1, 3, 48, 64) * 2 - 1
     torch.testing.assert_close(sr_forward(model, x), reference(adapted, x, adapted.cond),
                                rtol=1e-4, atol=1e-4)
@@ -177,10 +179,10 @@ def test_release_folder_in_the_authors_layout(adapted, tmp_path):
             "pooled_projections": torch.randn(1, 64, generator=g)}
     torch.save(cond["prompt_embeds"], release / "prompt_embeds.pt")
     torch.save(cond["pooled_projections"], release / "pool_embeds.pt")
-    model = load_model(release=release)
+    model = load_model(load_backbone(None), release=release)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(sr_forward(model, x), reference(adapted, x, cond),
                                rtol=1e-4, atol=1e-4)
     (release / "pool_embeds.pt").unlink()
     with pytest.raises(FileNotFoundError, match="pool_embeds"):
-        load_model(release=release)
+        load_model(load_backbone(None), release=release)

@@ -96,7 +96,7 @@ def read_cache(output_dir: Path, context: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_cache(output_dir: Path, context: dict[str, Any], passed: dict[str, Any]) -> None:
-    from examples.tsdsr.imageio import write_atomic
+    from scoredistill.sr.imageio import write_atomic
 
     output_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"context": context, "items": passed})

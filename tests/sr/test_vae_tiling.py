@@ -12,12 +12,12 @@ pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import SlicedAttnProcessor
 
-from examples.tsdsr.latents import decode, encode
-from examples.tsdsr.tiling import tiled_apply, tiled_decode, tiled_encode
 from examples.tsdsr.tiny import CONFIGS, random_backbone
-from examples.tsdsr.vae_steps import decoder_network, encoder_network, exact_margin
-from examples.tsdsr.vae_tiling import plan_tiles, run_tiled
-from tests.tsdsr.test_tiling import smooth_image
+from scoredistill.sr.latents import decode, encode
+from scoredistill.sr.tiling import tiled_apply, tiled_decode, tiled_encode
+from scoredistill.sr.vae_steps import decoder_network, encoder_network, exact_margin
+from scoredistill.sr.vae_tiling import plan_tiles, run_tiled
+from tests.sr.test_tiling import smooth_image
 
 
 def make_vae(levels: int = 4, layers: int = 2, *, attention: bool = True, quant: bool = True,
