@@ -174,3 +174,15 @@ def writable_dir(path: str | os.PathLike, flag: str) -> Path:
         raise UserError(f"{flag} {path} is not writable ({exc.strerror or exc}): give a folder "
                         "you can write to") from None
     return path
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` means the GPU or the host ran out of memory for one item (a batch job
+    reports that item and goes on)."""
+    import torch
+
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text
+                                              or "can't allocate memory" in text)

@@ -39,7 +39,7 @@ from scoredistill.cli import (
 )
 from scoredistill.cli import device as device_type
 from scoredistill.messages import brief
-from scoredistill.sr.imageio import load_image
+from scoredistill.sr.imageio import load_image, new_file_mode
 from scoredistill.sr.loading import KEYS, PROMPTS_FILE
 
 log = logging.getLogger("tsdsr.precompute")
@@ -57,6 +57,7 @@ def save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
                   metadata=metadata)
+        os.chmod(tmp, new_file_mode())  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

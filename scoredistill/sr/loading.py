@@ -158,3 +158,14 @@ def load_model(backbone: Backbone | str | os.PathLike, *, lora: str | Path | Non
             module.fuse_qkv_projections()
     return SRModel(SD3ScoreModel(parts.transformer), parts.vae,
                    {k: v.to(device, dtype) for k, v in cond.items()})
+
+
+def check_sd3_folder(pretrained: str | os.PathLike) -> None:
+    """FileNotFoundError unless ``pretrained`` is a local diffusers SD3 folder (``transformer/``
+    and ``vae/`` with their config.json), checked before anything loads."""
+    missing = [f"{sub}/config.json" for sub in ("transformer", "vae")
+               if not (Path(pretrained) / sub / "config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"--pretrained {pretrained} has no {' or '.join(missing)}: give "
+                                "a local diffusers SD3 folder (stabilityai/stable-diffusion-3-"
+                                "medium-diffusers as downloaded)")

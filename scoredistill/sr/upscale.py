@@ -8,6 +8,7 @@ upsampled LQ.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scoredistill.sr.colorfix import color_fix
-from scoredistill.sr.imageio import load_image, save_png
+from scoredistill.sr.imageio import DEFAULT_MAX_PIXELS, load_image, save_png
 from scoredistill.sr.latents import decode, encode, one_step
 from scoredistill.sr.loading import SRModel
 from scoredistill.sr.tiling import TileConfig, tiled_decode, tiled_encode, tiled_one_step
@@ -59,7 +60,11 @@ def super_resolve(model: SRModel, image: Tensor, *, upscale: float = 4.0,
     h, w = image.shape[-2:]
     if min(h, w) < MIN_SIDE:
         raise ValueError(f"image is {w}x{h} px; at least {MIN_SIDE} px per side is needed")
+    if not (math.isfinite(upscale) and upscale > 0):
+        raise ValueError(f"upscale must be a positive number, got {upscale}")
     target = (round(h * upscale), round(w * upscale))
+    if min(target) < 1:
+        raise ValueError(f"upscale {upscale} makes the {w}x{h} px image vanish")
     # The model saw >= 512 px crops: raise the short side to process_size (release: LQ 128 px).
     grow = max(1.0, process_size / min(target))
     work = (round(target[0] * grow), round(target[1] * grow))
@@ -74,10 +79,11 @@ def super_resolve(model: SRModel, image: Tensor, *, upscale: float = 4.0,
     return _resize(sr, target).clamp(0, 1)[0]
 
 
-def upscale_file(model: SRModel, src: Path, dst: Path, **options: object) -> None:
-    """Read ``src`` (RGB/RGBA/grey, 8/16 bit), super-resolve, write ``dst`` atomically (PNG at
-    the input's bit depth)."""
-    loaded = load_image(src)
+def upscale_file(model: SRModel, src: Path, dst: Path, *,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, **options: object) -> None:
+    """Read ``src`` (RGB/RGBA/grey, 8/16 bit, upright, at most ``max_pixels``), super-resolve,
+    write ``dst`` atomically (PNG at the input's bit depth)."""
+    loaded = load_image(src, max_pixels=max_pixels)
     sr = super_resolve(model, loaded.rgb, **options)  # type: ignore[arg-type]
     if loaded.grey:
         sr = torch.einsum("chw,c->hw", sr, sr.new_tensor(_LUMA))[None]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from examples.tsdsr.config import TrainConfig
 from scoredistill.cli import UserError, writable_dir
+from scoredistill.sr.loading import PROMPTS_FILE, check_sd3_folder
 
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
@@ -28,19 +29,14 @@ def check_paths(config: TrainConfig) -> None:
         if value is not None and not Path(value).is_file():
             raise UserError(f"{_flag(name)} {value}: no such file")
     if config.pretrained is not None:
-        missing = [s for s in ("transformer", "vae") if not (Path(config.pretrained) / s).is_dir()]
-        if missing:
-            raise UserError(f"--pretrained {config.pretrained} has no {' or '.join(missing)} "
-                            "folder: give a local diffusers SD3 folder (as downloaded with "
-                            "huggingface-cli download stabilityai/stable-diffusion-3-medium-"
-                            "diffusers)")
-    if config.embeds_dir is not None:
-        from examples.tsdsr.precompute import PROMPTS_FILE
-
-        if not (Path(config.embeds_dir) / PROMPTS_FILE).is_file():
-            raise UserError(f"--embeds-dir {config.embeds_dir} has no {PROMPTS_FILE}: run "
-                            f"python -m examples.tsdsr.precompute --hq-dir {config.hq_dir} "
-                            f"--out {config.embeds_dir} first")
+        try:
+            check_sd3_folder(config.pretrained)
+        except FileNotFoundError as exc:
+            raise UserError(str(exc)) from None
+    if config.embeds_dir is not None and not (Path(config.embeds_dir) / PROMPTS_FILE).is_file():
+        raise UserError(f"--embeds-dir {config.embeds_dir} has no {PROMPTS_FILE}: run "
+                        f"python -m examples.tsdsr.precompute --hq-dir {config.hq_dir} "
+                        f"--out {config.embeds_dir} first")
     writable_dir(config.output_dir, "--output-dir")
 
 
