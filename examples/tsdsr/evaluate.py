@@ -30,10 +30,17 @@ from scoredistill.cli import (
     UserError,
     entry_point,
     existing_dir,
+    number,
     writable_dir,
 )
 from scoredistill.cli import device as device_type
-from scoredistill.sr.imageio import IMAGE_EXTENSIONS, list_images, load_image, write_atomic
+from scoredistill.sr.imageio import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    list_images,
+    load_image,
+    write_atomic,
+)
 
 DEFAULT_METRICS = ("psnr", "ssim")
 
@@ -66,6 +73,7 @@ def evaluate_folders(
     device: str | torch.device = "cpu",
     pretrained_model_paths: dict[str, str] | None = None,
     progress: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> dict:
     """Per-image and average metrics of SR images against same-named HR images, as a JSON-able dict.
 
@@ -90,7 +98,8 @@ def evaluate_folders(
     bar = tqdm(pairing.pairs, desc="evaluating", unit="img", disable=not progress)
     for sr_path, hr_path in bar:
         try:
-            scores = _score_pair(sr_path, hr_path, per_image_metrics, models, device)
+            scores = _score_pair(sr_path, hr_path, per_image_metrics, models, device,
+                                 max_pixels)
             per_image[sr_path.name] = scores
         except (ValueError, RuntimeError) as exc:
             failed[sr_path.name] = str(exc)
@@ -182,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="report folder; default <sr>/../metrics_<sr>")
     parser.add_argument("--device", type=device_type,
                         default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-pixels", type=number(int, low=1), default=DEFAULT_MAX_PIXELS,
+                        help="refuse images of more pixels (decompression bombs)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 
@@ -204,9 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     writable_dir(out_dir, "--out")
 
     try:
-        report = evaluate_folders(
-            args.sr, args.hr, names, device=args.device, progress=not args.no_progress
-        )
+        report = evaluate_folders(args.sr, args.hr, names, device=args.device,
+                                  progress=not args.no_progress, max_pixels=args.max_pixels)
     except (metrics_lib.MissingWeights, ImportError) as exc:
         raise UserError(str(exc).splitlines()[0]) from None
     write_report(report, out_dir)
@@ -226,9 +236,10 @@ def _score_pair(
     names: list[str],
     models: dict,
     device: torch.device,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> dict[str, float]:
-    sr = load_image(sr_path).rgb[None].to(device)
-    hr = load_image(hr_path).rgb[None].to(device)
+    sr = load_image(sr_path, max_pixels=max_pixels).rgb[None].to(device)
+    hr = load_image(hr_path, max_pixels=max_pixels).rgb[None].to(device)
     if sr.shape != hr.shape:
         raise ValueError(f"size {tuple(sr.shape[-2:])} differs from HR {tuple(hr.shape[-2:])}")
     scores = {}

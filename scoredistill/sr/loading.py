@@ -99,10 +99,13 @@ def read_embeds(directory: str | Path) -> dict[str, Tensor] | None:
 
 def _prefix(path: Path) -> str:
     # save_lora and the release write "transformer."; a VAE file may carry "vae." instead.
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return next(iter(f.keys())).split(".", 1)[0]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return next(iter(f.keys())).split(".", 1)[0]
+    except (SafetensorError, StopIteration) as exc:  # truncated, foreign or empty: name it
+        raise ValueError(f"cannot read LoRA file {path}: {exc or 'no tensors'}") from None
 
 
 def merge_lora(model: nn.Module) -> None:
