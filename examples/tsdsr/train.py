@@ -153,6 +153,7 @@ def train(config: TrainConfig) -> Path:
     if config.pretrained is None and not config.tiny:
         raise UserError("give --pretrained /path/to/sd3 (a local diffusers folder) or --tiny")
     check_tracker(config.report_to)
+    check_paths(config)  # the paths given; --tiny's own are made below
     out = Path(config.output_dir)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=str(out),
                               log_with=None if config.report_to == "none" else config.report_to)
@@ -162,7 +163,6 @@ def train(config: TrainConfig) -> Path:
         accelerator.wait_for_everyone()
     if config.hq_dir is None or config.embeds_dir is None:
         raise UserError("--hq-dir and --embeds-dir (from precompute.py) are required")
-    check_paths(config)
     ckpt_root = out / "checkpoints"
     resume_from = resume_point(config, ckpt_root, set_aside=accelerator.is_main_process)
     accelerator.wait_for_everyone()
