@@ -3,16 +3,23 @@ trained 2-step run, LQ/SR/HR folders) and the bad files the rows put into it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from scoredistill.sr.imageio import save_png
+from examples.tsdsr.checkpoint import checkpoints
+from scoredistill.sr import upscale
+
+Setup = Callable[[Path, pytest.MonkeyPatch], None]
+Check = Callable[[Path], None]
 
 RNG = np.random.default_rng(0)
 # The train.py flags every training row starts from (the tiny preset, a random tiny backbone).
@@ -97,5 +104,81 @@ def checkpoint_with_truncated_lora(folder: Path) -> None:
     truncate(folder / "transformer.safetensors", 300)
 
 
-def save_rgb(path: Path, side: int = 32) -> None:
-    save_png(torch.rand(3, side, side, generator=torch.Generator().manual_seed(1)), path)
+class RunsCode:
+    """Pickles as a call of os.mkdir(marker): what a crafted weights file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+# Row setups (workspace, monkeypatch) and checks (workspace).
+def write_text(rel: str, text: str, encoding: str) -> Setup:
+    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
+        (ws / rel).write_bytes(text.encode(encoding))
+    return setup
+
+
+def call(fn: Callable[..., None], *args: object) -> Setup:
+    return lambda ws, mp: fn(*(Path(a.format(ws=ws)) if isinstance(a, str) else a for a in args))
+
+
+def both(*setups: Setup) -> Setup:
+    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
+        for s in setups:
+            s(ws, mp)
+    return setup
+
+
+def fail_on(name: str, error: BaseException) -> Setup:
+    """Make super-resolving the input called ``name`` raise ``error`` (running out of memory)."""
+    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
+        real = upscale.load_image
+
+        def load(path, **kw):
+            if Path(path).name == name:
+                raise error
+            return real(path, **kw)
+        mp.setattr(upscale, "load_image", load)
+    return setup
+
+
+def outputs(*names: str, size: tuple[int, int] | None = None) -> Check:
+    def check(ws: Path) -> None:
+        from PIL import Image
+
+        assert sorted(p.name for p in (ws / "out").iterdir()) == sorted(names)
+        if size is not None:
+            with Image.open(ws / "out" / names[0]) as img:
+                assert img.size == size and img.getexif().get(0x0112) is None
+    return check
+
+
+def ckpts(*names: str, aside: str | None = None) -> Check:
+    def check(ws: Path) -> None:
+        root = ws / "run" / "checkpoints"
+        assert [p.name for p in checkpoints(root)] == list(names)
+        if aside is not None:
+            assert [p.name for p in root.glob(f"superseded-*/{aside}")] == [aside]
+    return check
+
+
+def mode_follows_umask(ws: Path) -> None:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for p in (ws / "out").iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+
+
+def same_embeddings(ws: Path) -> None:
+    from safetensors.torch import load_file
+
+    bom, plain = (load_file(ws / e / "images" / "a.safetensors") for e in ("e2", "embeds"))
+    assert bom.keys() == plain.keys() and all(torch.equal(bom[k], plain[k]) for k in bom)
+
+
+def prompts_without_a(ws: Path) -> None:
+    assert (ws / "e2" / "prompts.safetensors").is_file()  # the job went on past a.png
+    assert not (ws / "e2" / "images" / "a.safetensors").exists()

@@ -11,9 +11,7 @@ row expects an exception class and words, and a short message.
 from __future__ import annotations
 
 import math
-import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,19 +22,15 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from examples.tsdsr import evaluate, infer, precompute, train
-from examples.tsdsr.checkpoint import checkpoints
 from examples.tsdsr.tiny import random_backbone
 from examples.tsdsr.training import models
 from scoredistill import CFG, DASMSampler, DiffusionLoss, RectifiedFlow, TSDLoss
-from scoredistill.sr import upscale
 from tests import bad_input_files as files
 from tests.bad_input_files import EVAL, INFER, TRAIN
 from tests.helpers import TinyNet
 
 CLIS = {"train": train.main, "infer": infer.main, "evaluate": evaluate.main,
         "precompute": precompute.main}
-Setup = Callable[[Path, pytest.MonkeyPatch], None]
-Check = Callable[[Path], None]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
@@ -51,84 +45,15 @@ class Case:
     status: int
     words: tuple[str, ...]
     unchanged: tuple[str, ...] = ()
-    setup: Setup | None = None
-    check: Check | None = None
+    setup: files.Setup | None = None
+    check: files.Check | None = None
     marks: tuple = ()
 
 
-def _write(rel: str, text: str, encoding: str) -> Setup:
-    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
-        (ws / rel).write_bytes(text.encode(encoding))
-    return setup
-
-
-def _call(fn: Callable[..., None], *args: object) -> Setup:
-    return lambda ws, mp: fn(*(Path(a.format(ws=ws)) if isinstance(a, str) else a for a in args))
-
-
-def _both(*setups: Setup) -> Setup:
-    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
-        for s in setups:
-            s(ws, mp)
-    return setup
-
-
-def _fail_on(name: str, error: BaseException) -> Setup:
-    """Make super-resolving the input called ``name`` raise ``error`` (running out of memory)."""
-    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
-        real = upscale.load_image
-
-        def load(path, **kw):
-            if Path(path).name == name:
-                raise error
-            return real(path, **kw)
-        mp.setattr(upscale, "load_image", load)
-    return setup
-
-
-def _outputs(*names: str, size: tuple[int, int] | None = None) -> Check:
-    def check(ws: Path) -> None:
-        from PIL import Image
-
-        assert sorted(p.name for p in (ws / "out").iterdir()) == sorted(names)
-        if size is not None:
-            with Image.open(ws / "out" / names[0]) as img:
-                assert img.size == size and img.getexif().get(0x0112) is None
-    return check
-
-
-def _ckpts(*names: str, aside: str | None = None) -> Check:
-    def check(ws: Path) -> None:
-        root = ws / "run" / "checkpoints"
-        assert [p.name for p in checkpoints(root)] == list(names)
-        if aside is not None:
-            assert [p.name for p in root.glob(f"superseded-*/{aside}")] == [aside]
-    return check
-
-
-def _mode(ws: Path) -> None:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    for p in (ws / "out").iterdir():
-        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
-
-
-def _same_embeddings(ws: Path) -> None:
-    from safetensors.torch import load_file
-
-    bom, plain = (load_file(ws / e / "images" / "a.safetensors") for e in ("e2", "embeds"))
-    assert bom.keys() == plain.keys() and all(torch.equal(bom[k], plain[k]) for k in bom)
-
-
-def _prompts_without_a(ws: Path) -> None:
-    assert (ws / "e2" / "prompts.safetensors").is_file()  # the job went on past a.png
-    assert not (ws / "e2" / "images" / "a.safetensors").exists()
-
-
-SMALL = _call(files.png, "{ws}/hq/small.png", 32, 32)
-CORRUPT = _call(files.truncate, "{ws}/hq/b.png")
-LATIN1 = _write("hq/a.txt", "un café rouge", "latin-1")
-DAMAGED = _call(files.truncate, "{ws}/run/checkpoints/step-00000002/transformer.safetensors")
+SMALL = files.call(files.png, "{ws}/hq/small.png", 32, 32)
+CORRUPT = files.call(files.truncate, "{ws}/hq/b.png")
+LATIN1 = files.write_text("hq/a.txt", "un café rouge", "latin-1")
+DAMAGED = files.call(files.truncate, "{ws}/run/checkpoints/step-00000002/transformer.safetensors")
 UNCHANGED_RUN = ("run/config.json", "run/checkpoints")
 CASES = [
     # train.py: values checked at parse time, before anything loads.
@@ -141,13 +66,13 @@ CASES = [
     Case("train lr nan", "train", (*TRAIN, "--lr", "nan"), 2, ("--lr", "finite")),
     Case("train unknown config key", "train", (*TRAIN, "--config", "{ws}/run.yaml"), 2,
          ("run.yaml", "unknown key", "learning_rate"),
-         setup=_write("run.yaml", "learning_rate: 1e-5\n", "utf-8")),
+         setup=files.write_text("run.yaml", "learning_rate: 1e-5\n", "utf-8")),
     Case("train malformed yaml", "train", (*TRAIN, "--config", "{ws}/run.yaml"), 2,
          ("run.yaml", "not valid yaml", "line 2"),
-         setup=_write("run.yaml", "lr: 1e-5\n  max_steps: [\n", "utf-8")),
+         setup=files.write_text("run.yaml", "lr: 1e-5\n  max_steps: [\n", "utf-8")),
     Case("train config value of wrong type", "train", (*TRAIN, "--config", "{ws}/run.yaml"), 2,
          ("run.yaml", "batch_size must be an integer"),
-         setup=_write("run.yaml", "batch_size: two\n", "utf-8")),
+         setup=files.write_text("run.yaml", "batch_size: two\n", "utf-8")),
     Case("train missing config file", "train", (*TRAIN, "--config", "{ws}/nope.yaml"), 2,
          ("nope.yaml", "cannot read")),
     # Paths checked before the model loads.
@@ -176,17 +101,17 @@ CASES = [
     Case("train latin-1 caption", "train", (*TRAIN, "--output-dir", "{ws}/new"), 2,
          ("a.txt is not utf-8", "0xe9"), setup=LATIN1),
     Case("train all bad files listed at once", "train", (*TRAIN, "--output-dir", "{ws}/new"), 2,
-         ("small.png", "b.png", "a.txt", "3 bad"), setup=_both(SMALL, CORRUPT, LATIN1)),
+         ("small.png", "b.png", "a.txt", "3 bad"), setup=files.both(SMALL, CORRUPT, LATIN1)),
     Case("train --skip-bad-files trains on the rest", "train",
          (*TRAIN, "--output-dir", "{ws}/new", "--skip-bad-files", "--max-steps", "1"), 0,
          ("training without the 1 bad file",), setup=SMALL),
     Case("train bad validation image", "train",
          (*TRAIN, "--output-dir", "{ws}/new", "--val-hq-dir", "{ws}/val"), 2,
          ("tiny.png is 8x8, smaller than 16 px",),
-         setup=_call(files.png, "{ws}/val/tiny.png", 8, 8)),
+         setup=files.call(files.png, "{ws}/val/tiny.png", 8, 8)),
     Case("train BOM caption equals the caption", "train",
          (*TRAIN, "--output-dir", "{ws}/new", "--max-steps", "1"), 0, (),
-         setup=_write("hq/a.txt", "\ufeffa red cat\n", "utf-8")),
+         setup=files.write_text("hq/a.txt", "\ufeffa red cat\n", "utf-8")),
     # Resume semantics.
     Case("train resume with a changed lr", "train", (*TRAIN, "--resume", "latest", "--lr", "1e-3"),
          2, ("--lr 0.0003 -> 0.001", "another --output-dir"), unchanged=UNCHANGED_RUN),
@@ -197,7 +122,7 @@ CASES = [
     Case("train damaged newest checkpoint falls back", "train",
          (*TRAIN, "--resume", "latest", "--max-steps", "3"), 0,
          ("skipping damaged checkpoint step-00000002", "transformer.safetensors"),
-         setup=DAMAGED, check=_ckpts("step-00000001", "step-00000002", "step-00000003",
+         setup=DAMAGED, check=files.ckpts("step-00000001", "step-00000002", "step-00000003",
                                      aside="step-00000002")),
     Case("train damaged checkpoint named by --resume", "train",
          (*TRAIN, "--resume", "{ws}/run/checkpoints/step-00000002"), 2,
@@ -205,7 +130,7 @@ CASES = [
     Case("train resume from an older step keeps the new line", "train",
          (*TRAIN, "--resume", "{ws}/run/checkpoints/step-00000001", "--max-steps", "3",
           "--checkpoints-keep", "1"), 0, ("moved the later checkpoints step-00000002",),
-         check=_ckpts("step-00000003", aside="step-00000002")),
+         check=files.ckpts("step-00000003", aside="step-00000002")),
     # infer.py
     Case("infer upscale 0", "infer", (*INFER, "--upscale", "0"), 2, ("--upscale", "> 0")),
     Case("infer upscale nan", "infer", (*INFER, "--upscale", "nan"), 2, ("--upscale", "finite")),
@@ -225,29 +150,31 @@ CASES = [
          2, ("transformer/config.json",)),
     Case("infer truncated lora file", "infer", (*INFER, "--lora", "{ws}/ckpt"), 2,
          ("cannot read lora file", "ckpt/transformer.safetensors"),
-         setup=_call(files.checkpoint_with_truncated_lora, "{ws}/ckpt")),
+         setup=files.call(files.checkpoint_with_truncated_lora, "{ws}/ckpt")),
     Case("infer exif-rotated jpeg is upright", "infer", INFER, 0, (),
-         setup=_both(_call(files.exif_rotated_jpeg, "{ws}/lq/phone.jpg")),
-         check=_outputs("phone.png", "x.png", "y.png", size=(64, 96))),
+         setup=files.both(files.call(files.exif_rotated_jpeg, "{ws}/lq/phone.jpg")),
+         check=files.outputs("phone.png", "x.png", "y.png", size=(64, 96))),
     Case("infer 16-bit png bomb, folder goes on", "infer", INFER, 1,
          ("bomb.png", "14000x14000 = 196,000,000 pixels", "--max-pixels"),
-         setup=_call(files.png16_bomb, "{ws}/lq/bomb.png"), check=_outputs("x.png", "y.png")),
+         setup=files.call(files.png16_bomb, "{ws}/lq/bomb.png"),
+         check=files.outputs("x.png", "y.png")),
     Case("infer max-pixels", "infer", (*INFER, "--max-pixels", "300"), 1,
-         ("x.png", "above the limit of 300"), check=_outputs("y.png")),
+         ("x.png", "above the limit of 300"), check=files.outputs("y.png")),
     Case("infer animated gif", "infer", ("{ws}/anim.gif", *INFER[1:]), 0,
          ("anim.gif has 3 frames", "only the first"),
-         setup=_call(files.frames, "{ws}/anim.gif"), check=_outputs("anim.png")),
+         setup=files.call(files.frames, "{ws}/anim.gif"), check=files.outputs("anim.png")),
     Case("infer multi-page tiff", "infer", INFER, 0, ("pages.tif has 2 frames",),
          setup=lambda ws, mp: files.frames(ws / "lq" / "pages.tif", 2)),
     Case("infer gpu out of memory, folder goes on", "infer", INFER, 1,
          ("x.png", "outofmemoryerror", "out of memory"),
-         setup=_fail_on("x.png", torch.OutOfMemoryError("CUDA out of memory")),
-         check=_outputs("y.png")),
+         setup=files.fail_on("x.png", torch.OutOfMemoryError("CUDA out of memory")),
+         check=files.outputs("y.png")),
     Case("infer host out of memory, folder goes on", "infer", INFER, 1,
          ("x.png", "can't allocate memory"),
-         setup=_fail_on("x.png", RuntimeError("DefaultCPUAllocator: can't allocate memory")),
-         check=_outputs("y.png")),
-    Case("infer output mode follows the umask", "infer", INFER, 0, (), check=_mode),
+         setup=files.fail_on("x.png", RuntimeError("DefaultCPUAllocator: can't allocate memory")),
+         check=files.outputs("y.png")),
+    Case("infer output mode follows the umask", "infer", INFER, 0, (),
+         check=files.mode_follows_umask),
     # evaluate.py
     Case("evaluate sr equals hr", "evaluate", ("--sr", "{ws}/hr", *EVAL[2:]), 2,
          ("same folder",)),
@@ -264,10 +191,11 @@ CASES = [
     # precompute.py
     Case("precompute latin-1 caption, others go on", "precompute",
          ("--hq-dir", "{ws}/hq", "--out", "{ws}/e2"), 1, ("a.png", "a.txt is not utf-8"),
-         setup=LATIN1, check=_prompts_without_a),
+         setup=LATIN1, check=files.prompts_without_a),
     Case("precompute BOM caption equals the caption", "precompute",
          ("--hq-dir", "{ws}/hq", "--out", "{ws}/e2"), 0, (),
-         setup=_write("hq/a.txt", "\ufeffa red cat\n", "utf-8"), check=_same_embeddings),
+         setup=files.write_text("hq/a.txt", "\ufeffa red cat\n", "utf-8"),
+         check=files.same_embeddings),
     Case("precompute missing hq-dir", "precompute", ("--hq-dir", "{ws}/nope", "--out", "{ws}/e"),
          2, ("--hq-dir", "no folder")),
     Case("precompute empty hq-dir", "precompute", ("--hq-dir", "{ws}/empty", "--out", "{ws}/e"),
@@ -411,3 +339,24 @@ def test_evaluate_metric_without_weights_is_one_line(base, tmp_path, monkeypatch
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("evaluate: error: ")
     assert str(tmp_path / "pyiqa" / "niqe_modelparameters.mat") in err
+
+
+def test_evaluate_crafted_metric_weights_are_refused(base, tmp_path, monkeypatch, capsys,
+                                                     no_network):
+    """A weights file that would run code when unpickled: refused, one line, the code not run."""
+    pytest.importorskip("pyiqa")
+    import pyiqa.utils.download_util
+
+    from tests.tsdsr.test_pyiqa_metrics import PYIQA_FILES, _write_torchvision_backbone
+
+    monkeypatch.setattr(pyiqa.utils.download_util, "DEFAULT_CACHE_DIR", str(tmp_path / "pyiqa"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    _write_torchvision_backbone(tmp_path / "hub", "lpips")
+    crafted, marker = tmp_path / "pyiqa" / Path(PYIQA_FILES["lpips"]).name, tmp_path / "ran"
+    crafted.parent.mkdir()
+    torch.save({"lin0.model.1.weight": files.RunsCode(marker)}, crafted)
+    ws = files.copy_base(base, tmp_path / "ws")
+    assert evaluate.main([a.format(ws=ws) for a in (*EVAL, "--metrics", "psnr,lpips")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"refusing to load {crafted}" in err
+    assert not marker.exists()

@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = evaluate_folders(args.sr, args.hr, names, device=args.device,
                                   progress=not args.no_progress, max_pixels=args.max_pixels)
-    except (metrics_lib.MissingWeights, ImportError) as exc:
+    except (metrics_lib.MissingWeights, metrics_lib.UnsafeWeights, ImportError) as exc:
         raise UserError(str(exc).splitlines()[0]) from None
     write_report(report, out_dir)
     print(markdown_table(report))

@@ -166,6 +166,10 @@ class MissingWeights(FileNotFoundError):
     """A metric's weights file is absent and could not be downloaded; the message names it."""
 
 
+class UnsafeWeights(ValueError):
+    """A metric's weights file holds objects a weights-only load refuses (it could run code)."""
+
+
 @contextmanager
 def _safe_pyiqa_loading() -> Iterator[None]:
     """While pyiqa builds a metric: every ``torch.load`` is ``weights_only`` (pyiqa passes
@@ -181,10 +185,11 @@ def _safe_pyiqa_loading() -> Iterator[None]:
         try:
             return real_load(f, *args, **kwargs)
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-            raise ValueError(f"refusing to load {getattr(f, 'name', f)}: it holds more than "
-                             f"tensors and plain containers, so loading it could run code "
-                             f"({brief(first)}); use the published weights file") from None
+            lines = [ln.strip() for ln in str(exc).splitlines()]
+            why = next((ln for ln in lines if "Unsupported" in ln), lines[-1] if lines else "")
+            raise UnsafeWeights(f"refusing to load {getattr(f, 'name', f)}: it holds more than "
+                                f"tensors and plain containers, so loading it could run code "
+                                f"({brief(why)}); use the published weights file") from None
 
     def download(url: str, dst: str, *args: Any, **kwargs: Any) -> None:
         try:
