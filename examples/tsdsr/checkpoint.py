@@ -101,18 +101,21 @@ def resolve(resume: str | None, root: str | Path) -> Path | None:
 def set_aside_newer(root: str | Path, step: int) -> Path | None:
     """Move the checkpoints after ``step`` (an earlier run's, when resuming from an older step)
     into ``root/superseded-<time>/``, so they are neither resumed nor cleaned up; return it."""
-    newer = [c for c in checkpoints(root) if step_of(c) > step]
-    newer += [c for c in Path(root).glob("step-*") if c.is_dir() and c not in newer
-              and PATTERN.fullmatch(c.name) and step_of(c) > step]  # incomplete ones too
+    newer = sorted(c for c in Path(root).glob("step-*")
+                   if c.is_dir() and PATTERN.fullmatch(c.name) and step_of(c) > step)
     if not newer:
         return None
-    aside = Path(root) / time.strftime("superseded-%Y%m%d-%H%M%S")
+    stamp = time.strftime("superseded-%Y%m%d-%H%M%S")
+    aside, n = Path(root) / stamp, 0
+    while aside.exists():  # two resumes within a second
+        n += 1
+        aside = Path(root) / f"{stamp}-{n}"
     aside.mkdir()
     for c in newer:
         os.replace(c, aside / c.name)
     log.warning("resuming from step %d: moved the later checkpoints %s of the earlier run to "
                 "%s (kept, but never resumed or deleted)", step,
-                ", ".join(c.name for c in sorted(newer)), aside)
+                ", ".join(c.name for c in newer), aside)
     return aside
 
 

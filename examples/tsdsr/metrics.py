@@ -137,14 +137,14 @@ def create_pyiqa_metric(
             "pretrained_model_path=<file>."
         ) from exc
     kwargs = {}
-    if pretrained_model_path is not None and not Path(pretrained_model_path).is_file():
-        raise MissingWeights(f"{name}: no weights file {pretrained_model_path}")
     if pretrained_model_path is not None:
         if name == "fid":
             raise ValueError(
                 "pyiqa's FID takes no pretrained_model_path; it reads its Inception weights from "
                 "$TORCH_HOME/hub/pyiqa/pt_inception-2015-12-05-6726825d.pth"
             )
+        if not Path(pretrained_model_path).is_file():
+            raise MissingWeights(f"{name}: no weights file {pretrained_model_path}")
         # pyiqa's CLIPIQA loads its CLIP model by name or, given a file, from that file.
         key = "backbone" if name == "clipiqa" else "pretrained_model_path"
         kwargs[key] = str(pretrained_model_path)
