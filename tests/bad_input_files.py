@@ -156,9 +156,9 @@ def outputs(*names: str, size: tuple[int, int] | None = None) -> Check:
     return check
 
 
-def ckpts(*names: str, aside: str | None = None) -> Check:
+def ckpts(*names: str, aside: str | None = None, run: str = "run") -> Check:
     def check(ws: Path) -> None:
-        root = ws / "run" / "checkpoints"
+        root = ws / run / "checkpoints"
         assert [p.name for p in checkpoints(root)] == list(names)
         if aside is not None:
             assert [p.name for p in root.glob(f"superseded-*/{aside}")] == [aside]
@@ -182,3 +182,19 @@ def same_embeddings(ws: Path) -> None:
 def prompts_without_a(ws: Path) -> None:
     assert (ws / "e2" / "prompts.safetensors").is_file()  # the job went on past a.png
     assert not (ws / "e2" / "images" / "a.safetensors").exists()
+
+
+def signal_in_step(step: int, sig: int) -> Setup:
+    """Send ``sig`` to this process during training step ``step`` (as SLURM would)."""
+    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
+        from examples.tsdsr import train
+
+        real, calls = train.train_step, []
+
+        def step_then_signal(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == step:
+                os.kill(os.getpid(), sig)
+            return real(*args, **kwargs)
+        mp.setattr(train, "train_step", step_then_signal)
+    return setup

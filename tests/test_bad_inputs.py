@@ -11,6 +11,7 @@ row expects an exception class and words, and a short message.
 from __future__ import annotations
 
 import math
+import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,11 @@ CASES = [
          (*TRAIN, "--resume", "{ws}/run/checkpoints/step-00000001", "--max-steps", "3",
           "--checkpoints-keep", "1"), 0, ("moved the later checkpoints step-00000002",),
          check=files.ckpts("step-00000003", aside="step-00000002")),
+    Case("train SIGTERM mid-run: checkpoint, exit 75", "train",
+         (*TRAIN, "--output-dir", "{ws}/new", "--max-steps", "3", "--checkpoint-every", "2"), 75,
+         ("stopped by SIGTERM after step 1", "--resume latest"),
+         setup=files.signal_in_step(1, signal.SIGTERM),
+         check=files.ckpts("step-00000001", run="new")),
     # infer.py
     Case("infer upscale 0", "infer", (*INFER, "--upscale", "0"), 2, ("--upscale", "> 0")),
     Case("infer upscale nan", "infer", (*INFER, "--upscale", "nan"), 2, ("--upscale", "finite")),
