@@ -26,7 +26,7 @@ from torch import Tensor
 
 from benchmarks.report import RESULTS, command_line, write_report
 from benchmarks.timing import time_ms
-from examples.tsdsr.tiny import random_backbone
+from examples.tsdsr.models.tiny import random_backbone
 from scoredistill.adapters import (
     STUDENT_TARGETS,
     SD3ScoreModel,
@@ -36,7 +36,7 @@ from scoredistill.adapters import (
     lora_state_dict,
 )
 from scoredistill.sr.loading import DTYPES, SRModel, merge_lora
-from scoredistill.sr.upscale import sr_forward
+from scoredistill.sr.pipeline import TSDSRPipeline
 
 RANKS = {"tiny": 4, "sd3-medium": 64}
 """LoRA rank per config: TSD-SR's 64 for SD3-medium; 4 keeps the tiny model's ratio of rank to
@@ -110,6 +110,11 @@ def cuda_graphed(fn: Callable[[Tensor], Tensor], example: Tensor) -> Callable[[T
 
     replay.graph = graph  # type: ignore[attr-defined]  # keeps the graph (and its pool) alive
     return replay
+
+
+def sr_forward(model: SRModel, x: Tensor) -> Tensor:
+    """The pipeline's forward of one (B, 3, H, W) batch in [-1, 1], untiled."""
+    return TSDSRPipeline(model, tiles=None, batch_size=x.shape[0]).forward([x])[0]
 
 
 def measured_tflop(model: SRModel, x: Tensor) -> float:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from benchmarks.report import RESULTS, command_line, write_report
 from benchmarks.timing import time_ms
-from examples.tsdsr.tiny import random_backbone
+from examples.tsdsr.models.tiny import random_backbone
 from scoredistill.sr.latents import decode, encode
 from scoredistill.sr.loading import DTYPES
 from scoredistill.sr.tiling import TileConfig, tiled_apply, tiled_decode, tiled_encode, vae_factor

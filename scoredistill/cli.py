@@ -58,12 +58,17 @@ def entry_point(prog: str) -> Callable[[Main], Main]:
             try:
                 return main(argv)
             except UserError as exc:
-                print(f"{prog}: error: {exc}", file=sys.stderr)
-                return EXIT_USER_ERROR
+                return report(prog, exc)
 
         return wrapped
 
     return decorate
+
+
+def report(prog: str, error: UserError) -> int:
+    """Print ``error`` as one line, ``prog: error: ...``, on stderr; return exit status 2."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 def number(kind: type[int] | type[float], low: float | None = None, high: float | None = None,

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from examples.tsdsr.checkpoint import checkpoints
-from scoredistill.sr import upscale
+from examples.tsdsr.training.checkpoint import checkpoints
+from scoredistill.sr import files as sr_files
 
 Setup = Callable[[Path, pytest.MonkeyPatch], None]
 Check = Callable[[Path], None]
@@ -94,7 +94,7 @@ def frames(path: Path, count: int = 3) -> None:
 
 def checkpoint_with_truncated_lora(folder: Path) -> None:
     """An infer --lora folder whose transformer.safetensors was cut short."""
-    from examples.tsdsr.tiny import random_backbone
+    from examples.tsdsr.models.tiny import random_backbone
     from scoredistill.adapters import STUDENT_TARGETS, add_lora, lora_config, save_lora
 
     parts = random_backbone("tiny")
@@ -135,13 +135,13 @@ def both(*setups: Setup) -> Setup:
 def fail_on(name: str, error: BaseException) -> Setup:
     """Make super-resolving the input called ``name`` raise ``error`` (running out of memory)."""
     def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
-        real = upscale.load_image
+        real = sr_files.load_image
 
         def load(path, **kw):
             if Path(path).name == name:
                 raise error
             return real(path, **kw)
-        mp.setattr(upscale, "load_image", load)
+        mp.setattr(sr_files, "load_image", load)
     return setup
 
 

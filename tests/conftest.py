@@ -18,6 +18,6 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def parts():
     """The recipe's instant random tiny backbone (8x VAE), built once per module."""
-    from examples.tsdsr.tiny import random_backbone
+    from examples.tsdsr.models.tiny import random_backbone
 
     return random_backbone()

@@ -23,7 +23,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from examples.tsdsr import evaluate, infer, precompute, train
-from examples.tsdsr.tiny import random_backbone
+from examples.tsdsr.models.tiny import random_backbone
 from examples.tsdsr.training import models
 from scoredistill import CFG, DASMSampler, DiffusionLoss, RectifiedFlow, TSDLoss
 from tests import bad_input_files as files
@@ -229,7 +229,7 @@ def test_cli_row(case, base, tmp_path, monkeypatch, capsys, caplog):
     ws = files.copy_base(base, tmp_path / "ws")
     monkeypatch.setattr(models, "load_backbone", lambda pretrained, dtype, device:
                         random_backbone("tiny", dtype=dtype, device=device))
-    monkeypatch.setattr(infer, "load_backbone", lambda pretrained, dtype, device:
+    monkeypatch.setattr(infer, "fitted_backbone", lambda dtype, device:
                         random_backbone("tiny", dtype=dtype, device=device))
     if case.setup is not None:
         case.setup(ws, monkeypatch)

@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import torch
 from tqdm import tqdm
 
-from examples.tsdsr import metrics as metrics_lib
+from examples.tsdsr.evaluation import metrics as metrics_lib
 from scoredistill.cli import (
     EXIT_ITEMS_FAILED,
     EXIT_OK,

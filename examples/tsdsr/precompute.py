@@ -22,6 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import torch
 from torch import Tensor
 
@@ -167,7 +170,7 @@ def precompute(hq_dir: str | Path, out: str | Path, *, pretrained: str | None = 
     captions = read_captions(paths, require_captions, failures)
     paths = [p for p in paths if str(p) not in (failures or {})]
     if pretrained is None:
-        from examples.tsdsr.tiny import CONFIGS
+        from examples.tsdsr.models.tiny import CONFIGS
 
         spec = CONFIGS["tiny"]
         pipe = tiny_pipeline([DEFAULT_PROMPT, *captions.values()],
@@ -183,7 +186,7 @@ def precompute(hq_dir: str | Path, out: str | Path, *, pretrained: str | None = 
                  out / PROMPTS_FILE, {"default_prompt": DEFAULT_PROMPT, "null_prompt": ""})
     vae = None
     if latents:
-        from examples.tsdsr.tiny import load_backbone
+        from examples.tsdsr.models.backbone import load_backbone
 
         vae = load_backbone(pretrained, dtype, device).vae
     for start in range(0, len(paths), batch_size):

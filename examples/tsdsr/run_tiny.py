@@ -18,16 +18,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import torch
 
 from examples.tsdsr import infer
-from examples.tsdsr.checkpoint import checkpoints
 from examples.tsdsr.data import DegradationConfig, degrade, upsample_lq
+from examples.tsdsr.data.tiny_data import HELD_OUT, write_tiny_data
 from examples.tsdsr.evaluate import evaluate_folders
-from examples.tsdsr.tiny import fitted_backbone
+from examples.tsdsr.models.backbone import fitted_backbone
 from examples.tsdsr.train import main as train_main
+from examples.tsdsr.training.checkpoint import checkpoints
 from examples.tsdsr.training.models import make_lpips
-from examples.tsdsr.training.tiny_data import HELD_OUT, write_tiny_data
 from scoredistill.sr.imageio import list_images, load_image, save_png, write_atomic
 
 

@@ -31,10 +31,10 @@ if __package__ in (None, ""):  # run as a script (accelerate launch examples/tsd
 import torch
 from tqdm import tqdm
 
-from examples.tsdsr.checkpoint import gather_lora, load_checkpoint, save_checkpoint
-from examples.tsdsr.config import TrainConfig, parse_config, save_config
 from examples.tsdsr.data import PairedSRDataset
 from examples.tsdsr.precompute import precompute
+from examples.tsdsr.training.checkpoint import gather_lora, load_checkpoint, save_checkpoint
+from examples.tsdsr.training.config import TrainConfig, parse_config, save_config
 from examples.tsdsr.training.data import CaptionedCrops, StepBatches, derive_seed, make_loader
 from examples.tsdsr.training.models import build_models
 from examples.tsdsr.training.preemption import Preempted, StopOnSignal
@@ -58,7 +58,7 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def prepare_tiny_data(config: TrainConfig, write: bool) -> TrainConfig:
     """The tiny default's folders (scikit-image photos, embeddings); ``write`` creates them."""
-    from examples.tsdsr.training.tiny_data import write_tiny_data
+    from examples.tsdsr.data.tiny_data import write_tiny_data
 
     root = Path(config.output_dir)
     train, val = root / "data" / "hq", root / "data" / "val_hq"

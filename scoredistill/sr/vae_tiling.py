@@ -69,35 +69,56 @@ def plan_tiles(height: int, width: int, *, tile: int, margin: int, grid: int = 1
 
 @dataclass(eq=False)
 class _TileState:
+    """A batch of tiles with equal windows and cores within them, concatenated along the batch
+    (k tiles x B samples), and their residual branches."""
+
+    tiles: list[Tile]
     h: Tensor
     saved: list[Tensor] = field(default_factory=list)
 
 
+def _batches(tiles: list[Tile], batch_size: int) -> list[list[Tile]]:
+    """Tiles grouped by window shape and core position in the window (so one slice takes every
+    core of a group), at most ``batch_size`` per group, in first-seen order."""
+    groups: dict[tuple[int, ...], list[Tile]] = {}
+    for t in tiles:
+        (wy, wx), (cy, cx) = t.window, t.core
+        key = (wy.stop - wy.start, wx.stop - wx.start, cy.start - wy.start, cy.stop - wy.start,
+               cx.start - wx.start, cx.stop - wx.start)
+        groups.setdefault(key, []).append(t)
+    return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
 def run_tiled(net: Network, x: Tensor, *, tile: int, margin: int,
-              offload: bool = False) -> Tensor:
+              offload: bool = False, batch_size: int = 1) -> Tensor:
     """``net`` on (B, C, H, W) by core tiles of side <= ``tile`` with ``margin`` px of context
     (input px, rounded up to ``net.grid``) -> (B, C', H * net.scale, W * net.scale).
 
-    ``x`` has the network's dtype; the tiles run on its device, and wait on the CPU between
-    GroupNorms if ``offload``. One tile covering ``x`` gives the untiled network.
+    ``x`` has the network's dtype; the tiles run on its device, up to ``batch_size`` of equal
+    shape per call, and wait on the CPU between GroupNorms if ``offload``. One tile covering
+    ``x`` gives the untiled network.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     tiles = plan_tiles(*x.shape[-2:], tile=tile, margin=margin, grid=net.grid)
     store = torch.device("cpu") if offload else x.device
-    states = [_TileState(x[(..., *t.window)]) for t in tiles]
+    states = [_TileState(group, torch.cat([x[(..., *t.window)] for t in group]))
+              for group in _batches(tiles, batch_size)]
     pending: tuple[nn.GroupNorm, Tensor, Tensor] | None = None
     for steps, norm, px in _segments(net):
         moments = []
-        for t, state in zip(tiles, states, strict=True):
+        for state in states:
             h = state.h.to(x.device)
             if pending is not None:
                 h = _normalise(h, *pending)
             for step in steps:
                 h = _run(step, h, state, store)
             if norm is not None:
-                moments.append(_moments(h[(..., *_within(t, px))], norm.num_groups))
+                moments.append(_moments(h[(..., *_within(state.tiles[0], px))],
+                                        norm.num_groups, len(state.tiles)))
             state.h = h.to(store)
         pending = None if norm is None else (norm, *_pool(moments))
-    return _assemble(tiles, states, net.px[-1], x)
+    return _assemble(states, net.px[-1], x)
 
 
 def _segments(net: Network) -> list[tuple[list[_Op], nn.GroupNorm | None, Fraction]]:
@@ -143,16 +164,17 @@ def _accumulate(h: Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, torch.float32)
 
 
-def _moments(core: Tensor, groups: int) -> tuple[Tensor, Tensor, int]:
-    """Mean and variance (B, G), float32 or wider, of a core (B, C, h, w) per sample and group,
+def _moments(core: Tensor, groups: int, tiles: int = 1) -> tuple[Tensor, Tensor, int]:
+    """Mean and variance (B, G), float32 or wider, per sample and group of the cores of
+    ``tiles`` tiles concatenated along the batch (tiles * B, C, h, w), pooled over the tiles,
     and the number of values per group."""
     # Per channel first (reduces the strided core in place, no copy for float32), then the
-    # channels of a group pooled: equal counts, so plain means.
+    # channels of a group and the tiles pooled: equal counts, so plain means.
     var, mean = torch.var_mean(core.to(_accumulate(core)), dim=(-2, -1), correction=0)
-    mean, var = (s.view(s.shape[0], groups, -1) for s in (mean, var))
-    group_mean = mean.mean(-1)
-    group_var = (var + (mean - group_mean[..., None]).square()).mean(-1)
-    return group_mean, group_var, core[0].numel() // groups
+    mean, var = (s.view(tiles, s.shape[0] // tiles, groups, -1) for s in (mean, var))
+    group_mean = mean.mean((0, -1))
+    group_var = (var + (mean - group_mean[..., None]).square()).mean((0, -1))
+    return group_mean, group_var, tiles * core[0].numel() // groups
 
 
 def _pool(moments: list[tuple[Tensor, Tensor, int]]) -> tuple[Tensor, Tensor]:
@@ -165,26 +187,30 @@ def _pool(moments: list[tuple[Tensor, Tensor, int]]) -> tuple[Tensor, Tensor]:
 
 
 def _normalise(h: Tensor, norm: nn.GroupNorm, mean: Tensor, var: Tensor) -> Tensor:
-    """``norm`` of (B, C, h, w) with the given (B, G) statistics, in h's dtype."""
+    """``norm`` of (k * B, C, h, w) (k tiles of B samples) with the given (B, G) statistics, in
+    h's dtype."""
     b, c = h.shape[:2]
-    per_group = c // norm.num_groups
+    per_group, tiles = c // norm.num_groups, b // mean.shape[0]
     # One fused pass: batch_norm over B*C "channels" with the group statistics as its running
     # statistics (its mixed-precision form for a half-precision h: parameters in float32).
-    stats = [s.repeat_interleave(per_group, dim=1).flatten() for s in (mean, var)]
+    stats = [s.repeat(tiles, 1).repeat_interleave(per_group, dim=1).flatten()
+             for s in (mean, var)]
     affine = [None if p is None else p.to(_accumulate(h)).repeat(b)
               for p in (norm.weight, norm.bias)]
     out = F.batch_norm(h.reshape(1, b * c, -1), *stats, *affine, training=False, eps=norm.eps)
     return out.view_as(h)
 
 
-def _assemble(tiles: list[Tile], states: list[_TileState], px: Fraction, x: Tensor) -> Tensor:
+def _assemble(states: list[_TileState], px: Fraction, x: Tensor) -> Tensor:
     """The tiles' cores placed in one output on x's device."""
     out = None
-    for t, state in zip(tiles, states, strict=True):
-        piece = state.h[(..., *_within(t, px))]
-        if out is None:
-            side = [_px_slice(slice(0, n), px).stop for n in x.shape[-2:]]
-            out = piece.new_empty(*piece.shape[:2], *side, device=x.device)
-        out[(..., *(_px_slice(s, px) for s in t.core))] = piece
+    for state in states:
+        within = _within(state.tiles[0], px)
+        for t, h in zip(state.tiles, state.h.chunk(len(state.tiles)), strict=True):
+            piece = h[(..., *within)]
+            if out is None:
+                side = [_px_slice(slice(0, n), px).stop for n in x.shape[-2:]]
+                out = piece.new_empty(*piece.shape[:2], *side, device=x.device)
+            out[(..., *(_px_slice(s, px) for s in t.core))] = piece
     assert out is not None  # plan_tiles gives at least one tile
     return out

@@ -10,7 +10,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from examples.tsdsr.tiny import CONFIGS, load_backbone, random_backbone, random_cond
+from examples.tsdsr.models.backbone import load_backbone
+from examples.tsdsr.models.tiny import CONFIGS, random_backbone, random_cond
 from scoredistill.adapters import SD3ScoreModel
 from scoredistill.schedules import RectifiedFlow
 from scoredistill.sr.latents import decode, encode, one_step

@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import SlicedAttnProcessor
 
-from examples.tsdsr.tiny import CONFIGS, random_backbone
+from examples.tsdsr.models.tiny import CONFIGS, random_backbone
 from scoredistill.sr.latents import decode, encode
 from scoredistill.sr.tiling import tiled_apply, tiled_decode, tiled_encode
 from scoredistill.sr.vae_steps import decoder_network, encoder_network, exact_margin
@@ -123,6 +123,22 @@ def test_with_the_exact_margin_tiles_equal_the_untiled_network_without_attention
         short = run_tiled(net, inp, tile=tile, margin=margin // 2)
         assert (exact - reference).abs().max() < 1e-12
         assert (short - reference).abs().max() > 1e-6
+
+
+@torch.no_grad()
+def test_tiles_run_in_batches_equal_tiles_run_one_at_a_time():
+    # Tiles of equal window shape and core position go through each step together; their
+    # statistics pool per tile and per sample, as when they run one by one (float64: exact to
+    # rounding). 12 tiles of several shapes, 2 samples, attention in the mid block.
+    vae = torch.nn.Module.to(make_vae(3, 1), torch.float64)
+    x = torch.cat([smooth_image(96, 128, seed=s) for s in (0, 1)]).double()
+    z = torch.randn(2, 16, 24, 32, generator=torch.Generator().manual_seed(0)).double()
+    for net, inp, tile in ((encoder_network(vae), x, 32), (decoder_network(vae), z, 8)):
+        one = run_tiled(net, inp, tile=tile, margin=8, offload=True)
+        many = run_tiled(net, inp, tile=tile, margin=8, offload=True, batch_size=12)
+        assert (many - one).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="batch_size"):
+        run_tiled(encoder_network(vae), x, tile=32, margin=8, batch_size=0)
 
 
 def test_exact_margins_of_the_sd3_vae():

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from examples.tsdsr import train
-from examples.tsdsr.tiny import random_backbone
+from examples.tsdsr.models.tiny import random_backbone
 from examples.tsdsr.training import data, models
 from examples.tsdsr.training.sharding import is_sharded
 

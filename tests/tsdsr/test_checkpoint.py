@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from examples.tsdsr.checkpoint import STATE_FILES, read_state, write_state
+from examples.tsdsr.training.checkpoint import STATE_FILES, read_state, write_state
 
 
 def test_optimizer_and_scheduler_state_round_trip_without_pickle(tmp_path):

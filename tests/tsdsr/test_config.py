@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from examples.tsdsr.config import TINY_PRESET, TrainConfig, build_parser, parse_config
+from examples.tsdsr.training.config import TINY_PRESET, TrainConfig, build_parser, parse_config
 
 
 def test_defaults_are_the_papers():

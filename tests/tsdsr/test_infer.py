@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from examples.tsdsr.infer import main
-from examples.tsdsr.tiny import load_backbone
+from examples.tsdsr.models.backbone import load_backbone
 from scoredistill.adapters import (
     STUDENT_TARGETS,
     SD3ScoreModel,
@@ -21,10 +21,11 @@ from scoredistill.adapters import (
     lora_state_dict,
     save_lora,
 )
+from scoredistill.sr.files import plan_outputs
 from scoredistill.sr.imageio import load_image, save_png
 from scoredistill.sr.latents import decode, encode, one_step
 from scoredistill.sr.loading import load_model
-from scoredistill.sr.upscale import plan_outputs, sr_forward
+from scoredistill.sr.pipeline import TSDSRPipeline
 
 RNG = np.random.default_rng(0)
 FAST = ["--process-size", "64", "--no-progress"]
@@ -121,6 +122,10 @@ def test_large_image_is_tiled(tmp_path):
                       ("--tile", "--no-tile"))
     assert tiled.shape == untiled.shape == (544, 544, 3)
     assert not np.array_equal(tiled, untiled)
+
+
+def sr_forward(model, x):
+    return TSDSRPipeline(model, tiles=None).forward([x])[0]
 
 
 def randomized(module, adapter, seed):

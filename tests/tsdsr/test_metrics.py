@@ -9,7 +9,7 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from examples.tsdsr import metrics
+from examples.tsdsr.evaluation import metrics
 from scoredistill.sr.imageio import load_image
 
 REALSR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "realsr"

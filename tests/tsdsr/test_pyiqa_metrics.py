@@ -35,7 +35,7 @@ import scipy.io
 import torchvision
 from PIL import Image
 
-from examples.tsdsr import metrics
+from examples.tsdsr.evaluation import metrics
 
 # The files pyiqa 0.1.x reads, relative to $TORCH_HOME/hub (docs/guides/tsdsr-recipe.md lists them).
 PYIQA_FILES = {

@@ -4,11 +4,12 @@ and its cache is reused bit-identically and rebuilt when a file is corrupted."""
 import pytest
 import torch
 
-from examples.tsdsr import tiny_fit
-from examples.tsdsr.metrics import psnr_y
-from examples.tsdsr.tiny import fitted_backbone, random_backbone
-from examples.tsdsr.tiny_fit import FitSettings, fitted_states, photos, reconstruct
-from examples.tsdsr.training.tiny_data import HELD_OUT
+from examples.tsdsr.data.tiny_data import HELD_OUT
+from examples.tsdsr.evaluation.metrics import psnr_y
+from examples.tsdsr.models import tiny_fit
+from examples.tsdsr.models.backbone import fitted_backbone
+from examples.tsdsr.models.tiny import random_backbone
+from examples.tsdsr.models.tiny_fit import FitSettings, fitted_states, photos, reconstruct
 from scoredistill import DiffusionLoss
 from scoredistill.adapters import SD3ScoreModel
 from scoredistill.sr.latents import encode

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from examples.tsdsr import train as train_module
-from examples.tsdsr.checkpoint import checkpoints
-from examples.tsdsr.config import parse_config
+from examples.tsdsr.models.tiny import random_backbone
 from examples.tsdsr.precompute import precompute
-from examples.tsdsr.tiny import random_backbone
 from examples.tsdsr.train import main
 from examples.tsdsr.training import models
+from examples.tsdsr.training.checkpoint import checkpoints
+from examples.tsdsr.training.config import parse_config
 from examples.tsdsr.training.preemption import StopOnSignal
 from scoredistill.cli import EXIT_PREEMPTED
 from scoredistill.sr.imageio import save_png
@@ -166,10 +166,10 @@ def test_non_finite_loss_skips_the_update(data, tmp_path):
 
 @pytest.fixture(scope="module")
 def latent_embeds(data, tmp_path_factory):
-    from examples.tsdsr import tiny
+    from examples.tsdsr.models import backbone
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tiny, "load_backbone", lambda pretrained, dtype, device:
+        mp.setattr(backbone, "load_backbone", lambda pretrained, dtype, device:
                    random_backbone("tiny", dtype=dtype, device=device))
         return precompute(data / "hq", tmp_path_factory.mktemp("embeds") / "e", latents=True)
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from examples.tsdsr.config import TrainConfig
-from examples.tsdsr.tiny import load_backbone
+from examples.tsdsr.models.backbone import load_backbone
+from examples.tsdsr.training.config import TrainConfig
 from scoredistill.adapters import (
     ATTENTION_TARGETS,
     STUDENT_TARGETS,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from examples.tsdsr.config import TrainConfig
+from examples.tsdsr.training.config import TrainConfig
 from scoredistill.cli import UserError, writable_dir
 from scoredistill.sr.loading import PROMPTS_FILE, check_sd3_folder
 

@@ -17,8 +17,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from examples.tsdsr.checkpoint import checkpoints, resolve, set_aside_newer
-from examples.tsdsr.config import TrainConfig
+from examples.tsdsr.training.checkpoint import checkpoints, resolve, set_aside_newer
+from examples.tsdsr.training.config import TrainConfig
 from scoredistill.cli import UserError
 from scoredistill.messages import brief
 

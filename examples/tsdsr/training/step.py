@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from examples.tsdsr.config import TrainConfig
+from examples.tsdsr.training.config import TrainConfig
 from examples.tsdsr.training.models import TSDSRModels, hq_latent
 from examples.tsdsr.training.sharding import clip_grad_norm, is_sharded
 from scoredistill import CFG, DASMSampler, DiffusionLoss, TSDLoss, UniformIndex

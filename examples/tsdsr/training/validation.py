@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from examples.tsdsr.data import DegradationConfig, degrade, upsample_lq
-from examples.tsdsr.metrics import psnr_y, ssim_y
+from examples.tsdsr.evaluation.metrics import psnr_y, ssim_y
 from examples.tsdsr.training.models import TSDSRModels
 from examples.tsdsr.training.step import student_forward
 from scoredistill.sr.imageio import list_images, load_image, save_png

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from examples.tsdsr.data.tiny_data import TRAIN, photo
+from examples.tsdsr.models.tiny import CONFIGS, random_backbone
 from scoredistill import DiffusionLoss, UniformIndex
 from scoredistill.adapters import SD3ScoreModel
 from scoredistill.sr.imageio import write_atomic
@@ -54,8 +56,6 @@ def default_cache_dir() -> Path:
 
 def photos(names: tuple[str, ...], side: int = 128) -> list[Tensor]:
     """scikit-image's bundled photos ``names`` as (3, H, W) in [0, 1], short side ``side``."""
-    from examples.tsdsr.training.tiny_data import photo
-
     return [photo(name, side) for name in names]
 
 
@@ -126,9 +126,6 @@ def _bcast(mask: Tensor, like: Tensor) -> Tensor:
 
 def cache_key(config: str, seed: int, settings: FitSettings) -> str:
     """Hash of the architecture, seed, fit settings and data names (16 hex digits)."""
-    from examples.tsdsr.tiny import CONFIGS
-    from examples.tsdsr.training.tiny_data import TRAIN
-
     spec = dataclasses.asdict(CONFIGS[config])
     text = json.dumps({"format": FORMAT, "config": spec, "seed": seed, "data": TRAIN,
                        "fit": dataclasses.asdict(settings)}, sort_keys=True, default=str)
@@ -157,11 +154,11 @@ def read_cache(folder: Path) -> dict[str, dict[str, Tensor]] | None:
 
 def write_cache(folder: Path, states: dict[str, dict[str, Tensor]]) -> None:
     """Each file atomically, then the manifest of their checksums (its presence = complete)."""
-    from examples.tsdsr.precompute import save_tensors
+    from safetensors.torch import save
 
     (folder / MANIFEST).unlink(missing_ok=True)
     for name, state in states.items():
-        save_tensors(state, folder / name)
+        write_atomic(folder / name, save({k: v.contiguous() for k, v in state.items()}))
     manifest = {name: _sha256(folder / name) for name in FILES}
     write_atomic(folder / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
 
@@ -170,9 +167,6 @@ def fitted_states(config: str = "tiny-fit", seed: int = 0, settings: FitSettings
                   cache_dir: str | Path | None = None) -> dict[str, dict[str, Tensor]]:
     """``{"vae.safetensors": ..., "transformer.safetensors": ...}`` fp32 CPU state dicts, from
     the cache or fitted now (then cached)."""
-    from examples.tsdsr.tiny import random_backbone
-    from examples.tsdsr.training.tiny_data import TRAIN
-
     settings = settings or FitSettings()
     folder = Path(cache_dir or default_cache_dir()) / f"tiny-{cache_key(config, seed, settings)}"
     cached = read_cache(folder)

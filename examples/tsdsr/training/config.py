@@ -28,7 +28,7 @@ from scoredistill.messages import brief
 class TrainConfig:
     """Every knob of TSD-SR training; defaults are the paper's / release's (CVPR 2025, Alg. 1)."""
 
-    # Models. pretrained=None: the embedded tiny SD3-shaped model (examples/tsdsr/tiny.py).
+    # Models. pretrained=None: the embedded tiny SD3-shaped model (examples/tsdsr/models/tiny.py).
     pretrained: str | None = None  # local SD3(-medium) diffusers folder; never downloaded
     teacher_lora: str | None = None  # optional teacher LoRA file ("use_teacher_lora")
     lpips_backbone: str | None = None  # local torchvision AlexNet state dict; None: random

@@ -1,22 +1,19 @@
-"""TSD-SR's backbone parts: the embedded tiny SD3-shaped default, SD3-medium's shapes, or a
-local SD3 diffusers folder.
+"""SD3-shaped backbones built from a seed: the embedded tiny ones and SD3-medium's shapes.
 
 The tiny backbones are rebuilt bit-identically from a seed (on the CPU in fp32, then moved);
-the default one is then pre-fitted once by tiny_fit.py and cached, so training and inference
-agree on the base weights; only LoRA files move between the two. ``random_backbone("tiny")``
-is the instant, unfitted one for tests.
+the default one is then pre-fitted once by tiny_fit.py and cached (:mod:`.backbone`).
+``random_backbone("tiny")`` is the instant, unfitted one for tests.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from scoredistill.sr.loading import Backbone, load_sd3
+from scoredistill.sr.loading import Backbone
 
 if TYPE_CHECKING:
     pass
@@ -107,35 +104,3 @@ def random_backbone(config: str = "tiny", *, seed: int = 0, dtype: torch.dtype =
     # which only matters for pretrained weights loaded with `torch_dtype`.
     return Backbone(torch.nn.Module.to(transformer, device, dtype).eval(),
                     torch.nn.Module.to(vae, device, dtype).eval(), cond)
-
-
-def fitted_backbone(*, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", cache_dir: str | Path | None = None
-                    ) -> Backbone:
-    """The "tiny-fit" backbone with tiny_fit.py's pre-fitted weights (cached; fitted on a miss).
-
-    Its VAE reconstructs and its transformer is a rectified-flow denoiser of that VAE's latents,
-    so TSD-SR's teacher means something; ``cond`` is the seeded default prompt it was fitted with.
-    """
-    from examples.tsdsr.tiny_fit import fitted_states
-
-    states = fitted_states("tiny-fit", seed, cache_dir=cache_dir)
-    parts = random_backbone("tiny-fit", seed=seed)
-    parts.transformer.load_state_dict(states["transformer.safetensors"])
-    parts.vae.load_state_dict(states["vae.safetensors"])
-    return Backbone(torch.nn.Module.to(parts.transformer, device, dtype),
-                    torch.nn.Module.to(parts.vae, device, dtype),
-                    {k: v.to(device, dtype) for k, v in parts.cond.items()})
-
-
-def load_backbone(pretrained: str | None, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu") -> Backbone:
-    """SD3's transformer and VAE from a local diffusers folder, or the pre-fitted tiny default
-    (:func:`fitted_backbone`) if None.
-
-    The folder's prompt embeddings need the text encoders, so ``cond`` is None for it: the
-    default prompt comes precomputed (e.g. the release's ``prompt_embeds.pt``).
-    """
-    if pretrained is None:
-        return fitted_backbone(dtype=dtype, device=device)
-    return load_sd3(pretrained, dtype, device)

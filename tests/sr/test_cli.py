@@ -1,0 +1,118 @@
+"""``scoredistill-sr`` on a local SD3-layout folder of the tiny model: every input kind, bad
+files reported and skipped, and a folder split across two processes (torchrun, CPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+from examples.tsdsr.models.tiny import random_backbone
+from scoredistill.sr.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+RNG = np.random.default_rng(0)
+FAST = ["--process-size", "32", "--no-progress", "--upscale", "2"]
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory) -> Path:
+    """The random tiny backbone saved as a diffusers SD3 folder, with the release's prompt
+    files (``embeds/prompt_embeds.pt``, ``embeds/pool_embeds.pt``)."""
+    folder = tmp_path_factory.mktemp("sd3")
+    parts = random_backbone()
+    parts.transformer.save_pretrained(folder / "transformer")
+    parts.vae.save_pretrained(folder / "vae")
+    (folder / "embeds").mkdir()
+    torch.save(parts.cond["prompt_embeds"], folder / "embeds" / "prompt_embeds.pt")
+    torch.save(parts.cond["pooled_projections"], folder / "embeds" / "pool_embeds.pt")
+    return folder
+
+
+def model_flags(folder: Path) -> list[str]:
+    return ["--pretrained", str(folder), "--embeds", str(folder / "embeds")]
+
+
+def write(path: Path, array: np.ndarray) -> Path:
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def inputs(tmp_path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write(folder / "a.png", RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    write(folder / "b.png", RNG.integers(0, 256, (16, 16, 4), dtype=np.uint8))
+    write(folder / "c.jpg", RNG.integers(0, 256, (12, 16), dtype=np.uint8))
+    write(folder / "d.png", RNG.integers(0, 65536, (16, 12), dtype=np.uint16))
+    write(folder / "e.png", RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    write(folder / "small.png", RNG.integers(0, 256, (4, 30, 3), dtype=np.uint8))
+    return folder
+
+
+def test_bad_files_are_reported_and_skipped(sd3_folder, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([str(inputs), "-o", str(out), *FAST, *model_flags(sd3_folder),
+                 "--batch-size", "4", "--profile"]) == 1
+    captured = capsys.readouterr()
+    failed = [line for line in captured.err.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 2
+    assert any("broken.png" in line for line in failed)
+    assert any("small.png" in line and "at least 8 px" in line for line in failed)
+    assert "5 image(s) written" in captured.out and "transformer" in captured.out
+    modes = {p.name: (Image.open(p).size, Image.open(p).mode) for p in out.iterdir()}
+    assert modes == {"a.png": ((48, 40), "RGB"), "b.png": ((32, 32), "RGBA"),
+                     "c.png": ((32, 24), "L"), "d.png": ((24, 32), "I;16"),
+                     "e.png": ((48, 40), "RGB")}
+
+
+def test_help_shows_the_speed_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--compile", "--batch-size", "--cuda-graphs", "--fp8", "--channels-last"):
+        assert flag in text
+
+
+def test_fp8_on_the_cpu_is_a_clear_error(sd3_folder, inputs, tmp_path):
+    with pytest.raises(RuntimeError, match="FP8 needs a CUDA GPU"):
+        main([str(inputs), "-o", str(tmp_path / "o"), *FAST, *model_flags(sd3_folder),
+              "--fp8", "--device", "cpu"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_split_a_folder_and_match_one_process(sd3_folder, inputs, tmp_path):
+    (inputs / "broken.png").unlink()
+    (inputs / "small.png").unlink()
+    flags = [*FAST, *model_flags(sd3_folder), "--batch-size", "1"]
+    assert main([str(inputs), "-o", str(tmp_path / "one"), *flags]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
+           "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "scoredistill.sr.cli", str(inputs), "-o", str(tmp_path / "two"), *flags]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    # Five files, sorted: rank 0 takes a, c, e and rank 1 takes b, d; each says so once.
+    assert "[rank 0/2] 3 image(s) written" in done.stdout
+    assert "[rank 1/2] 2 image(s) written" in done.stdout
+    one, two = (sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("one", "two"))
+    assert one == two == ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    for name in one:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
