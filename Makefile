@@ -27,14 +27,16 @@ toy-demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# The four benchmarks in quick mode (CPU), their checks asserted and tables printed; results
+# The benchmarks in quick mode (CPU), their checks asserted and tables printed; results
 # go to a temporary folder so the committed GPU tables are not overwritten.
 bench-quick: $(STAMP)
 	out=$$(mktemp -d) && \
 	$(BIN)/python -m benchmarks.train_step --quick --out $$out && \
 	$(BIN)/python -m benchmarks.inference --quick --out $$out && \
 	$(BIN)/python -m benchmarks.tiled_vae --quick --out $$out && \
-	$(BIN)/python -m benchmarks.compare_losses --quick --no-docs-assets --out $$out
+	$(BIN)/python -m benchmarks.sr_throughput --quick --out $$out && \
+	$(BIN)/python -m benchmarks.compare_losses --quick --no-docs-assets --out $$out && \
+	$(BIN)/python -m benchmarks.natural_patches --quick --no-docs-assets --out $$out
 
 test: lint bench-quick
 	$(BIN)/python -m pytest -q

@@ -92,3 +92,20 @@ def write_report(name: str, title: str, rows: Sequence[dict[str, Any]], *,
     if echo:
         print(table)
     return out_dir / f"{name}.md"
+
+
+def write_pending(name: str, title: str, rows: Sequence[dict[str, Any]], *, awaiting: str,
+                  fill: str, columns: Sequence[str] | None = None,
+                  out_dir: Path = RESULTS) -> Path:
+    """Write ``<name>.json`` / ``<name>.md`` for a table none of whose rows is measured yet: the
+    planned rows, each marked "awaiting ``awaiting``", and ``fill``, the command that measures
+    them. The docs can include it now; the measuring run overwrites both files."""
+    rows = [{**r, "note": f"awaiting {awaiting}"} for r in rows]
+    _atomic_write(out_dir / f"{name}.json",
+                  json.dumps({"title": title, "pending": True, "awaiting": awaiting,
+                              "fill": fill, "rows": rows}, indent=2))
+    text = (f"### {title}\n\n**Not measured yet: awaiting {awaiting}** (`{fill}` measures every "
+            "row). No number in this table was measured.\n\n" + markdown_table(rows, columns)
+            + "\n")
+    _atomic_write(out_dir / f"{name}.md", text)
+    return out_dir / f"{name}.md"

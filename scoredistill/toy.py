@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +55,23 @@ class ToySR:
         lq = hq @ self.operator.T + self.noise_std * torch.randn(
             n, self.lq_dim, generator=generator)
         return hq, lq
+
+
+class SRProblem(Protocol):
+    """What the trainer needs from a problem: :class:`ToySR` and ``scoredistill.patches.PatchSR``.
+
+    ``teacher`` the exact ScoreModel of HQ, ``operator`` (d, D) the linear part of the
+    degradation, ``sample(n, generator) -> (hq (n, D), lq (n, d))``.
+    """
+
+    teacher: ScoreModel
+    operator: Tensor
+
+    @property
+    def dim(self) -> int: ...
+
+    def sample(self, n: int, generator: torch.Generator | None = None
+               ) -> tuple[Tensor, Tensor]: ...
 
 
 def _time_features(t: Tensor, num_steps: int) -> Tensor:
@@ -115,13 +133,13 @@ def evaluate(problem: ToySR, gen: OneStepGenerator, n: int = 4096, seed: int = 1
 
 @dataclass
 class ToyTrainer:
-    """Alternating student / fake-score updates of TSD-SR Alg. 1 on `ToySR`.
+    """Alternating student / fake-score updates of TSD-SR Alg. 1 on `ToySR` (or any `SRProblem`).
 
     ``teacher`` defaults to the problem's exact one; pass a learned ScoreModel to study an
-    imperfect teacher.
+    imperfect teacher. ``hidden`` is the width of the generator's and the fake score's MLPs.
     """
 
-    problem: ToySR
+    problem: SRProblem
     loss: ScoreDistillationLoss | None
     teacher: ScoreModel | None = None
     recon_weight: float = 1.0
@@ -130,13 +148,14 @@ class ToyTrainer:
     lr: float = 1e-3
     fake_lr: float = 1e-3
     seed: int = 0
+    hidden: int = 128
 
     def __post_init__(self) -> None:
         torch.manual_seed(self.seed)
         if self.teacher is None:
             self.teacher = self.problem.teacher
-        self.gen = OneStepGenerator(self.problem.operator)
-        self.fake = MLPScore(self.problem.dim)
+        self.gen = OneStepGenerator(self.problem.operator, self.hidden)
+        self.fake = MLPScore(self.problem.dim, self.hidden)
         self.g = torch.Generator().manual_seed(self.seed)
         self.opt = torch.optim.Adam(self.gen.parameters(), lr=self.lr)
         self.fake_opt = torch.optim.Adam(self.fake.parameters(), lr=self.fake_lr)

@@ -23,3 +23,16 @@ def test_report_names_machine_and_command_and_replaces_files_whole(tmp_path):
     table = (tmp_path / "r.md").read_text()
     assert table.count("| a |") == 2 and "by `" not in table
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]
+
+
+def test_pending_table_marks_every_row_and_measures_nothing(tmp_path):
+    from benchmarks.report import write_pending
+
+    write_pending("p", "Title", [{"way": "a"}, {"way": "b"}], awaiting="a GPU",
+                  fill="bash x.sh", columns=["way", "s", "note"], out_dir=tmp_path)
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["pending"] is True and "machine" not in data
+    assert [r["note"] for r in data["rows"]] == ["awaiting a GPU"] * 2
+    table = (tmp_path / "p.md").read_text()
+    assert "Not measured yet" in table and "Measured on" not in table
+    assert "| a |  | awaiting a GPU |" in table
