@@ -22,7 +22,7 @@ from ..samplers.dasm import DASMSampler
 from ..samplers.timesteps import IndexSampler, UniformIndex
 from ..schedules import index_alpha_sigma
 from .surrogate import surrogate_loss
-from .validation import check_inputs
+from .validation import check_all_finite, check_inputs
 from .weighting import Weighting, distill_weighting
 
 Term = Literal["sds", "vsd", "tsm"]
@@ -126,7 +126,7 @@ class ScoreDistillationLoss:
     ``space`` the parametrisation the differences are taken in (default: the teacher's own, so
     SD3 gets the TSD-SR release's sigma^2-weighted velocity differences); ``index_sampler`` the
     per-sample start index; ``dasm`` the trajectory (None: one point); ``check_finite`` raise on
-    non-finite inputs (one host sync).
+    non-finite inputs (ValueError) or model outputs (FloatingPointError), one host sync per call.
     """
 
     time_weighting: str | Weighting = "sigma2"
@@ -177,17 +177,21 @@ class ScoreDistillationLoss:
         if self.dasm is not None:
             if dasm_bias is None:
                 dasm_bias = self.dasm.draw_bias(b, generator=generator, device=dev)
-            check_inputs(z_hat, z, noise, cond, index, dasm_bias, self.check_finite)
+            check_inputs(z_hat, z, noise, cond, index, dasm_bias)
             points = self.dasm.indices(index, schedule.num_steps, dasm_bias)
             point_weights = self.dasm.point_weights(dev)
         else:
-            check_inputs(z_hat, z, noise, cond, index, None, self.check_finite)
+            check_inputs(z_hat, z, noise, cond, index, None)
             points, point_weights = index[:, None], torch.ones(1, device=dev)
 
         grads, norms, timesteps, sigmas = trajectory_directions(
             teacher, fake if needs_fake else None, z_hat.detach().float(),
             None if z is None else z.float(), cond, noise.float(), points, point_weights, terms,
             space, distill_weighting(self.time_weighting))
+        if self.check_finite:
+            check_all_finite({"z_hat": z_hat, "noise": noise, "z": z},
+                         {f"the {term} direction": grads[term] for term in terms},
+                         "teacher or fake score" if needs_fake else "teacher")
         grad = sum(coef * grads[term] for term, coef in mix.items())
         return DistillOutput(surrogate_loss(z_hat, grad), grad, grads, norms, points, timesteps,
                              sigmas)

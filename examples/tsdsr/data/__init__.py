@@ -1,6 +1,6 @@
 """Training data for TSD-SR: Real-ESRGAN degradation (Wang et al., ICCVW 2021) and paired crops."""
 
-from .dataset import DEFAULT_PROMPT, PairedSRDataset, degrade_batch
+from .dataset import DEFAULT_PROMPT, PairedSRDataset, degrade_batch, read_caption
 from .degradation import (
     DegradationConfig,
     Degraded,
@@ -58,6 +58,7 @@ __all__ = [
     "random_beta",
     "random_kernel",
     "random_sinc_kernel",
+    "read_caption",
     "sample_params",
     "sinc_kernel",
     "trim_kernel",
