@@ -53,5 +53,8 @@ def test_errors(tmp_path):
 def test_jpeg_codec_option():
     assert parse_config([]).jpeg_codec == "diffjpeg"  # Real-ESRGAN's simulated JPEG
     assert parse_config(["--jpeg-codec", "libjpeg"]).jpeg_codec == "libjpeg"
-    with pytest.raises(ValueError, match="jpeg_codec"):
+    with pytest.raises(SystemExit) as exit_info:  # refused at parse time, one line
         parse_config(["--jpeg-codec", "pillow"])
+    assert exit_info.value.code == 2
+    with pytest.raises(ValueError, match="jpeg_codec must be one of diffjpeg, libjpeg"):
+        TrainConfig(jpeg_codec="pillow")
