@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks.paired_stats import ALPHA, TEST_COLUMNS, compare_paired
 from benchmarks.report import command_line, markdown_table, results_dir, write_report
-from benchmarks.stats import ALPHA, TEST_COLUMNS, compare_paired
 from benchmarks.toy_metrics import (
     FIG3_TIMESTEP,
     DirectionProbe,
