@@ -16,6 +16,8 @@ from typing import Any, Literal
 from scipy import stats
 
 ALPHA = 0.05
+TEST_COLUMNS = ("teacher", "metric", "A", "B", "n", "mean A - B", "t", "p", "p (Holm)",
+                "verdict")
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,12 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (same order as given)."""
-    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
-    adjusted, running = [0.0] * len(pvalues), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+    """Holm-Bonferroni adjusted p-values (same order as given; NaN, an undefined test, stays NaN
+    and does not count in the family)."""
+    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    adjusted, running = [math.nan] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
         adjusted[i] = running
     return adjusted
 
@@ -84,4 +87,30 @@ def judge(claims: Sequence[Claim], per_seed: dict[tuple[str, str], dict[str, lis
         row["verdict"] = verdict(row["diff_mean"], p, row["better"])
         row["effect"] = (f"{row['diff_mean']:+.3g} (d_z {row['d_z']:+.2g}), "
                          f"p_t {row['p_t']:.2g}, Holm {p:.2g}, Wilcoxon {row['p_wilcoxon']:.2g}")
+    return rows
+
+
+def compare_paired(pairs: Sequence[tuple[dict[str, Any], Sequence[float | None],
+                                         Sequence[float | None]]],
+                   alpha: float = ALPHA) -> list[dict[str, Any]]:
+    """One row per ``(labels, A per seed, B per seed)`` (lower is better; None: diverged seed).
+
+    Seeds where either value is None are dropped; p-values (paired t) are Holm-adjusted over all
+    pairs; the verdict names the lower of A and B only where the adjusted p is below ``alpha``.
+    """
+    rows = []
+    for labels, a, b in pairs:
+        kept = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+        test = paired_test([x for x, _ in kept], [y for _, y in kept]) if kept else None
+        mean = test["diff_mean"] if test else math.nan
+        t = test["d_z"] * math.sqrt(test["n"]) if test and test["n"] > 1 else math.nan
+        rows.append({**labels, "n": len(kept), "mean A - B": mean, "t": t,
+                     "p": test["p_t"] if test else math.nan})
+    for row, adjusted in zip(rows, holm([r["p"] for r in rows]), strict=True):
+        row["p (Holm)"] = adjusted
+        if math.isnan(adjusted) or adjusted >= alpha:
+            row["verdict"] = "n.s."
+        else:
+            winner = row.get("A", "A") if row["mean A - B"] < 0 else row.get("B", "B")
+            row["verdict"] = f"{winner} lower"
     return rows

@@ -15,6 +15,7 @@ from .losses.distill import (
 )
 from .losses.surrogate import surrogate_loss
 from .losses.weighting import distill_weighting, sd3_loss_weight
+from .one_step import one_step
 from .parametrization import convert, ddim_step, from_x0_eps, to_x0_eps
 from .protocols import Cond, NoiseSchedule, Prediction, ScoreModel
 from .samplers.dasm import DASMSampler
@@ -49,6 +50,7 @@ __all__ = [
     "distill_weighting",
     "from_x0_eps",
     "index_alpha_sigma",
+    "one_step",
     "predict_batched",
     "sd3_loss_weight",
     "surrogate_loss",

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .messages import brief
 from .protocols import Cond
 
 
@@ -20,8 +21,11 @@ def tree_map(fn: Callable[..., Tensor], *trees: Cond) -> Cond:
     if isinstance(first, Tensor):
         return fn(*trees)
     if isinstance(first, Mapping):
-        if any(not isinstance(t, Mapping) or t.keys() != first.keys() for t in trees):
-            raise ValueError("conditioning dicts have different keys")
+        for t in trees:
+            if not isinstance(t, Mapping) or t.keys() != first.keys():
+                other = list(t) if isinstance(t, Mapping) else type(t).__name__
+                raise ValueError(f"conditioning structures differ: a dict with keys "
+                                 f"{brief(list(first))} vs {brief(other)}")
         return {k: tree_map(fn, *(t[k] for t in trees)) for k in first}
     if isinstance(first, Sequence) and not isinstance(first, str):
         if any(len(t) != len(first) for t in trees):

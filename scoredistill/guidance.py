@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .conditioning import cat_cond, expand_cond
+from .messages import brief
 from .protocols import Call, Cond, NoiseSchedule, Prediction, ScoreModel
 
 
@@ -28,6 +30,11 @@ class CFG:
     scale: float
     null_cond: Cond
 
+    def __post_init__(self) -> None:
+        if isinstance(self.scale, bool) or not isinstance(self.scale, int | float) or (
+                not math.isfinite(self.scale)):
+            raise ValueError(f"CFG scale must be a finite number, got {brief(self.scale)}")
+
     @property
     def prediction(self) -> Prediction:
         return self.model.prediction
@@ -45,6 +52,10 @@ class CFG:
         """
         if self.scale == 1.0:
             return [(self.model, x_t, t, cond)], lambda preds: preds[0]
+        if (self.null_cond is None) != (cond is None):
+            raise ValueError(
+                "CFG needs null_cond shaped like cond (e.g. the empty prompt's embeddings), got "
+                + ("null_cond=None" if self.null_cond is None else "cond=None"))
         null = expand_cond(self.null_cond, x_t.shape[0], "null_cond")
         call = (self.model, torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond([cond, null]))
 

@@ -27,9 +27,25 @@ def check_prediction(kind: str) -> Prediction:
     return kind  # type: ignore[return-value]
 
 
+def check_alpha_nonzero(alpha: Tensor, what: str) -> None:
+    """ValueError if any ``alpha`` is 0, where ``x0 = (x_t - sigma eps) / alpha`` is undefined.
+
+    Zero-terminal-SNR VP tables and rectified flow's index 0 have ``alpha = 0``: an epsilon
+    prediction there determines no ``x0``. One host sync; callers check only for epsilon models.
+    """
+    if bool((alpha == 0).any()):
+        raise ValueError(f"{what}: an epsilon prediction at alpha = 0 (the pure-noise end of the "
+                         "schedule, e.g. zero terminal SNR) determines no x0 = (x_t - sigma eps) "
+                         "/ alpha; draw indices >= 1 (index_sampler) or use a v-prediction model")
+
+
 def to_x0_eps(pred: Tensor, kind: Prediction, x_t: Tensor, alpha: Tensor,
               sigma: Tensor) -> tuple[Tensor, Tensor]:
-    """Recover ``(x0, eps)`` from a prediction of the given kind at ``x_t``. Shapes: (B, ...)."""
+    """Recover ``(x0, eps)`` from a prediction of the given kind at ``x_t``. Shapes: (B, ...).
+
+    ``epsilon`` divides by ``alpha`` (undefined at ``alpha = 0``: see `check_alpha_nonzero`),
+    ``x0`` by ``sigma``; ``v`` and ``flow`` never divide by zero.
+    """
     if kind == "epsilon":
         eps = pred
         return (x_t - sigma * eps) / alpha, eps

@@ -47,7 +47,8 @@ class RectifiedFlow:
 
 
 def _scaled_linear_betas(n: int) -> Tensor:
-    return torch.linspace(0.00085**0.5, 0.012**0.5, n, dtype=torch.float64) ** 2
+    # In float32, as diffusers computes them, so the default equals DDPMScheduler's table.
+    return torch.linspace(0.00085**0.5, 0.012**0.5, n, dtype=torch.float32) ** 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,16 +57,19 @@ class VariancePreserving:
 
     ``t`` is the integer training step 0..N-1 (0 = least noise); the table index runs the other
     way, ``t = N - 1 - index``, so that index 0 is the noisiest level like every schedule here.
-    The default ``alphas_cumprod`` is Stable Diffusion 1.x/2.x's scaled-linear betas.
+    The default ``alphas_cumprod`` is Stable Diffusion 1.x/2.x's scaled-linear betas. A zero
+    ``abar`` at the noisiest step (zero terminal SNR, Lin et al. 2024) is allowed: there
+    ``alpha = 0`` and an epsilon prediction determines no ``x0`` (conversions refuse it).
+    Build one from a diffusers scheduler with :meth:`from_diffusers`.
     """
 
     alphas_cumprod: Tensor = field(
-        default_factory=lambda: torch.cumprod(1 - _scaled_linear_betas(1000), 0).float())
+        default_factory=lambda: torch.cumprod(1 - _scaled_linear_betas(1000), 0))
 
     def __post_init__(self) -> None:
         a = self.alphas_cumprod
-        if a.ndim != 1 or not bool(((a > 0) & (a < 1)).all()):
-            raise ValueError("alphas_cumprod must be a 1-D tensor with values in (0, 1)")
+        if a.ndim != 1 or not bool(((a >= 0) & (a < 1)).all()):
+            raise ValueError("alphas_cumprod must be a 1-D tensor with values in [0, 1)")
 
     @property
     def num_steps(self) -> int:
@@ -78,18 +82,29 @@ class VariancePreserving:
     __hash__ = None  # type: ignore[assignment]
 
     @classmethod
-    def from_diffusers_config(cls, config: Mapping[str, Any]) -> VariancePreserving:
-        """Build from a diffusers DDPM/DDIM scheduler config (scaled_linear or linear betas)."""
-        n = int(config.get("num_train_timesteps", 1000))
-        kind = config.get("beta_schedule", "scaled_linear")
-        lo, hi = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
-        if kind == "scaled_linear":
-            betas = torch.linspace(lo**0.5, hi**0.5, n, dtype=torch.float64) ** 2
-        elif kind == "linear":
-            betas = torch.linspace(lo, hi, n, dtype=torch.float64)
-        else:
-            raise ValueError(f"unsupported beta_schedule {kind!r}; pass alphas_cumprod directly")
-        return cls(alphas_cumprod=torch.cumprod(1 - betas, 0).float())
+    def from_diffusers(cls, scheduler: Any) -> VariancePreserving:
+        """The schedule of a diffusers scheduler object or config, read from its ``alphas_cumprod``.
+
+        A config (a scheduler's ``.config``, a ``scheduler_config.json`` dict) is instantiated as
+        the diffusers class it names (``DDPMScheduler`` if it names none), so every
+        ``beta_schedule`` (``linear``, ``scaled_linear``, cosine ``squaredcos_cap_v2``),
+        ``rescale_betas_zero_snr`` and diffusers' own float32 arithmetic come out exactly as in
+        diffusers. Flow-matching schedulers are refused: use :class:`RectifiedFlow`.
+
+        Example:
+            >>> from diffusers import DDIMScheduler
+            >>> vp = VariancePreserving.from_diffusers(
+            ...     DDIMScheduler(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True))
+            >>> float(vp.alphas_cumprod[-1])  # zero terminal SNR: alpha = 0 at index 0
+            0.0
+        """
+        if isinstance(scheduler, Mapping):
+            scheduler = _scheduler_from_config(scheduler)
+        table = getattr(scheduler, "alphas_cumprod", None)
+        if not isinstance(table, Tensor):
+            raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod table: it is not "
+                             f"a variance-preserving scheduler{_FLOW_HINT}")
+        return cls(alphas_cumprod=table.detach().to("cpu", torch.float32).clone())
 
     def timesteps(self, index: Tensor) -> Tensor:
         """Integer training step ``N - 1 - index`` as float32."""
@@ -102,6 +117,29 @@ class VariancePreserving:
             raise ValueError("VariancePreserving timesteps must be integer-valued")
         abar = self.alphas_cumprod.to(t.device)[_check_index(step, self.num_steps)]
         return abar.sqrt(), (1 - abar).sqrt()
+
+
+_FLOW_HINT = ("; a flow-matching scheduler (FlowMatchEulerDiscreteScheduler, SD3/FLUX) is "
+              "scoredistill.RectifiedFlow(shift=...)")
+
+
+def _scheduler_from_config(config: Mapping[str, Any]) -> Any:
+    """The diffusers scheduler a config names (``DDPMScheduler`` if none), built from it.
+
+    ``scheduler.config`` holds no ``_class_name`` (a ``scheduler_config.json`` does): pass the
+    scheduler object itself where the class matters (Euler's zero-SNR table ends at 2**-24).
+    """
+    import diffusers
+
+    name = config.get("_class_name")
+    if "FlowMatch" in str(name) or ("shift" in config and "beta_schedule" not in config):
+        what = f"this {name} config" if name else "this config"
+        raise ValueError(f"{what} is a flow-matching schedule, not a variance-preserving "
+                         f"one{_FLOW_HINT}")
+    cls = getattr(diffusers, str(name or "DDPMScheduler"), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"diffusers has no scheduler class {name!r} (the config's _class_name)")
+    return cls.from_config(dict(config))
 
 
 def index_alpha_sigma(schedule: Any, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:

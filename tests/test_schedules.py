@@ -1,3 +1,5 @@
+import inspect
+
 import pytest
 import torch
 from hypothesis import given
@@ -22,12 +24,63 @@ def test_vp_matches_diffusers_ddpm():
     diffusers = pytest.importorskip("diffusers")
     ref = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
                                   beta_end=0.012)
-    vp = VariancePreserving.from_diffusers_config(ref.config)
-    torch.testing.assert_close(vp.alphas_cumprod, ref.alphas_cumprod.float())
+    vp = VariancePreserving.from_diffusers(ref.config)
+    assert torch.equal(vp.alphas_cumprod, ref.alphas_cumprod)  # diffusers' own float32 table
     assert vp == VariancePreserving()
     t, a, _s = index_alpha_sigma(vp, torch.tensor([0, 999]))
     assert t.tolist() == [999.0, 0.0]
     torch.testing.assert_close(a**2, ref.alphas_cumprod[[999, 0]].float())
+
+
+VP_SCHEDULERS = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
+                 "DPMSolverMultistepScheduler"]
+VP_CONFIGS = [
+    dict(beta_schedule="linear"),
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    dict(beta_schedule="squaredcos_cap_v2"),
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+         rescale_betas_zero_snr=True),
+    dict(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True, num_train_timesteps=500),
+]
+
+
+@pytest.mark.parametrize("name", VP_SCHEDULERS)
+@pytest.mark.parametrize("kwargs", VP_CONFIGS, ids=lambda k: "-".join(map(str, k.values())))
+def test_vp_from_any_diffusers_scheduler(name, kwargs):
+    diffusers = pytest.importorskip("diffusers")
+    cls = getattr(diffusers, name)
+    if "rescale_betas_zero_snr" in kwargs and (
+            "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters):
+        pytest.skip(f"{name} has no rescale_betas_zero_snr")
+    ref = cls(**kwargs)
+    from_object = VariancePreserving.from_diffusers(ref)
+    from_config = VariancePreserving.from_diffusers({**ref.config, "_class_name": name})
+    assert torch.equal(from_object.alphas_cumprod, ref.alphas_cumprod.float())
+    assert from_config == from_object
+    assert from_object.num_steps == kwargs.get("num_train_timesteps", 1000)
+    _t, a, s = index_alpha_sigma(from_object, torch.arange(from_object.num_steps))
+    assert bool((s.diff() <= 0).all())  # index 0 is still the noisiest level
+    torch.testing.assert_close(a**2 + s**2, torch.ones_like(a))
+
+
+def test_vp_zero_terminal_snr_is_exact():
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DDIMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
+    vp = VariancePreserving.from_diffusers(ref)
+    # The issue: the old reader ignored the flag and ended at 0.00635 instead of 0.
+    assert float(vp.alphas_cumprod[-1]) == 0.0
+    _t, a, s = index_alpha_sigma(vp, torch.tensor([0]))
+    assert (float(a), float(s)) == (0.0, 1.0)
+
+
+def test_vp_refuses_flow_matching():
+    diffusers = pytest.importorskip("diffusers")
+    flow = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    for source in (flow, flow.config, {**flow.config, "_class_name": type(flow).__name__}):
+        with pytest.raises(ValueError, match="RectifiedFlow"):
+            VariancePreserving.from_diffusers(source)
+    with pytest.raises(ValueError, match="no scheduler class 'NotAScheduler'"):
+        VariancePreserving.from_diffusers({"_class_name": "NotAScheduler"})
 
 
 @given(st.sampled_from([RectifiedFlow(), VariancePreserving()]),
@@ -54,5 +107,7 @@ def test_bad_indices_are_rejected(sched):
 def test_vp_rejects_fractional_timesteps_and_bad_tables():
     with pytest.raises(ValueError, match="integer-valued"):
         VariancePreserving().alpha_sigma(torch.tensor([10.5]))
-    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
         VariancePreserving(alphas_cumprod=torch.tensor([1.0, 0.5]))
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        VariancePreserving(alphas_cumprod=torch.tensor([0.5, -0.1]))

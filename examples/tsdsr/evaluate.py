@@ -10,7 +10,6 @@ other images are still evaluated.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -27,7 +26,24 @@ import torch
 from tqdm import tqdm
 
 from examples.tsdsr.evaluation import metrics as metrics_lib
-from scoredistill.sr.imageio import list_images, load_image, write_atomic
+from scoredistill.cli import (
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    ArgumentParser,
+    UserError,
+    entry_point,
+    existing_dir,
+    number,
+    writable_dir,
+)
+from scoredistill.cli import device as device_type
+from scoredistill.sr.imageio import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    list_images,
+    load_image,
+    write_atomic,
+)
 
 DEFAULT_METRICS = ("psnr", "ssim")
 
@@ -60,6 +76,7 @@ def evaluate_folders(
     device: str | torch.device = "cpu",
     pretrained_model_paths: dict[str, str] | None = None,
     progress: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> dict:
     """Per-image and average metrics of SR images against same-named HR images, as a JSON-able dict.
 
@@ -84,7 +101,8 @@ def evaluate_folders(
     bar = tqdm(pairing.pairs, desc="evaluating", unit="img", disable=not progress)
     for sr_path, hr_path in bar:
         try:
-            scores = _score_pair(sr_path, hr_path, per_image_metrics, models, device)
+            scores = _score_pair(sr_path, hr_path, per_image_metrics, models, device,
+                                 max_pixels)
             per_image[sr_path.name] = scores
         except (ValueError, RuntimeError) as exc:
             failed[sr_path.name] = str(exc)
@@ -159,18 +177,25 @@ def default_out_dir(sr_dir: str | os.PathLike) -> Path:
     return sr_dir.parent / f"metrics_{sr_dir.name}"
 
 
+@entry_point("evaluate")
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 all evaluated, 1 some failed or unpaired)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sr", required=True, type=Path, help="folder of super-resolved images")
-    parser.add_argument("--hr", required=True, type=Path, help="folder of reference images")
+    """CLI entry point; returns the exit status (0 all evaluated, 1 some failed or unpaired,
+    2 a usage error: nothing evaluated)."""
+    parser = ArgumentParser(prog="evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sr", required=True, type=existing_dir,
+                        help="folder of super-resolved images")
+    parser.add_argument("--hr", required=True, type=existing_dir,
+                        help="folder of reference images")
     parser.add_argument(
         "--metrics",
         default=",".join(DEFAULT_METRICS),
         help=f"comma-separated, from: {', '.join(metrics_lib.METRICS)}",
     )
     parser.add_argument("--out", type=Path, help="report folder; default <sr>/../metrics_<sr>")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_type,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-pixels", type=number(int, low=1), default=DEFAULT_MAX_PIXELS,
+                        help="refuse images of more pixels (decompression bombs)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 
@@ -178,17 +203,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         metrics_lib.check_metric_names(names)
     except ValueError as exc:
-        parser.error(str(exc))
+        parser.error(f"argument --metrics: {exc}")
+    if not names:
+        parser.error("argument --metrics: no metric named")
+    if args.sr.resolve() == args.hr.resolve():
+        raise UserError(f"--sr and --hr are the same folder ({args.hr}): every image would "
+                        "score as identical; give the super-resolved folder as --sr")
     for folder, flag in ((args.sr, "--sr"), (args.hr, "--hr")):
-        if not folder.is_dir():
-            parser.error(f"{flag} {folder} is not a folder")
+        if not list_images(folder):
+            raise UserError(f"{flag} {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     out_dir = (args.out or default_out_dir(args.sr)).resolve()
     if out_dir == args.hr.resolve() or out_dir.is_relative_to(args.hr.resolve()):
-        parser.error(f"--out {out_dir} is inside the HR folder; refusing to write there")
+        raise UserError(f"--out {out_dir} is inside the HR folder; refusing to write there")
+    writable_dir(out_dir, "--out")
 
-    report = evaluate_folders(
-        args.sr, args.hr, names, device=args.device, progress=not args.no_progress
-    )
+    try:
+        report = evaluate_folders(args.sr, args.hr, names, device=args.device,
+                                  progress=not args.no_progress, max_pixels=args.max_pixels)
+    except (metrics_lib.MissingWeights, metrics_lib.UnsafeWeights, ImportError) as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
     write_report(report, out_dir)
     print(markdown_table(report))
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}")
@@ -197,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, file=sys.stderr)
     if issues:
         print(f"{len(issues)} problem(s); see above", file=sys.stderr)
-    return 1 if issues else 0
+    return EXIT_ITEMS_FAILED if issues else EXIT_OK
 
 
 def _score_pair(
@@ -206,9 +239,10 @@ def _score_pair(
     names: list[str],
     models: dict,
     device: torch.device,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> dict[str, float]:
-    sr = load_image(sr_path).rgb[None].to(device)
-    hr = load_image(hr_path).rgb[None].to(device)
+    sr = load_image(sr_path, max_pixels=max_pixels).rgb[None].to(device)
+    hr = load_image(hr_path, max_pixels=max_pixels).rgb[None].to(device)
     if sr.shape != hr.shape:
         raise ValueError(f"size {tuple(sr.shape[-2:])} differs from HR {tuple(hr.shape[-2:])}")
     scores = {}

@@ -27,7 +27,7 @@ from scoredistill.sr import cli
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; the exit status is 1 if any input failed, 2 on usage errors."""
-    return cli.main(argv, description=__doc__.split("\n\n")[0],
+    return cli.main(argv, description=__doc__.split("\n\n")[0], prog="infer",
                     default_backbone=lambda dtype, device: fitted_backbone(dtype=dtype,
                                                                            device=device))
 

@@ -28,9 +28,21 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import torch
 from torch import Tensor
 
-from examples.tsdsr.data import DEFAULT_PROMPT
+from examples.tsdsr.data import DEFAULT_PROMPT, read_caption
 from examples.tsdsr.data.dataset import _images_under
-from scoredistill.sr.imageio import load_image
+from scoredistill.cli import (
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    ArgumentParser,
+    UserError,
+    entry_point,
+    existing_dir,
+    number,
+    writable_dir,
+)
+from scoredistill.cli import device as device_type
+from scoredistill.messages import brief
+from scoredistill.sr.imageio import load_image, new_file_mode
 from scoredistill.sr.loading import KEYS, PROMPTS_FILE
 
 log = logging.getLogger("tsdsr.precompute")
@@ -48,6 +60,7 @@ def save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
                   metadata=metadata)
+        os.chmod(tmp, new_file_mode())  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -114,16 +127,27 @@ def encode_prompts(pipe: Any, prompts: Sequence[str], max_sequence_length: int
     return embeds, pooled
 
 
-def read_captions(paths: Sequence[Path], require: bool) -> dict[Path, str]:
-    """Captions from ``<image>.txt``; missing ones are an error with ``require``, else a warning."""
-    captions = {p: p.with_suffix(".txt").read_text(encoding="utf-8").strip()
-                for p in paths if p.with_suffix(".txt").is_file()}
-    missing = [str(p) for p in paths if p not in captions]
+def read_captions(paths: Sequence[Path], require: bool,
+                  failures: dict[str, str] | None = None) -> dict[Path, str]:
+    """Captions from ``<image>.txt`` (UTF-8, a byte-order mark dropped); missing ones are an
+    error with ``require``, else a warning. Captions that do not decode are logged and put in
+    ``failures`` (their images get no embeddings), or raised without it."""
+    captions = {}
+    for p in paths:
+        if p.with_suffix(".txt").is_file():
+            try:
+                captions[p] = read_caption(p.with_suffix(".txt"))
+            except ValueError as exc:
+                if failures is None:
+                    raise
+                failures[str(p)] = str(exc)
+                log.error("%s", exc)
+    missing = [str(p) for p in paths if p not in captions and str(p) not in (failures or {})]
     if missing and require:
-        raise FileNotFoundError(f"{len(missing)} images lack a .txt caption: {missing}")
+        raise FileNotFoundError(f"{len(missing)} images lack a .txt caption: {brief(missing)}")
     if missing:
         log.warning("%d images have no caption and will use the default prompt: %s",
-                    len(missing), missing)
+                    len(missing), brief(missing))
     return captions
 
 
@@ -135,11 +159,16 @@ def image_file(embeds_dir: str | Path, hq_dir: str | Path, image: str | Path) ->
 
 def precompute(hq_dir: str | Path, out: str | Path, *, pretrained: str | None = None,
                latents: bool = False, require_captions: bool = False, device: str = "cpu",
-               dtype: torch.dtype = torch.float32, batch_size: int = 8) -> Path:
-    """Write ``prompts.safetensors`` and the per-image files for every image under ``hq_dir``."""
+               dtype: torch.dtype = torch.float32, batch_size: int = 8,
+               failures: dict[str, str] | None = None) -> Path:
+    """Write ``prompts.safetensors`` and the per-image files for every image under ``hq_dir``.
+
+    ``failures``: collect ``{image: reason}`` for images whose caption or file cannot be read
+    (they get no embeddings file) and go on; None: raise at the first."""
     out = Path(out)
     paths = _images_under(Path(hq_dir))
-    captions = read_captions(paths, require_captions)
+    captions = read_captions(paths, require_captions, failures)
+    paths = [p for p in paths if str(p) not in (failures or {})]
     if pretrained is None:
         from examples.tsdsr.models.tiny import CONFIGS
 
@@ -172,7 +201,15 @@ def precompute(hq_dir: str | Path, out: str | Path, *, pretrained: str | None = 
             from scoredistill.sr.latents import encode
 
             for p in chunk:  # one by one: images may differ in size
-                image = load_image(p).rgb[None].to(device) * 2 - 1
+                try:
+                    image = load_image(p).rgb[None].to(device) * 2 - 1
+                except ValueError as exc:
+                    if failures is None:
+                        raise
+                    failures[str(p)] = str(exc)
+                    log.error("%s", exc)
+                    tensors.pop(p)
+                    continue
                 tensors[p]["latent"] = encode(vae, image, posterior="mode")[0].to(dtype)
         for p, values in tensors.items():
             if values:
@@ -182,25 +219,39 @@ def precompute(hq_dir: str | Path, out: str | Path, *, pretrained: str | None = 
     return out
 
 
+@entry_point("precompute")
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hq-dir", required=True)
+    """CLI entry point; the exit status is 1 if some images failed (each is listed), 2 on a
+    usage error."""
+    parser = ArgumentParser(prog="precompute", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hq-dir", required=True, type=existing_dir)
     parser.add_argument("--out", required=True, help="embeddings folder (training's --embeds-dir)")
-    parser.add_argument("--pretrained", help="local SD3 diffusers folder; omit for the tiny model")
+    parser.add_argument("--pretrained", type=existing_dir,
+                        help="local SD3 diffusers folder; omit for the tiny model")
     parser.add_argument("--latents", action=argparse.BooleanOptionalAction, default=False,
                         help="also store the HQ latent of each (pre-cropped) image")
     parser.add_argument("--require-captions", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_type,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=number(int, low=1), default=8)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not _images_under(args.hq_dir):
+        raise UserError(f"--hq-dir {args.hq_dir} holds no images")
+    writable_dir(args.out, "--out")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    precompute(args.hq_dir, args.out, pretrained=args.pretrained, latents=args.latents,
-               require_captions=args.require_captions, device=args.device, dtype=dtype,
-               batch_size=args.batch_size)
-    return 0
+    failures: dict[str, str] = {}
+    try:
+        precompute(args.hq_dir, args.out, pretrained=args.pretrained, latents=args.latents,
+                   require_captions=args.require_captions, device=args.device, dtype=dtype,
+                   batch_size=args.batch_size, failures=failures)
+    except FileNotFoundError as exc:  # --require-captions unmet
+        raise UserError(str(exc)) from None
+    for image, reason in failures.items():
+        print(f"FAILED {image}: {reason}", file=sys.stderr)
+    return EXIT_ITEMS_FAILED if failures else EXIT_OK
 
 
 if __name__ == "__main__":

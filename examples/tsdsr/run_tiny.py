@@ -87,8 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_lq(val_dir, lq_dir)
     steps = [] if args.steps is None else ["--max-steps", str(args.steps)]
     train_start = time.perf_counter()
-    train_main(["--tiny", "--output-dir", str(args.out / "train"), "--resume", "latest",
-                *steps])
+    status = train_main(["--tiny", "--output-dir", str(args.out / "train"), "--resume",
+                         "latest", *steps])
+    if status:  # a usage error, or stopped by a signal (75): rerunning resumes
+        return status
     train_s = time.perf_counter() - train_start
     embeds = args.out / "train" / "embeds"
     write_bicubic(lq_dir, val_dir, args.out / "sr_bicubic")

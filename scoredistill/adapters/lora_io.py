@@ -100,11 +100,14 @@ def save_lora(path: str | Path, module: nn.Module, adapter: str, *,
 def read_lora(path: str | Path, prefix: str = "transformer") -> tuple[dict[str, Tensor],
                                                                        dict[str, Any]]:
     """``(state dict without the prefix, LoraConfig fields from the metadata or {})``."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+            metadata = f.metadata() or {}
+    except SafetensorError as exc:  # a truncated or foreign file: its errors name no file
+        raise ValueError(f"cannot read LoRA file {path}: {exc}") from None
     head = f"{prefix}."
     foreign = [k for k in raw if not k.startswith(head)]
     if foreign:

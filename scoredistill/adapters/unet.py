@@ -28,7 +28,7 @@ class UNetScoreModel:
     (B, L, D). Inputs are cast to the weights' dtype, the output (B, C, H, W) is float32.
 
     Example:
-        >>> model = UNetScoreModel.from_scheduler_config(unet, scheduler.config)
+        >>> model = UNetScoreModel.from_scheduler_config(unet, scheduler)
     """
 
     module: UNet2DConditionModel
@@ -40,13 +40,18 @@ class UNetScoreModel:
 
     @classmethod
     def from_scheduler_config(cls, module: UNet2DConditionModel,
-                              config: Mapping[str, Any]) -> UNetScoreModel:
-        """Take ``prediction_type`` and the betas from a diffusers DDPM/DDIM scheduler config."""
+                              scheduler: Mapping[str, Any] | Any) -> UNetScoreModel:
+        """``prediction_type`` and the schedule of a diffusers VP scheduler or its config.
+
+        The schedule is :meth:`VariancePreserving.from_diffusers`'s (any beta schedule,
+        zero terminal SNR included); a flow-matching scheduler is refused.
+        """
+        config = scheduler if isinstance(scheduler, Mapping) else scheduler.config
         kind = config.get("prediction_type", "epsilon")
         if kind not in _PREDICTION_TYPES:
             raise ValueError(f"unsupported prediction_type {kind!r}; expected one of "
                              f"{sorted(_PREDICTION_TYPES)}")
-        schedule = VariancePreserving.from_diffusers_config(config)
+        schedule = VariancePreserving.from_diffusers(scheduler)
         return cls(module, _PREDICTION_TYPES[kind], schedule)
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:

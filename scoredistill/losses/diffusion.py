@@ -7,11 +7,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..parametrization import check_prediction, convert, expand_like, from_x0_eps
+from ..parametrization import (
+    check_alpha_nonzero,
+    check_prediction,
+    convert,
+    expand_like,
+    from_x0_eps,
+)
 from ..protocols import Cond, Prediction, ScoreModel
 from ..samplers.timesteps import IndexSampler, UniformIndex
 from ..schedules import index_alpha_sigma
-from .validation import check_inputs
+from .validation import check_all_finite, check_inputs
 from .weighting import sd3_loss_weight
 
 
@@ -36,7 +42,8 @@ class DiffusionLoss:
     "cosmap") are kept apart: no random draw ever multiplies the loss.
 
     Called like every loss here: samples first, the model by keyword,
-    ``DiffusionLoss()(z_hat.detach(), cond, model=fake)``.
+    ``DiffusionLoss()(z_hat.detach(), cond, model=fake)``. ``check_finite``: raise on
+    non-finite inputs (ValueError) or predictions (FloatingPointError), one host sync per call.
     """
 
     space: Prediction = "x0"
@@ -57,12 +64,16 @@ class DiffusionLoss:
         if noise is None:
             where = generator.device if generator is not None else dev
             noise = torch.randn(x0.shape, generator=generator, device=where).to(dev)
-        check_inputs(x0, None, noise, cond, index, None, self.check_finite)
+        check_inputs(x0, None, noise, cond, index, None, x_name="x0")
         t, alpha, sigma = index_alpha_sigma(model.schedule, index)
+        if model.prediction == "epsilon" and space != "epsilon":
+            check_alpha_nonzero(alpha, "DiffusionLoss")
         a, s = expand_like(alpha, x0), expand_like(sigma, x0)
         x0f, noise = x0.float(), noise.float()
         x_t = a * x0f + s * noise
         pred = convert(model(x_t, t, cond).float(), model.prediction, space, x_t, a, s)
+        if self.check_finite:
+            check_all_finite({"x0": x0, "noise": noise}, {"the prediction": pred}, "model")
         target = from_x0_eps(x0f, noise, space, a, s)
         per_sample = 0.5 * sd3_loss_weight(self.loss_weighting, sigma) * (
             (pred - target).square().flatten(1).mean(1))

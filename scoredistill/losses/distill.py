@@ -9,13 +9,20 @@ import torch
 from torch import Tensor
 
 from ..batching import predict_batched
-from ..parametrization import check_prediction, convert, ddim_step, expand_like, from_x0_eps
+from ..parametrization import (
+    check_alpha_nonzero,
+    check_prediction,
+    convert,
+    ddim_step,
+    expand_like,
+    from_x0_eps,
+)
 from ..protocols import Cond, Prediction, ScoreModel
 from ..samplers.dasm import DASMSampler
 from ..samplers.timesteps import IndexSampler, UniformIndex
 from ..schedules import index_alpha_sigma
 from .surrogate import surrogate_loss
-from .validation import check_inputs
+from .validation import check_all_finite, check_inputs
 from .weighting import Weighting, distill_weighting
 
 Term = Literal["sds", "vsd", "tsm"]
@@ -59,6 +66,10 @@ def trajectory_directions(
     """
     n_points = points.shape[1]
     t_all, a_all, s_all = index_alpha_sigma(teacher.schedule, points)
+    # epsilon -> x0 divides by alpha: in a conversion to another space or a DASM step.
+    if any(m is not None and m.prediction == "epsilon" for m in (teacher, fake)) and (
+            space != "epsilon" or n_points > 1):
+        check_alpha_nonzero(a_all, "score distillation")
     w_all = weighting(a_all, s_all) * point_weights[None]
     sign = -1.0 if space == "x0" else 1.0
 
@@ -115,7 +126,7 @@ class ScoreDistillationLoss:
     ``space`` the parametrisation the differences are taken in (default: the teacher's own, so
     SD3 gets the TSD-SR release's sigma^2-weighted velocity differences); ``index_sampler`` the
     per-sample start index; ``dasm`` the trajectory (None: one point); ``check_finite`` raise on
-    non-finite inputs (one host sync).
+    non-finite inputs (ValueError) or model outputs (FloatingPointError), one host sync per call.
     """
 
     time_weighting: str | Weighting = "sigma2"
@@ -166,17 +177,21 @@ class ScoreDistillationLoss:
         if self.dasm is not None:
             if dasm_bias is None:
                 dasm_bias = self.dasm.draw_bias(b, generator=generator, device=dev)
-            check_inputs(z_hat, z, noise, cond, index, dasm_bias, self.check_finite)
+            check_inputs(z_hat, z, noise, cond, index, dasm_bias)
             points = self.dasm.indices(index, schedule.num_steps, dasm_bias)
             point_weights = self.dasm.point_weights(dev)
         else:
-            check_inputs(z_hat, z, noise, cond, index, None, self.check_finite)
+            check_inputs(z_hat, z, noise, cond, index, None)
             points, point_weights = index[:, None], torch.ones(1, device=dev)
 
         grads, norms, timesteps, sigmas = trajectory_directions(
             teacher, fake if needs_fake else None, z_hat.detach().float(),
             None if z is None else z.float(), cond, noise.float(), points, point_weights, terms,
             space, distill_weighting(self.time_weighting))
+        if self.check_finite:
+            check_all_finite({"z_hat": z_hat, "noise": noise, "z": z},
+                         {f"the {term} direction": grads[term] for term in terms},
+                         "teacher or fake score" if needs_fake else "teacher")
         grad = sum(coef * grads[term] for term, coef in mix.items())
         return DistillOutput(surrogate_loss(z_hat, grad), grad, grads, norms, points, timesteps,
                              sigmas)

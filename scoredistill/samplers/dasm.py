@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..messages import brief
+
 
 @dataclass(frozen=True)
 class DASMSampler:
@@ -35,9 +37,11 @@ class DASMSampler:
             raise ValueError(f"DASM needs num_points >= 1 and step >= 1, got "
                              f"{self.num_points} and {self.step}")
         if len(self.weights) != self.num_points:
-            raise ValueError(f"DASM has {self.num_points} points but {len(self.weights)} weights")
-        if self.bias[0] >= self.bias[1]:
-            raise ValueError(f"DASM bias range {self.bias} is empty (half-open [low, high))")
+            raise ValueError(f"DASM has {self.num_points} points but {len(self.weights)} weights: "
+                             f"{brief(self.weights)}")
+        if len(self.bias) != 2 or self.bias[0] >= self.bias[1]:
+            raise ValueError(f"DASM bias range {brief(self.bias)} is empty (half-open "
+                             "[low, high))")
 
     def point_weights(self, device: torch.device | str | None = None) -> Tensor:
         """Per-point weights (N,) float32."""
@@ -76,6 +80,6 @@ class DASMSampler:
         if bool(bad.any()):
             b = int(bad.nonzero()[0])
             raise ValueError(f"DASM trajectory for sample {b} from index {int(start[b])} is "
-                             f"{points[b].tolist()}: it must stay in [0, {last}] and strictly "
-                             "increase toward lower noise")
+                             f"{brief(points[b].tolist())}: it must stay in [0, {last}] and "
+                             "strictly increase toward lower noise")
         return points

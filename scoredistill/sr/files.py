@@ -16,12 +16,22 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from scoredistill.sr.imageio import LoadedImage, load_image, save_png
+from scoredistill.cli import out_of_memory
+from scoredistill.sr.imageio import DEFAULT_MAX_PIXELS, LoadedImage, load_image, save_png
 from scoredistill.sr.pipeline import DEFAULT_OPTIONS, SROptions, TSDSRPipeline, resize
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, PIL's "L" conversion
-ERRORS = (ValueError, OSError, torch.OutOfMemoryError)
-"""What fails one file (unreadable, too small, out of memory) without stopping the others."""
+def _fails_one_file(exc: BaseException) -> bool:
+    """Whether ``exc`` fails one file (unreadable, too small or too large, out of GPU or host
+    memory) without stopping the others."""
+    return isinstance(exc, ValueError | OSError) or out_of_memory(exc)
+
+
+def _reason(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    if out_of_memory(exc):
+        text += " (out of memory: try a smaller --batch-size, --latent-tile or --decoder-tile)"
+    return text
 
 
 def plan_outputs(inputs: Sequence[Path], out_dir: Path) -> tuple[list[tuple[Path, Path]],
@@ -48,8 +58,8 @@ class _Loaded:
     image: LoadedImage
 
 
-def _read(src: Path, dst: Path, pin: bool) -> _Loaded:
-    loaded = load_image(src)
+def _read(src: Path, dst: Path, pin: bool, max_pixels: int | None) -> _Loaded:
+    loaded = load_image(src, max_pixels=max_pixels)
     if pin:  # page-locked: the upload is asynchronous and overlaps the GPU's work
         loaded = LoadedImage(loaded.rgb.pin_memory(), loaded.alpha, loaded.grey, loaded.bits)
     return _Loaded(src, dst, loaded)
@@ -86,9 +96,11 @@ def _write(host: Tensor, event: torch.cuda.Event | None, dst: Path, bits: int) -
 
 def super_resolve_files(pipe: TSDSRPipeline, jobs: Sequence[tuple[Path, Path]],
                         options: SROptions = DEFAULT_OPTIONS, *, workers: int = 2,
-                        progress: bool = True) -> dict[str, str]:
+                        progress: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS
+                        ) -> dict[str, str]:
     """Super-resolve each ``(src, dst)`` (RGB/RGBA/grey, 8/16 bit) and write ``dst`` as a PNG
-    at the input's bit depth, atomically; returns ``{src: reason}`` for the files that failed.
+    at the input's bit depth, atomically; returns ``{src: reason}`` for the files that failed
+    (inputs above ``max_pixels`` among them: see :func:`~scoredistill.sr.imageio.load_image`).
 
     Images are gathered, in order, until they make ``pipe.batch_size`` transformer tiles (a
     large image alone makes many), and super-resolved together; a batch that runs out of
@@ -101,8 +113,9 @@ def super_resolve_files(pipe: TSDSRPipeline, jobs: Sequence[tuple[Path, Path]],
     with ThreadPoolExecutor(max(workers, 1), thread_name_prefix="sr-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="sr-write") as writer:
         writes: list[tuple[Path, Future]] = []
-        for batch in _batches(pipe, _prefetch(reader, jobs, pin, 2 * pipe.batch_size + workers,
-                                              pipe, failed, bar), options):
+        ahead = 2 * pipe.batch_size + workers
+        for batch in _batches(pipe, _prefetch(reader, jobs, pin, ahead, pipe, failed, bar,
+                                              max_pixels), options):
             for item, sr in _run(pipe, batch, options, failed):
                 host, event = _download(_output(sr, item.image))
                 writes.append((item.src, writer.submit(_write, host, event, item.dst,
@@ -112,22 +125,24 @@ def super_resolve_files(pipe: TSDSRPipeline, jobs: Sequence[tuple[Path, Path]],
         for src, future in writes:
             try:
                 future.result()
-            except ERRORS as exc:
-                failed[str(src)] = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:
+                if not _fails_one_file(exc):
+                    raise
+                failed[str(src)] = _reason(exc)
         pipe.timer.add("write wait", time.perf_counter() - start)
     bar.close()
     return failed
 
 
 def _prefetch(reader: ThreadPoolExecutor, jobs: Sequence[tuple[Path, Path]], pin: bool,
-              ahead: int, pipe: TSDSRPipeline, failed: dict[str, str], bar: tqdm
-              ) -> Iterator[_Loaded]:
+              ahead: int, pipe: TSDSRPipeline, failed: dict[str, str], bar: tqdm,
+              max_pixels: int | None) -> Iterator[_Loaded]:
     """The readable, large-enough inputs in order, ``ahead`` files read in advance."""
     pending: deque[tuple[Path, Future]] = deque()
     queue = iter(jobs)
     while True:
         while len(pending) < ahead and (job := next(queue, None)) is not None:
-            pending.append((job[0], reader.submit(_read, *job, pin)))
+            pending.append((job[0], reader.submit(_read, *job, pin, max_pixels)))
         if not pending:
             return
         src, future = pending.popleft()
@@ -135,8 +150,10 @@ def _prefetch(reader: ThreadPoolExecutor, jobs: Sequence[tuple[Path, Path]], pin
         try:
             item = future.result()
             pipe.check(item.image.rgb)
-        except ERRORS as exc:
-            failed[str(src)] = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            if not _fails_one_file(exc):
+                raise
+            failed[str(src)] = _reason(exc)
             bar.update(1)
             continue
         finally:
@@ -166,10 +183,12 @@ def _run(pipe: TSDSRPipeline, batch: list[_Loaded], options: SROptions,
     recorded."""
     try:
         return list(zip(batch, pipe([item.image.rgb for item in batch], options), strict=True))
-    except ERRORS as exc:
+    except Exception as exc:
+        if not _fails_one_file(exc):
+            raise
+        if pipe.device.type == "cuda":
+            torch.cuda.empty_cache()
         if len(batch) > 1:  # e.g. out of memory: alone, each image may fit
-            if pipe.device.type == "cuda":
-                torch.cuda.empty_cache()
             return [pair for item in batch for pair in _run(pipe, [item], options, failed)]
-        failed[str(batch[0].src)] = f"{type(exc).__name__}: {exc}"
+        failed[str(batch[0].src)] = _reason(exc)
         return []

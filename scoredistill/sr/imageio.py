@@ -1,11 +1,21 @@
-"""Image files <-> float32 tensors (C,H,W) in [0, 1], the layout the TSD-SR scripts work in."""
+"""Image files <-> float32 tensors (C,H,W) in [0, 1], the layout the TSD-SR scripts work in.
+
+Every decoder path (Pillow, 16-bit PNGs through torchvision, deep TIFFs through tifffile) gets
+the same guards: the pixel count is checked from the file's header before anything is decoded
+(decompression bombs), the EXIF / TIFF orientation is applied so images are read upright (and
+written without a tag, so viewers agree), and files with several frames or pages are warned
+about (only the first is read).
+"""
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +24,10 @@ import torch
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_MAX_PIXELS = 89_478_485
+"""Pillow's decompression-bomb limit (about 9459 x 9459 px), applied to every decoder path."""
+
+log = logging.getLogger("scoredistill.sr.imageio")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _GREY_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -39,27 +53,84 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(files, key=lambda p: p.name)
 
 
-def load_image(path: str | os.PathLike) -> LoadedImage:
-    """Read an image file as RGB float32 (3,H,W) in [0, 1]; ValueError naming unreadable files."""
+def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+               ) -> LoadedImage:
+    """Read an image file as RGB float32 (3,H,W) in [0, 1], upright; ValueError naming
+    unreadable files and files of more than ``max_pixels`` pixels (None: no limit)."""
     path = Path(path)
     try:
         if _is_16bit_png_pillow_reduces(path):
+            _check_pixels(path, *_png_size(path), max_pixels)
+            with _pillow_open(path, None) as img:  # orientation and frames from the header
+                orientation, frames = _orientation(img), _frames(img)
             array = _read_16bit_png(path)
             grey, bits = array.shape[2] < 3, 16
         elif path.suffix.lower() in (".tif", ".tiff") and _tiff_bits(path) > 8:
-            array = _read_deep_tiff(path)
+            array, orientation, frames = _read_deep_tiff(path, max_pixels)
             grey, bits = array.shape[2] < 3, 16
         else:
-            with Image.open(path) as img:
+            with _pillow_open(path, max_pixels) as img:
+                orientation, frames = _orientation(img), _frames(img)
                 img.load()  # decode now so truncated data fails here, not later
                 array, grey = _pil_to_array(img)
                 bits = 16 if img.mode in _GREY_16BIT_MODES else 8
     except (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
+    if frames > 1:
+        log.warning("%s has %d frames or pages (an animation or a multi-page file): only the "
+                    "first is used", path, frames)
+    array = upright(array, orientation)
     tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
     rgb = tensor[:1].expand(3, -1, -1).contiguous() if grey else tensor[:3].contiguous()
     alpha = tensor[-1:].contiguous() if tensor.shape[0] in (2, 4) else None
     return LoadedImage(rgb=rgb, alpha=alpha, grey=grey, bits=bits)
+
+
+def upright(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF/TIFF orientation (1-8) to an (H,W,C) array, as Pillow's exif_transpose."""
+    if orientation in (5, 6, 7, 8):  # the stored rows are the displayed columns
+        array = array.transpose(1, 0, 2)
+    flip_rows, flip_cols = {2: (False, True), 3: (True, True), 4: (True, False),
+                            6: (False, True), 7: (True, True), 8: (True, False)}.get(
+                                orientation, (False, False))
+    return array[::-1 if flip_rows else 1, ::-1 if flip_cols else 1]
+
+
+def _check_pixels(path: Path, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(f"{width}x{height} = {width * height:,} pixels, above the limit of "
+                         f"{max_pixels:,} that guards against decompression bombs; raise it "
+                         "(--max-pixels) if you trust the file")
+
+
+@contextmanager
+def _pillow_open(path: Path, max_pixels: int | None) -> Iterator[Image.Image]:
+    """``Image.open`` (lazy: the header only) with our pixel limit instead of Pillow's."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # checked by _check_pixels right after, for every path
+    try:
+        img = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    with img:
+        _check_pixels(path, *img.size, max_pixels)
+        yield img
+
+
+def _orientation(img: Image.Image) -> int:
+    orientation = img.getexif().get(0x0112, 1)
+    return orientation if orientation in range(1, 9) else 1
+
+
+def _frames(img: Image.Image) -> int:
+    # An MPO JPEG (phone cameras) holds the photo plus previews, not an animation.
+    return 1 if img.format == "MPO" else int(getattr(img, "n_frames", 1))
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    with path.open("rb") as f:
+        header = f.read(24)
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike, bits: int = 8) -> None:
@@ -83,10 +154,12 @@ def save_png(image: torch.Tensor, path: str | os.PathLike, bits: int = 8) -> Non
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the whole new one, never a part."""
+    """Write `data` to `path` so readers see the old file or the whole new one, never a part;
+    the file gets the mode a plain ``open`` would give it (0666 less the umask)."""
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, new_file_mode())  # mkstemp makes it 0600
         with os.fdopen(fd, "wb") as tmp:
             tmp.write(data)
             tmp.flush()
@@ -95,6 +168,13 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def new_file_mode() -> int:
+    """0666 less the process's umask: the mode ``open(path, "w")`` gives a new file."""
+    umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _pil_to_array(img: Image.Image) -> tuple[np.ndarray, bool]:
@@ -126,13 +206,16 @@ def _tiff_bits(path: Path) -> int:
         return int(tif.pages[0].bitspersample)
 
 
-def _read_deep_tiff(path: Path) -> np.ndarray:
+def _read_deep_tiff(path: Path, max_pixels: int | None) -> tuple[np.ndarray, int, int]:
     """(H,W,C) float32 in [0, 1] from a TIFF of more than 8 bits per sample (first page), grey or
-    RGB with an optional alpha; Pillow would decode colour ones at 8 bits."""
+    RGB with an optional alpha, its orientation tag and its number of pages; Pillow would decode
+    colour ones at 8 bits."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
+        _check_pixels(path, page.imagewidth, page.imagelength, max_pixels)
+        orientation, frames = int(page.tags.valueof("Orientation", 1)), len(tif.pages)
         array = page.asarray()
         if page.photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB):
             raise ValueError(f"TIFF photometric {page.photometric.name} is not grey or RGB")
@@ -142,10 +225,11 @@ def _read_deep_tiff(path: Path) -> np.ndarray:
         array = array[..., None]
     if array.ndim != 3 or array.shape[2] > 4:
         raise ValueError(f"TIFF of shape {array.shape} is not one grey or RGB(A) image")
+    orientation = orientation if orientation in range(1, 9) else 1
     if array.dtype.kind == "u":
-        return array.astype(np.float32) / np.iinfo(array.dtype).max
+        return array.astype(np.float32) / np.iinfo(array.dtype).max, orientation, frames
     if array.dtype.kind == "f" and array.min() >= 0 and array.max() <= 1:
-        return array.astype(np.float32)
+        return array.astype(np.float32), orientation, frames
     raise ValueError(f"TIFF samples of type {array.dtype} outside [0, 1]")
 
 

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from scoredistill.adapters.module import weights_dtype
-from scoredistill.protocols import Cond, ScoreModel
-from scoredistill.schedules import index_alpha_sigma
+
+# TSD-SR's G_theta, z_L - v(z_L, 1000, c), is the library's one_step (any parametrisation).
+from scoredistill.one_step import one_step as one_step
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -66,21 +67,3 @@ def decode(vae: AutoencoderKL, latent: Tensor) -> Tensor:
     """Image (B, 3, 8h, 8w) float32 in [-1, 1] from an SD3 latent (B, 16, h, w) (inverse of
     :func:`encode`)."""
     return vae.decode(decoder_input(vae, latent)).sample.float().clamp(-1.0, 1.0)
-
-
-def one_step(student: ScoreModel, z_lq: Tensor, cond: Cond) -> Tensor:
-    """TSD-SR's generator G_theta: ``z_hat = z_L - sigma_0 v(z_L, t_0, c)`` (B, C, h, w) float32.
-
-    ``t_0``, ``sigma_0`` are the student's schedule at index 0 (SD3: ``t = 1000``, ``sigma = 1``),
-    so this is the flow's clean-sample estimate ``x0 = x_t - sigma v`` from pure "noise" ``z_L``.
-
-    Example:
-        >>> z_hat = one_step(SD3ScoreModel(transformer), z_lq, cond)  # doctest: +SKIP
-    """
-    if student.prediction != "flow":
-        raise ValueError(f"one_step needs a flow-velocity student, got {student.prediction!r}")
-    # The schedule is read on the CPU and enters as Python scalars: no device-to-host sync, so
-    # the forward can be captured in a CUDA graph.
-    t, _, sigma = index_alpha_sigma(student.schedule, torch.zeros(1, dtype=torch.long))
-    t_batch = torch.full((z_lq.shape[0],), float(t), device=z_lq.device)
-    return z_lq.float() - float(sigma) * student(z_lq, t_batch, cond)

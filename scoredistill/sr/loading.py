@@ -99,10 +99,13 @@ def read_embeds(directory: str | Path) -> dict[str, Tensor] | None:
 
 def _prefix(path: Path) -> str:
     # save_lora and the release write "transformer."; a VAE file may carry "vae." instead.
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return next(iter(f.keys())).split(".", 1)[0]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return next(iter(f.keys())).split(".", 1)[0]
+    except (SafetensorError, StopIteration) as exc:  # truncated, foreign or empty: name it
+        raise ValueError(f"cannot read LoRA file {path}: {exc or 'no tensors'}") from None
 
 
 def merge_lora(model: nn.Module) -> None:
@@ -158,3 +161,14 @@ def load_model(backbone: Backbone | str | os.PathLike, *, lora: str | Path | Non
             module.fuse_qkv_projections()
     return SRModel(SD3ScoreModel(parts.transformer), parts.vae,
                    {k: v.to(device, dtype) for k, v in cond.items()})
+
+
+def check_sd3_folder(pretrained: str | os.PathLike) -> None:
+    """FileNotFoundError unless ``pretrained`` is a local diffusers SD3 folder (``transformer/``
+    and ``vae/`` with their config.json), checked before anything loads."""
+    missing = [f"{sub}/config.json" for sub in ("transformer", "vae")
+               if not (Path(pretrained) / sub / "config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"--pretrained {pretrained} has no {' or '.join(missing)}: give "
+                                "a local diffusers SD3 folder (stabilityai/stable-diffusion-3-"
+                                "medium-diffusers as downloaded)")

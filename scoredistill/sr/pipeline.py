@@ -10,6 +10,7 @@ ones by tiles with the whole image's GroupNorm statistics, ``vae_batch_size`` ti
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,12 @@ class SROptions:
     upscale: float = 4.0
     process_size: int = 512
     color: str = "wavelet"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.upscale) and self.upscale > 0):
+            raise ValueError(f"upscale must be a positive number, got {self.upscale}")
+        if self.process_size < 1:
+            raise ValueError(f"process_size must be positive, got {self.process_size}")
 
 
 DEFAULT_OPTIONS = SROptions()

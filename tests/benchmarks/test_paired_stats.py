@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from benchmarks.paired_stats import Claim, holm, judge, paired_test, verdict
+from benchmarks.paired_stats import Claim, compare_paired, holm, judge, paired_test, verdict
 
 
 def test_paired_t_matches_the_textbook_formula():
@@ -22,8 +22,10 @@ def test_paired_t_matches_the_textbook_formula():
     assert out["p_wilcoxon"] == pytest.approx(0.0625)  # all five differences positive
 
 
-def test_holm_adjustment():
+def test_holm_adjustment_is_step_down_and_leaves_undefined_tests_out():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan],
+                                                               nan_ok=True)
 
 
 def test_verdicts_follow_sign_direction_and_significance():
@@ -38,3 +40,14 @@ def test_judge_pairs_by_seed_and_skips_diverged_seeds():
                 ("exact", "B"): {"m": [2.0, 2.2, 1.9, 2.1, 2.0]}}
     row, = judge([Claim("A below B", "m", ("exact", "A"), ("exact", "B"))], per_seed)
     assert row["n"] == 4 and row["verdict"] == "holds" and row["diff_mean"] < 0
+
+
+def test_compare_paired_names_a_winner_only_where_the_adjusted_test_supports_it():
+    clear = ({"A": "new", "B": "old"}, [1.0, 1.1, 0.9, 1.0, 1.05], [2.0, 2.2, 1.9, 2.1, 2.0])
+    noise = ({"A": "new", "B": "old"}, [1.0, 2.0, 1.5, 0.7, 1.2], [1.1, 1.8, 1.6, 0.9, 1.0])
+    diverged = ({"A": "x", "B": "y"}, [1.0, None, 2.0], [0.5, 3.0, None])
+    rows = compare_paired([clear, noise, diverged])
+    assert rows[0]["verdict"] == "new lower" and rows[0]["p (Holm)"] < 0.05
+    assert rows[0]["t"] == pytest.approx(-paired_test(*clear[2:0:-1])["d_z"] * math.sqrt(5))
+    assert rows[1]["verdict"] == "n.s."
+    assert rows[2]["n"] == 1 and rows[2]["verdict"] == "n.s."

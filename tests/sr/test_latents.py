@@ -75,8 +75,9 @@ def test_one_step_is_x0_at_t_1000():
     assert torch.equal(student.seen[0], torch.full((3,), 1000.0))
 
 
-def test_one_step_refuses_other_predictions():
-    with pytest.raises(ValueError, match="flow"):
+def test_one_step_refuses_epsilon_at_pure_noise():
+    # Flow's index 0 has alpha = 0: an epsilon prediction there determines no x0.
+    with pytest.raises(ValueError, match="alpha = 0"):
         one_step(ConstantVelocity(prediction="epsilon"), torch.zeros(1, 16, 2, 2), None)
 
 

@@ -48,3 +48,13 @@ def test_errors(tmp_path):
         build_parser().parse_args(["--use-dasm", "false"])
     with pytest.raises(ValueError, match="weights"):
         TrainConfig(dasm_weights=(1.0,))
+
+
+def test_jpeg_codec_option():
+    assert parse_config([]).jpeg_codec == "diffjpeg"  # Real-ESRGAN's simulated JPEG
+    assert parse_config(["--jpeg-codec", "libjpeg"]).jpeg_codec == "libjpeg"
+    with pytest.raises(SystemExit) as exit_info:  # refused at parse time, one line
+        parse_config(["--jpeg-codec", "pillow"])
+    assert exit_info.value.code == 2
+    with pytest.raises(ValueError, match="jpeg_codec must be one of diffjpeg, libjpeg"):
+        TrainConfig(jpeg_codec="pillow")

@@ -147,8 +147,10 @@ def test_stored_quarter_size_lq_is_aligned_and_upsampled(tmp_path, hq_dir):
 def test_lq_errors_name_the_files(tmp_path, hq_dir):
     lq_dir = tmp_path / "lq"
     _save(_noise_image(18, 22, 0), lq_dir / "a.png")
-    with pytest.raises(FileNotFoundError, match=r"B\.PNG"):
-        PairedSRDataset(hq_dir, lq_dir, crop_size=32)
+    dataset = PairedSRDataset(hq_dir, lq_dir, crop_size=32)
+    for sample in (dataset.check, dataset.__getitem__):  # reported per image, not at once
+        with pytest.raises(FileNotFoundError, match=r"no LQ image .*B\.\* for .*B\.PNG"):
+            sample(1)
     _save(_noise_image(16, 16, 0), lq_dir / "sub" / "B.png")
     _save(_noise_image(50, 50, 0), lq_dir / "sub" / "deeper" / "c.png")
     dataset = PairedSRDataset(hq_dir, lq_dir, crop_size=32)

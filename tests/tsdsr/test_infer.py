@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -100,11 +102,8 @@ def test_16bit_inputs_give_16bit_outputs_matching_the_8bit_ones(tmp_path):
 
 
 def test_output_folder_equal_to_input_folder_is_refused(inputs):
-    with pytest.raises(SystemExit) as exc:
-        main([str(inputs), "--out", str(inputs), *FAST])
-    assert exc.value.code == 2
-    with pytest.raises(SystemExit):
-        main([str(inputs / "rgb.png"), "--out", str(inputs), *FAST])
+    assert main([str(inputs), "--out", str(inputs), *FAST]) == 2
+    assert main([str(inputs / "rgb.png"), "--out", str(inputs), *FAST]) == 2
 
 
 def test_outputs_never_overwrite_inputs_or_each_other(tmp_path):
@@ -115,16 +114,46 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path):
     assert "another input" in failed[str(a)] or "overwrite an input" in failed[str(a)]
 
 
-def test_large_image_is_tiled(tmp_path):
-    # 136 px LQ -> 544 px output -> 68 latent px: more than one 64-px transformer tile.
+def test_large_image_is_tiled(tmp_path, monkeypatch):
+    # 136 px LQ -> 544 px output -> 136 latent px: more than one 64-px transformer tile.
+    from scoredistill.sr import tiling
+
+    calls = {"--tile": [], "--no-tile": []}
+    one_step, run_tiled = tiling.one_step, tiling.run_tiled
+
+    def spy_one_step(student, z, cond):
+        calls[flag].append(("transformer", z.clone()))
+        return one_step(student, z, cond)
+
+    def spy_run_tiled(net, x, *, tile, margin, **kw):
+        calls[flag].append(("vae", (tuple(x.shape), tile, margin)))
+        return run_tiled(net, x, tile=tile, margin=margin, **kw)
+
+    monkeypatch.setattr(tiling, "one_step", spy_one_step)
+    monkeypatch.setattr(tiling, "run_tiled", spy_run_tiled)
     src = write(tmp_path / "big.png", RNG.integers(0, 256, (136, 136, 3), dtype=np.uint8))
-    for flag in ("--tile", "--no-tile"):
+    for flag in calls:
         assert main([str(src), "--out", str(tmp_path / flag), *FAST, flag,
                      "--decoder-tile", "32", "8"]) == 0
-    tiled, untiled = (np.asarray(Image.open(tmp_path / f / "big.png")) for f in
-                      ("--tile", "--no-tile"))
+    tiled, untiled = (np.asarray(Image.open(tmp_path / f / "big.png")) for f in calls)
     assert tiled.shape == untiled.shape == (544, 544, 3)
     assert not np.array_equal(tiled, untiled)
+    # Untiled: the untiled path never reaches the tiling module.
+    assert calls["--no-tile"] == []
+    # Tiled (the tiny VAE downsamples by 4: a 136 px latent): the transformer on nine 64 px
+    # windows starting at 0, 36 and 72 (the fewest with overlap >= 8), row-major, all cut from
+    # one latent (they agree where they overlap and cover it); the decoder by run_tiled with
+    # 32 px cores; the 544 px image is below the 1024 px encoder tile, so it runs whole.
+    windows = [z for kind, z in calls["--tile"] if kind == "transformer"]
+    assert [tuple(z.shape) for z in windows] == [(1, 16, 64, 64)] * 9
+    latent, seen = torch.zeros(1, 16, 136, 136), torch.zeros(136, 136, dtype=torch.bool)
+    for z, (y, x) in zip(windows, itertools.product((0, 36, 72), repeat=2), strict=True):
+        region = (..., slice(y, y + 64), slice(x, x + 64))
+        overlap = seen[region[1:]]
+        assert torch.equal(latent[region][..., overlap], z[..., overlap])
+        latent[region], seen[region[1:]] = z, True
+    assert seen.all()
+    assert [v for kind, v in calls["--tile"] if kind == "vae"] == [((1, 16, 136, 136), 32, 8)]
 
 
 def sr_forward(model, x):

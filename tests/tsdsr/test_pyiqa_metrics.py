@@ -404,22 +404,48 @@ FIRST_LOOKUP = {
     ],
 )
 def test_missing_weights_raise_instead_of_downloading(name, tmp_path, monkeypatch, capfd):
+    """A failed download is one error naming the file to put in place (CLIP's own downloader
+    opens the blocked socket itself)."""
     _use_cache(monkeypatch, tmp_path)
-    expected_error = (
-        huggingface_hub.errors.LocalEntryNotFoundError if name == "maniqa" else NetworkBlocked
-    )
-    with pytest.raises(expected_error):
+    expected = NetworkBlocked if name == "clipiqa" else metrics.MissingWeights
+    with pytest.raises(expected) as error:
         metrics.create_pyiqa_metric(name)
     if FIRST_LOOKUP[name] is not None:
-        out, err = capfd.readouterr()
-        assert str(tmp_path / "hub" / FIRST_LOOKUP[name]) in out + err
+        assert str(tmp_path / "hub" / FIRST_LOOKUP[name]) in str(error.value)
+    if name == "maniqa":  # timm's ViT from the offline Hugging Face cache
+        assert "LocalEntryNotFoundError" in str(error.value)
 
 
 @pytest.mark.parametrize("name", ["lpips", "dists"])
-def test_missing_head_weights_with_local_backbone(name, tmp_path, monkeypatch, capfd):
+def test_missing_head_weights_with_local_backbone(name, tmp_path, monkeypatch):
     _use_cache(monkeypatch, tmp_path)
     _write_torchvision_backbone(tmp_path / "hub", name)
-    with pytest.raises(NetworkBlocked):
+    with pytest.raises(metrics.MissingWeights, match=str(tmp_path / "hub" / PYIQA_FILES[name])):
         metrics.create_pyiqa_metric(name)
-    out, _ = capfd.readouterr()
-    assert str(tmp_path / "hub" / PYIQA_FILES[name]) in out
+
+
+class _RunsCode:
+    """Pickles as a call of os.mkdir(marker): what a crafted weights file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.mark.parametrize("via", ["cache", "pretrained_model_path"])
+def test_crafted_weights_file_is_refused_without_running_code(via, tmp_path, monkeypatch):
+    _use_cache(monkeypatch, tmp_path)
+    _write_torchvision_backbone(tmp_path / "hub", "lpips")
+    marker = tmp_path / "code_ran"
+    crafted = (tmp_path / "hub" / PYIQA_FILES["lpips"] if via == "cache"
+               else tmp_path / "my_lpips.pth")
+    _save({"lin0.model.1.weight": _RunsCode(marker)}, crafted)
+    kwargs = {} if via == "cache" else {"pretrained_model_path": crafted}
+    with pytest.raises(ValueError, match=f"refusing to load {crafted}"):
+        metrics.create_pyiqa_metric("lpips", **kwargs)
+    assert not marker.exists()
+    assert torch.load is metrics.torch.load  # the weights_only wrapper is gone again
+    torch.load(crafted, weights_only=False)  # the file does run code when loaded unsafely
+    assert marker.exists()

@@ -4,18 +4,24 @@ is ignored, and a non-finite loss never reaches the weights.
 These check the loop's mechanics, not learning, so they run on the instant random tiny backbone
 instead of the pre-fitted default (run_tiny.py checks learning)."""
 
+import os
 import shutil
+import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from examples.tsdsr import train as train_module
 from examples.tsdsr.models.tiny import random_backbone
 from examples.tsdsr.precompute import precompute
 from examples.tsdsr.train import main
 from examples.tsdsr.training import models
 from examples.tsdsr.training.checkpoint import checkpoints
 from examples.tsdsr.training.config import parse_config
+from examples.tsdsr.training.preemption import StopOnSignal
+from scoredistill.cli import EXIT_PREEMPTED
 from scoredistill.sr.imageio import save_png
 from scoredistill.sr.loading import load_prompts
 
@@ -51,15 +57,31 @@ def weights(checkpoint):
             for k, v in load_file(f).items()}
 
 
-def test_resume_after_interrupted_save_matches_uninterrupted_run(data, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    """A 4-step run (checkpoints at 2 and 4, validation at 0 and 4), made once."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "load_backbone", lambda pretrained, dtype, device:
+                   random_backbone("tiny", dtype=dtype, device=device))
+        assert run(data, out, "--val-hq-dir", str(data / "val")) == 0
+    return out
+
+
+def test_resume_after_interrupted_save_matches_uninterrupted_run(data, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    assert run(data, out, "--val-hq-dir", str(data / "val")) == 0
+    shutil.copytree(uninterrupted, out)
     assert sorted(p.name for p in (out / "validation").iterdir()) == [
         "step-00000000_v.png", "step-00000004_v.png"]
     root = out / "checkpoints"
     final = weights(root / "step-00000004")
     start = weights(root / "step-00000002")
-    assert any(not torch.equal(final[k], start[k]) for k in final)  # training moved the LoRAs
+    # Every role's LoRA is saved and trains. lora_B starts at zero, so a LoRA whose lora_B never
+    # moves never changes the output (an optimiser holding only lora_A, say).
+    for file in ("transformer", "fake", "vae"):
+        keys = [k for k in final if k.startswith(f"{file}.safetensors:") and ".lora_B." in k]
+        assert keys, f"{file}.safetensors holds no lora_B tensors"
+        assert any(not torch.equal(final[k], start[k]) for k in keys), f"{file}: lora_B frozen"
     # Kill "during" the step-4 save: the finished folder is gone, a partial temp folder remains.
     shutil.rmtree(root / "step-00000004")
     partial = root / ".tmp-step-00000004-12345"
@@ -67,11 +89,52 @@ def test_resume_after_interrupted_save_matches_uninterrupted_run(data, tmp_path)
     (partial / "transformer.safetensors").write_bytes(b"truncated")
     assert [p.name for p in checkpoints(root)] == ["step-00000002"]
     assert run(data, out, "--resume", "latest") == 0
-    resumed = weights(root / "step-00000004")
-    assert resumed.keys() == final.keys()
-    for k in final:
-        torch.testing.assert_close(resumed[k], final[k], rtol=0, atol=1e-6)
+    assert_same_weights(weights(root / "step-00000004"), final)
     assert not partial.exists()  # the next save cleaned it up
+
+
+def assert_same_weights(resumed, final):
+    assert resumed.keys() == final.keys()
+    for k in final:  # the fake score too: a fake LoRA restarted from its init would differ
+        torch.testing.assert_close(resumed[k], final[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_checkpoints_and_resume_matches(sig, data, uninterrupted,
+                                                                 tmp_path, monkeypatch, caplog):
+    """SLURM/Kubernetes (SIGTERM) or Ctrl-C (SIGINT) during step 3: the step completes, step 3
+    is checkpointed although --checkpoint-every is 2, the exit status is 75, and the resumed run
+    ends where the uninterrupted one did."""
+    real, calls = train_module.train_step, []
+
+    def signalled_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), sig)
+        return real(*args, **kwargs)
+
+    before = signal.getsignal(sig)
+    monkeypatch.setattr(train_module, "train_step", signalled_in_step_3)
+    out = tmp_path / "run"
+    assert run(data, out) == EXIT_PREEMPTED
+    assert len(calls) == 3 and signal.getsignal(sig) is before  # handlers restored
+    assert f"stopped by {sig.name} after step 3" in caplog.text
+    root = out / "checkpoints"
+    assert [p.name for p in checkpoints(root)] == ["step-00000002", "step-00000003"]
+    monkeypatch.setattr(train_module, "train_step", real)
+    assert run(data, out, "--resume", "latest") == 0
+    assert_same_weights(weights(root / "step-00000004"),
+                        weights(uninterrupted / "checkpoints" / "step-00000004"))
+
+
+def test_a_second_signal_stops_at_once():
+    single = SimpleNamespace(num_processes=1)
+    with StopOnSignal() as stop:
+        assert not stop.requested(single)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested(single) and stop.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):  # Python's own handler is back
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_non_finite_loss_skips_the_update(data, tmp_path):
@@ -133,12 +196,16 @@ def test_precomputed_latents_train_as_encoding_each_crop_does(data, latent_embed
 
 
 def test_precomputed_latents_refuse_flips_missing_files_and_other_sizes(data, latent_embeds,
-                                                                        tmp_path):
+                                                                        tmp_path, caplog):
     with pytest.raises(ValueError, match="hflip"):
         parse_config(["--tiny", "--use-latents"])
-    # Embeddings written without --latents: a file without its latent, or no file at all.
-    with pytest.raises((ValueError, FileNotFoundError), match=r"precompute\.py --latents"):
-        run(data, tmp_path / "a", "--no-hflip", "--use-latents")
-    with pytest.raises(ValueError, match="pre-cropped to --resolution 32"):
-        run(data, tmp_path / "b", "--embeds-dir", str(latent_embeds), "--no-hflip",
-            "--use-latents", "--resolution", "32")
+    # Embeddings written without --latents: a file without its latent, or no file at all. The
+    # data check lists every image before the first step, and nothing trains.
+    assert run(data, tmp_path / "a", "--no-hflip", "--use-latents") == 2
+    bad = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bad file")]
+    assert len(bad) == 3 and all(r"precompute.py --latents" in m for m in bad)
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    caplog.clear()
+    assert run(data, tmp_path / "b", "--embeds-dir", str(latent_embeds), "--no-hflip",
+               "--use-latents", "--resolution", "32") == 2
+    assert "pre-cropped to --resolution 32" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -39,6 +40,9 @@ class PairedSRDataset(Dataset):
         self.paths = _images_under(self.hq_dir)
         if not self.paths:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.hq_dir}")
+        # None for an HQ image without its LQ: reported when checked or sampled, so a data
+        # check lists every such image at once.
+        self.lq_dir = None if lq_dir is None else Path(lq_dir)
         self.lq_paths = None if lq_dir is None else _match_lq(self.paths, self.hq_dir, Path(lq_dir))
         self.crop_size = crop_size
         self.scale = scale
@@ -70,9 +74,25 @@ class PairedSRDataset(Dataset):
             images = {k: v.flip(-2) for k, v in images.items()}
         return {**images, "path": str(path), "caption": self._caption(path)}
 
+    def check(self, index: int) -> None:
+        """Raise what sampling item ``index`` could raise (an undecodable or too small HQ image,
+        a missing, undecodable or mis-sized LQ image, a caption that is not UTF-8), naming the
+        file; the whole images are decoded, so it costs a pass over the data."""
+        path = self.paths[index]
+        hq = load_image(path).rgb
+        height, width = hq.shape[-2:]
+        if min(height, width) < self.crop_size:
+            raise ValueError(f"{path} is {width}x{height}, smaller than the {self.crop_size} crop")
+        if self.lq_paths is not None:
+            self._lq_crop(self.lq_paths[index], path, (height, width), 0, 0)
+        self._caption(path)
+
     def _lq_crop(
-        self, lq_path: Path, hq_path: Path, hq_size: tuple[int, int], top: int, left: int
+        self, lq_path: Path | None, hq_path: Path, hq_size: tuple[int, int], top: int, left: int
     ) -> torch.Tensor:
+        if lq_path is None:
+            stem = hq_path.relative_to(self.hq_dir).with_suffix("")
+            raise FileNotFoundError(f"no LQ image {self.lq_dir / stem}.* for {hq_path}")
         lq = load_image(lq_path).rgb
         crop = self.crop_size
         if tuple(lq.shape[-2:]) == hq_size:
@@ -86,13 +106,34 @@ class PairedSRDataset(Dataset):
             f"or 1/{self.scale} of it"
         )
 
+    def without(self, bad: set[Path]) -> PairedSRDataset:
+        """This dataset without the HQ images in ``bad`` (and their LQ files)."""
+        keep = [i for i, p in enumerate(self.paths) if p not in bad]
+        if not keep:
+            raise ValueError(f"no usable images left under {self.hq_dir}")
+        subset = copy.copy(self)
+        subset.paths = [self.paths[i] for i in keep]
+        if self.lq_paths is not None:
+            subset.lq_paths = [self.lq_paths[i] for i in keep]
+        return subset
+
     def _caption(self, path: Path) -> str:
         caption_path = path.with_suffix(".txt")
         if caption_path.is_file():
-            return caption_path.read_text(encoding="utf-8").strip()
+            return read_caption(caption_path)
         if self.require_captions:
             raise FileNotFoundError(f"no caption {caption_path} for {path}")
         return self.default_caption
+
+
+def read_caption(path: str | os.PathLike) -> str:
+    """A caption file's text, stripped: UTF-8 with any byte-order mark dropped (Windows editors
+    write one), else a ValueError naming the file."""
+    try:
+        return Path(path).read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"caption {path} is not UTF-8 (byte {exc.object[exc.start]:#04x} at "
+                         f"offset {exc.start}): re-save it as UTF-8") from None
 
 
 def degrade_batch(
@@ -120,18 +161,13 @@ def _images_under(root: Path) -> list[Path]:
     )
 
 
-def _match_lq(hq_paths: list[Path], hq_dir: Path, lq_dir: Path) -> list[Path]:
-    """The LQ file with the same relative path and stem as each HQ image (any extension)."""
+def _match_lq(hq_paths: list[Path], hq_dir: Path, lq_dir: Path) -> list[Path | None]:
+    """The LQ file with the same relative path and stem as each HQ image (any extension), or
+    None where there is none."""
     by_stem: dict[Path, Path] = {}
     for lq in _images_under(lq_dir):
         stem = lq.relative_to(lq_dir).with_suffix("")
         if stem in by_stem:
             raise ValueError(f"two LQ files share the stem {stem}: {by_stem[stem]} and {lq}")
         by_stem[stem] = lq
-    matched = []
-    for hq in hq_paths:
-        stem = hq.relative_to(hq_dir).with_suffix("")
-        if stem not in by_stem:
-            raise FileNotFoundError(f"no LQ image {lq_dir / stem}.* for {hq}")
-        matched.append(by_stem[stem])
-    return matched
+    return [by_stem.get(hq.relative_to(hq_dir).with_suffix("")) for hq in hq_paths]

@@ -6,10 +6,16 @@ numbers are the ones papers report); the learned and distribution metrics are de
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import pickle
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+
+from scoredistill.messages import brief
 
 # ITU-R BT.601 luma on the 0-255 scale, as in MATLAB's rgb2ycbcr.
 _Y_WEIGHTS = (65.481, 128.553, 24.966)
@@ -137,10 +143,72 @@ def create_pyiqa_metric(
                 "pyiqa's FID takes no pretrained_model_path; it reads its Inception weights from "
                 "$TORCH_HOME/hub/pyiqa/pt_inception-2015-12-05-6726825d.pth"
             )
+        if not Path(pretrained_model_path).is_file():
+            raise MissingWeights(f"{name}: no weights file {pretrained_model_path}")
         # pyiqa's CLIPIQA loads its CLIP model by name or, given a file, from that file.
         key = "backbone" if name == "clipiqa" else "pretrained_model_path"
         kwargs[key] = str(pretrained_model_path)
-    return pyiqa.create_metric(name, device=torch.device(device), **kwargs)
+    with _safe_pyiqa_loading():
+        try:
+            return pyiqa.create_metric(name, device=torch.device(device), **kwargs)
+        except MissingWeights:
+            raise
+        except OSError as exc:  # a Hugging Face or CLIP download that failed, a missing file
+            raise MissingWeights(f"{name}: its weights are absent and could not be fetched "
+                                    f"({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                                    f"put them in place ({WEIGHTS_HELP})") from None
+
+
+WEIGHTS_HELP = "docs/guides/tsdsr-recipe.md, 'Using the weighted metrics', lists the files"
+
+
+class MissingWeights(FileNotFoundError):
+    """A metric's weights file is absent and could not be downloaded; the message names it."""
+
+
+class UnsafeWeights(ValueError):
+    """A metric's weights file holds objects a weights-only load refuses (it could run code)."""
+
+
+@contextmanager
+def _safe_pyiqa_loading() -> Iterator[None]:
+    """While pyiqa builds a metric: every ``torch.load`` is ``weights_only`` (pyiqa passes
+    ``weights_only=False``, so a crafted file in the weights folder could run code: it is refused
+    instead), and a download that fails names the file to put in place."""
+    import pyiqa.utils.download_util as pyiqa_download
+    import torch.hub
+
+    real_load, real_download = torch.load, torch.hub.download_url_to_file
+
+    def safe_load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            return real_load(f, *args, **kwargs)
+        except pickle.UnpicklingError as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines()]
+            why = next((ln for ln in lines if "Unsupported" in ln), lines[-1] if lines else "")
+            raise UnsafeWeights(f"refusing to load {getattr(f, 'name', f)}: it holds more than "
+                                f"tensors and plain containers, so loading it could run code "
+                                f"({brief(why)}); use the published weights file") from None
+
+    def download(url: str, dst: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            real_download(url, dst, *args, **kwargs)
+        except Exception as exc:  # URLError, HTTPError, a blocked socket, ...
+            raise MissingWeights(f"{dst} is absent and downloading it from {url} failed "
+                                    f"({type(exc).__name__}: {brief(str(exc))}): put the file "
+                                    f"there ({WEIGHTS_HELP})") from None
+
+    patched = [(torch, "load", safe_load), (torch.hub, "download_url_to_file", download),
+               (pyiqa_download, "download_url_to_file", download)]
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patched]
+    try:
+        for obj, attr, value in patched:
+            setattr(obj, attr, value)
+        yield
+    finally:
+        for obj, attr, value in saved:
+            setattr(obj, attr, value)
 
 
 def check_metric_names(names: list[str] | tuple[str, ...]) -> None:

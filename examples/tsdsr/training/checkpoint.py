@@ -3,15 +3,23 @@ and JSON (nothing a load could execute).
 
 A checkpoint is a folder ``step-NNNNNNNN`` written as ``.tmp-step-NNNNNNNN-<pid>`` and renamed
 when complete, so a run killed mid-save leaves only a temp folder, which resume ignores and the
-next save removes. RNG state is not needed: every draw is seeded from ``(seed, step)``.
+next save removes. A complete folder whose files are damaged anyway (a full disk, a copy cut
+short) is skipped by ``--resume latest`` with a warning naming the file. RNG state is not needed:
+every draw is seeded from ``(seed, step)``.
+
+One folder holds one run's line of steps: resuming from an older step sets the newer
+checkpoints aside (``superseded-<time>/``) instead of mixing them in, and the cleanup only ever
+removes checkpoints older than the one just written.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +29,10 @@ from torch import Tensor
 from examples.tsdsr.training.models import VAE_ADAPTER, TSDSRModels
 from examples.tsdsr.training.sharding import is_sharded
 from scoredistill.adapters import load_lora, lora_state_dict, save_lora
+from scoredistill.cli import UserError
+from scoredistill.messages import brief
 
+log = logging.getLogger("tsdsr.train")
 PATTERN = re.compile(r"step-(\d{8})")
 LORA_FILES = {"transformer.safetensors": "student", "fake.safetensors": "fake"}
 VAE_FILE = "vae.safetensors"  # the release's names for the student's two LoRA files
@@ -38,17 +49,74 @@ def checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def step_of(checkpoint: Path) -> int:
+    """The training step a ``step-NNNNNNNN`` folder holds."""
+    return int(PATTERN.fullmatch(checkpoint.name).group(1))  # type: ignore[union-attr]
+
+
+def damaged_file(checkpoint: str | Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from, naming the file (None if it can): each
+    safetensors header must cover its file and ``state.json`` must parse."""
+    from safetensors import safe_open
+
+    checkpoint = Path(checkpoint)
+    for name in (*LORA_FILES, VAE_FILE, STATE_FILES[1]):
+        try:
+            with safe_open(str(checkpoint / name), framework="pt"):
+                pass
+        except Exception as exc:  # SafetensorError, OSError: a missing or truncated file
+            return f"{checkpoint / name}: {exc}"
+    try:
+        json.loads((checkpoint / STATE_FILES[0]).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{checkpoint / STATE_FILES[0]}: {exc}"
+    return None
+
+
 def resolve(resume: str | None, root: str | Path) -> Path | None:
-    """``"latest"`` -> the newest complete checkpoint (None if there is none); a path -> itself."""
+    """``"latest"`` -> the newest checkpoint that loads (None if there is none), skipping damaged
+    ones with a warning naming the file; a path -> itself, or a UserError if it cannot load."""
     if resume is None:
         return None
     if resume == "latest":
-        found = checkpoints(root)
-        return found[-1] if found else None
+        for found in reversed(checkpoints(root)):
+            problem = damaged_file(found)
+            if problem is None:
+                return found
+            log.warning("skipping damaged checkpoint %s (%s); trying the one before", found.name,
+                        problem)
+        return None
     path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"--resume {path}: no such checkpoint folder (or pass --resume latest)")
     if not (path / STATE_FILES[0]).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILES[0]})")
+        raise UserError(f"--resume {path} is not a complete checkpoint (no {STATE_FILES[0]}): "
+                        "give a step-NNNNNNNN folder or --resume latest")
+    problem = damaged_file(path)
+    if problem is not None:
+        raise UserError(f"--resume {path} is damaged: {problem}; give an earlier checkpoint")
     return path
+
+
+def set_aside_newer(root: str | Path, step: int) -> Path | None:
+    """Move the checkpoints after ``step`` (an earlier run's, when resuming from an older step)
+    into ``root/superseded-<time>/``, so they are neither resumed nor cleaned up; return it."""
+    newer = sorted(c for c in Path(root).glob("step-*")
+                   if c.is_dir() and PATTERN.fullmatch(c.name) and step_of(c) > step)
+    if not newer:
+        return None
+    stamp = time.strftime("superseded-%Y%m%d-%H%M%S")
+    aside, n = Path(root) / stamp, 0
+    while aside.exists():  # two resumes within a second
+        n += 1
+        aside = Path(root) / f"{stamp}-{n}"
+    aside.mkdir()
+    for c in newer:
+        os.replace(c, aside / c.name)
+    log.warning("resuming from step %d: moved the later checkpoints %s of the earlier run to "
+                "%s (kept, but never resumed or deleted)", step,
+                ", ".join(c.name for c in newer), aside)
+    return aside
 
 
 def save_checkpoint(root: str | Path, step: int, models: TSDSRModels, state: dict[str, Any],
@@ -75,7 +143,9 @@ def save_checkpoint(root: str | Path, step: int, models: TSDSRModels, state: dic
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    for old in checkpoints(root)[:-keep] if keep > 0 else []:
+    # Only older steps are removed: never the folder just written, nor anything after it.
+    older = [c for c in checkpoints(root) if step_of(c) < step]
+    for old in older[:max(len(older) - keep + 1, 0)] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -94,9 +164,14 @@ def load_checkpoint(path: str | Path, models: TSDSRModels) -> dict[str, Any]:
     (optimizers, step, ...)."""
     path = Path(path)
     transformer = models.roles.backbone.module
-    for name, adapter in LORA_FILES.items():
-        load_lora(path / name, transformer, adapter)
-    load_lora(path / VAE_FILE, models.vae, VAE_ADAPTER)
+    files = [(name, transformer, adapter) for name, adapter in LORA_FILES.items()]
+    for name, module, adapter in [*files, (VAE_FILE, models.vae, VAE_ADAPTER)]:
+        try:
+            load_lora(path / name, module, adapter)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            # Shapes that differ (another --*-rank) or missing keys: name the file.
+            raise UserError(f"cannot load {path / name} into the {adapter} LoRA: "
+                            f"{brief(' '.join(str(exc).split()), 400)}") from None
     return read_state(path)
 
 

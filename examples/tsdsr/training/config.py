@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -18,6 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from scoredistill.cli import ArgumentParser, UserError, in_range, number
+from scoredistill.messages import brief
 
 
 @dataclass
@@ -35,6 +39,8 @@ class TrainConfig:
     # Data: HQ folder (captions as .txt beside images), optional stored LQ, precomputed embeds.
     hq_dir: str | None = None
     lq_dir: str | None = None  # None: Real-ESRGAN degradation on the fly
+    # JPEG codec of that degradation: Real-ESRGAN's simulated "diffjpeg" or Pillow's "libjpeg".
+    jpeg_codec: str = "diffjpeg"
     embeds_dir: str | None = None  # precompute.py's output; required (text encoders never load)
     val_hq_dir: str | None = None
     val_lq_dir: str | None = None  # None: degraded once with a fixed seed
@@ -82,20 +88,92 @@ class TrainConfig:
     validate_every: int = 1000
     log_every: int = 10
     report_to: str = "tensorboard"  # tensorboard | wandb | none
+    skip_bad_files: bool = False  # train on the other files when the data check finds bad ones
     tiny: bool = False  # informational: set by the --tiny preset
 
     def __post_init__(self) -> None:
+        check_values(self)
         if self.use_dasm and len(self.dasm_weights) != self.dasm_points:
             raise ValueError(f"{self.dasm_points} DASM points need as many weights, got "
-                             f"{self.dasm_weights}")
-        if len(self.dasm_bias) != 2:
-            raise ValueError(f"dasm_bias is a [low, high) pair, got {self.dasm_bias}")
+                             f"{brief(self.dasm_weights)}")
+        if len(self.dasm_bias) != 2 or self.dasm_bias[0] >= self.dasm_bias[1]:
+            raise ValueError(f"dasm_bias is a non-empty [low, high) pair, got "
+                             f"{brief(self.dasm_bias)}")
+        if self.index_low >= self.index_high:
+            raise ValueError(f"index_low ({self.index_low}) must be below index_high "
+                             f"({self.index_high})")
+        if self.resolution % 16:
+            raise ValueError(f"resolution must be a multiple of 16 (VAE factor 8 x patch 2), "
+                             f"got {self.resolution}")
         if self.use_latents and self.hflip:
             raise ValueError("use_latents reads the latent of the unflipped image: turn hflip "
                              "off (--no-hflip), since the VAE's latent of a flipped image is not "
                              "the flipped latent")
-        if self.report_to not in ("tensorboard", "wandb", "none"):
-            raise ValueError(f"report_to must be tensorboard, wandb or none, got {self.report_to}")
+
+
+# Allowed values, checked on every TrainConfig and by argparse at parse time (cli.number).
+def _same(names: str, **bounds: Any) -> dict[str, dict[str, Any]]:
+    return {name: bounds for name in names.split()}
+
+
+BOUNDS: dict[str, dict[str, Any]] = {
+    **_same("student_rank fake_rank vae_rank resolution dasm_points dasm_step lr_num_cycles "
+            "max_steps batch_size checkpoint_every validate_every log_every", low=1),
+    **_same("dataloader_workers lpips_weight mse_weight gamma cfg_scale index_low weight_decay "
+            "lr_warmup_steps seed checkpoints_keep dasm_weights", low=0),
+    **_same("lr lr_fake adam_eps max_grad_norm", low=0, low_open=True),
+    **_same("adam_beta1 adam_beta2", low=0, high=1, high_open=True),
+    "tsd_lambda": dict(low=0, high=1),
+    "index_high": dict(low=1, high=1000),  # SD3's 1000-step schedule
+    "dasm_bias": {},
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "fake_weighting": ("none", "sigma_sqrt", "cosmap"),
+    "lr_scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                     "constant_with_warmup"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "report_to": ("tensorboard", "wandb", "none"),
+    "jpeg_codec": ("diffjpeg", "libjpeg"),
+}
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """Why ``value`` does not fit the field type ``hint`` (None if it does)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _type_problem(value, _scalar_type(hint))
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, tuple):
+            return "must be a list"
+        problems = [_type_problem(v, args[0]) for v in value]
+        return next((f"items {p}" for p in problems if p), None)
+    if hint is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else (
+            "must be an integer")
+    if hint is float:
+        return None if isinstance(value, int | float) and not isinstance(value, bool) else (
+            "must be a number")
+    return None if isinstance(value, hint) else f"must be a {hint.__name__}"
+
+
+def check_values(config: TrainConfig) -> None:
+    """ValueError naming the first field whose value has the wrong type or is out of range."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        problem = _type_problem(value, hints[f.name])
+        if problem is None and f.name in BOUNDS and value is not None:
+            check = in_range(**BOUNDS[f.name])
+            problem = next((p for p in map(check, value if isinstance(value, tuple) else
+                                           (value,)) if p), None)
+        if problem is None and f.name in CHOICES and value not in CHOICES[f.name]:
+            problem = f"must be one of {', '.join(CHOICES[f.name])}"
+        if problem:
+            raise ValueError(f"{f.name} {problem}, got {brief(value)}")
 
 
 TINY_PRESET: dict[str, Any] = dict(
@@ -123,9 +201,10 @@ def _scalar_type(hint: Any) -> type:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``--config``, ``--tiny`` and one ``--key`` flag per TrainConfig field (no defaults set)."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``--config``, ``--tiny`` and one ``--key`` flag per TrainConfig field (no defaults set);
+    values are range-checked as they are parsed (BOUNDS, CHOICES)."""
+    parser = ArgumentParser(prog="train", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a .json or .yaml file of TrainConfig fields")
     parser.add_argument("--tiny", action="store_true", help="the embedded tiny preset")
     hints = typing.get_type_hints(TrainConfig)
@@ -134,52 +213,88 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"default {default!r}"
         # SUPPRESS: only flags given on the command line reach the config (file values survive).
+        kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
+                                      help=f"default {default!r}")
         if hint is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        elif typing.get_origin(hint) is tuple:
-            parser.add_argument(flag, dest=f.name, type=_scalar_type(hint), nargs="+",
-                                default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=_scalar_type(hint),
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        kind = _scalar_type(hint)
+        if f.name in BOUNDS:
+            kind = number(kind, **BOUNDS[f.name])
+        if typing.get_origin(hint) is tuple:
+            kwargs["nargs"] = "+"
+        parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name), **kwargs)
     return parser
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Fields from a JSON or YAML file; unknown keys are an error naming them."""
+    """Fields from a JSON or YAML file; a missing or malformed file, unknown keys or values of
+    the wrong type are a UserError naming the file and the key."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise UserError(f"--config {path}: config files are .json, .yaml or .yml")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--config {path}: cannot read it ({exc})") from None
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
 
-        values = yaml.safe_load(text) or {}
-    elif path.suffix.lower() == ".json":
-        values = json.loads(text)
-    else:
-        raise ValueError(f"{path}: config files are .json, .yaml or .yml")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+            values = yaml.safe_load(text)
+    except ValueError as exc:  # json.JSONDecodeError
+        raise UserError(f"--config {path}: not valid JSON: {exc}") from None
+    except Exception as exc:  # yaml.YAMLError, imported lazily
+        if type(exc).__module__.split(".")[0] != "yaml":
+            raise
+        raise UserError(f"--config {path}: not valid YAML: {' '.join(str(exc).split())}"
+                        ) from None
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of TrainConfig fields, got a "
+                        f"{type(values).__name__}")
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = [str(k) for k in values if k not in known]
     if unknown:
-        raise ValueError(f"{path}: unknown config keys {unknown}")
-    return values
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1))
+                 else k for k in unknown]
+        raise UserError(f"--config {path}: unknown key(s) {brief(', '.join(hints))}; the keys "
+                        "are TrainConfig's fields (train.py --help lists them as flags)")
+    return {k: _from_file(k, v) for k, v in values.items()}
+
+
+def _from_file(name: str, value: Any) -> Any:
+    # JSON and YAML give lists where the fields are tuples; YAML 1.1 reads 1e-5 as a string.
+    hint = typing.get_type_hints(TrainConfig)[name]
+    if isinstance(value, list) and typing.get_origin(hint) is tuple:
+        return tuple(value)
+    if isinstance(value, str) and _scalar_type(hint) is float and typing.get_origin(hint) is None:
+        try:
+            return float(value)
+        except ValueError:
+            return value  # reported by TrainConfig as "must be a number"
+    return value
 
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    """TrainConfig from defaults, the ``--tiny`` preset, a ``--config`` file and CLI flags."""
+    """TrainConfig from defaults, the ``--tiny`` preset, a ``--config`` file and CLI flags.
+
+    Every problem is a UserError (a ValueError) naming the flag, file or key."""
     args = vars(build_parser().parse_args(argv))
     file, tiny = args.pop("config"), args.pop("tiny")
     values: dict[str, Any] = dict(TINY_PRESET) if tiny else {}
-    if file is not None:
-        values.update(read_config_file(file))
-    values.update(args)
-    hints = typing.get_type_hints(TrainConfig)
-    for name, value in values.items():  # JSON/YAML/argparse give lists; the fields are tuples
-        if typing.get_origin(hints[name]) is tuple and value is not None:
-            values[name] = tuple(value)
-    return TrainConfig(**values)
+    from_file = read_config_file(file) if file is not None else {}
+    values.update(from_file)
+    values.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    try:
+        return TrainConfig(**values)
+    except ValueError as exc:
+        key = str(exc).split(" ", 1)[0]
+        source = f"--config {file}: " if key in from_file and key not in args else ""
+        raise UserError(f"{source}{exc}") from None
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

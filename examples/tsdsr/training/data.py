@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from examples.tsdsr.data import DegradationConfig, PairedSRDataset, degrade_batch
+from examples.tsdsr.data import DegradationConfig, PairedSRDataset, degrade_batch, read_caption
 from examples.tsdsr.precompute import image_file
 
 
@@ -77,6 +77,12 @@ class CaptionedCrops(Dataset):
             item = self.dataset[index]
         return {**item, **self._embeds(Path(item["path"])), "seed": seed}
 
+    def check(self, index: int) -> None:
+        """Raise what sampling item ``index`` could raise (its image files, caption and
+        precomputed embeddings), naming the file."""
+        self.dataset.check(index)
+        self._embeds(self.dataset.paths[index])
+
     def _embeds(self, image: Path) -> dict[str, Tensor]:
         from safetensors import safe_open
 
@@ -90,7 +96,7 @@ class CaptionedCrops(Dataset):
         with safe_open(str(file), framework="pt") as f:
             stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
             caption = (f.metadata() or {}).get("caption", "")
-        if has_caption and caption != image.with_suffix(".txt").read_text("utf-8").strip():
+        if has_caption and caption != read_caption(image.with_suffix(".txt")):
             raise ValueError(f"{image}'s caption changed since precompute: rerun precompute.py")
         out = {k: stored[k] for k in ("prompt_embeds", "pooled_projections") if k in stored}
         out = out or dict(self.default)

@@ -25,21 +25,33 @@ class ValPair:
 
 
 def load_val_pairs(hq_dir: str | Path, lq_dir: str | Path | None, multiple: int = 16,
-                   seed: int = 0) -> list[ValPair]:
-    """HQ images (cropped to a multiple of ``multiple``) with stored LQ, or LQ degraded once."""
-    pairs = []
+                   seed: int = 0, degradation: DegradationConfig | None = None,
+                   ) -> tuple[list[ValPair], dict[Path, str]]:
+    """HQ images (cropped to a multiple of ``multiple``) with stored LQ, or LQ degraded once;
+    and ``{file: problem}`` for the images that cannot be used (undecodable, smaller than
+    ``multiple``, no LQ file of the same stem)."""
+    pairs, problems = [], {}
     lq_files = {p.stem: p for p in list_images(lq_dir)} if lq_dir is not None else {}
     for i, path in enumerate(list_images(hq_dir)):
-        hq = load_image(path).rgb
-        h, w = (s // multiple * multiple for s in hq.shape[-2:])
-        hq = hq[:, :h, :w]
-        if lq_dir is not None:
-            lq = load_image(lq_files[path.stem]).rgb[None]
-        else:  # a fixed draw per image, so every validation sees the same inputs
-            g = torch.Generator().manual_seed(seed + i)
-            lq = degrade(hq[None], DegradationConfig(), g).lq
+        try:
+            hq = load_image(path).rgb
+            h, w = (s // multiple * multiple for s in hq.shape[-2:])
+            if not h or not w:
+                raise ValueError(f"{path} is {hq.shape[-1]}x{hq.shape[-2]}, smaller than "
+                                 f"{multiple} px a side")
+            hq = hq[:, :h, :w]
+            if lq_dir is not None:
+                if path.stem not in lq_files:
+                    raise ValueError(f"no LQ image {Path(lq_dir) / path.stem}.* for {path}")
+                lq = load_image(lq_files[path.stem]).rgb[None]
+            else:  # a fixed draw per image, so every validation sees the same inputs
+                g = torch.Generator().manual_seed(seed + i)
+                lq = degrade(hq[None], degradation or DegradationConfig(), g).lq
+        except ValueError as exc:
+            problems[path] = " ".join(str(exc).split())
+            continue
         pairs.append(ValPair(path.stem, upsample_lq(lq, size=(h, w))[0], hq))
-    return pairs
+    return pairs, problems
 
 
 @torch.no_grad()

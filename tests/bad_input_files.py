@@ -1,0 +1,200 @@
+"""Files for tests/test_bad_inputs.py: a small valid workspace (training data, embeddings, a
+trained 2-step run, LQ/SR/HR folders) and the bad files the rows put into it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from examples.tsdsr.training.checkpoint import checkpoints
+from scoredistill.sr import files as sr_files
+
+Setup = Callable[[Path, pytest.MonkeyPatch], None]
+Check = Callable[[Path], None]
+
+RNG = np.random.default_rng(0)
+# The train.py flags every training row starts from (the tiny preset, a random tiny backbone).
+TRAIN = ("--tiny", "--hq-dir", "{ws}/hq", "--embeds-dir", "{ws}/embeds", "--output-dir",
+         "{ws}/run", "--max-steps", "2", "--checkpoint-every", "1", "--validate-every", "100",
+         "--report-to", "none", "--student-rank", "2", "--fake-rank", "2", "--vae-rank", "2")
+INFER = ("{ws}/lq", "--out", "{ws}/out", "--process-size", "64", "--no-progress")
+EVAL = ("--sr", "{ws}/sr", "--hr", "{ws}/hr", "--no-progress")
+
+
+def png(path: Path, height: int = 64, width: int = 64) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(RNG.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def build_base(root: Path, train_main) -> Path:
+    """hq/ (a, b, c; a captioned), val/, embeds/ (tiny text encoders), run/ (2 steps,
+    checkpoints at 1 and 2), lq/ (two small images), sr/ and hr/ (paired 32 px images)."""
+    from examples.tsdsr.precompute import precompute
+
+    for name in "abc":
+        png(root / "hq" / f"{name}.png")
+    (root / "hq" / "a.txt").write_text("a red cat\n", encoding="utf-8")
+    png(root / "val" / "v.png")
+    precompute(root / "hq", root / "embeds")
+    status = train_main([a.format(ws=root) for a in TRAIN])
+    assert status == 0, "the workspace's training run failed"
+    for name, size in (("x", (20, 24)), ("y", (16, 16))):
+        png(root / "lq" / f"{name}.png", *size)
+    for name in "pq":
+        png(root / "sr" / f"{name}.png", 32, 32)
+        png(root / "hr" / f"{name}.png", 32, 32)
+    (root / "empty").mkdir()
+    return root
+
+
+def copy_base(base: Path, to: Path) -> Path:
+    shutil.copytree(base, to, symlinks=True)
+    return to
+
+
+def truncate(path: Path, keep: int = 100) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def exif_rotated_jpeg(path: Path, height: int = 16, width: int = 24) -> None:
+    """A JPEG stored ``width`` wide that viewers show rotated (EXIF orientation 6)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(RNG.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
+        path, exif=exif.tobytes())
+
+
+def png16_bomb(path: Path, side: int = 14000) -> None:
+    """A 16-bit RGB PNG whose header claims side x side px over a tiny compressed body."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", side, side, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def frames(path: Path, count: int = 3) -> None:
+    """An animated GIF or multi-page TIFF (by suffix) of ``count`` 16 x 16 frames."""
+    images = [Image.fromarray(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+              for _ in range(count)]
+    images[0].save(path, save_all=True, append_images=images[1:])
+
+
+def checkpoint_with_truncated_lora(folder: Path) -> None:
+    """An infer --lora folder whose transformer.safetensors was cut short."""
+    from examples.tsdsr.models.tiny import random_backbone
+    from scoredistill.adapters import STUDENT_TARGETS, add_lora, lora_config, save_lora
+
+    parts = random_backbone("tiny")
+    add_lora(parts.transformer, lora_config(STUDENT_TARGETS, rank=2), "student")
+    folder.mkdir(parents=True)
+    save_lora(folder / "transformer.safetensors", parts.transformer, "student")
+    truncate(folder / "transformer.safetensors", 300)
+
+
+class RunsCode:
+    """Pickles as a call of os.mkdir(marker): what a crafted weights file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+# Row setups (workspace, monkeypatch) and checks (workspace).
+def write_text(rel: str, text: str, encoding: str) -> Setup:
+    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
+        (ws / rel).write_bytes(text.encode(encoding))
+    return setup
+
+
+def call(fn: Callable[..., None], *args: object) -> Setup:
+    return lambda ws, mp: fn(*(Path(a.format(ws=ws)) if isinstance(a, str) else a for a in args))
+
+
+def both(*setups: Setup) -> Setup:
+    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
+        for s in setups:
+            s(ws, mp)
+    return setup
+
+
+def fail_on(name: str, error: BaseException) -> Setup:
+    """Make super-resolving the input called ``name`` raise ``error`` (running out of memory)."""
+    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
+        real = sr_files.load_image
+
+        def load(path, **kw):
+            if Path(path).name == name:
+                raise error
+            return real(path, **kw)
+        mp.setattr(sr_files, "load_image", load)
+    return setup
+
+
+def outputs(*names: str, size: tuple[int, int] | None = None) -> Check:
+    def check(ws: Path) -> None:
+        from PIL import Image
+
+        assert sorted(p.name for p in (ws / "out").iterdir()) == sorted(names)
+        if size is not None:
+            with Image.open(ws / "out" / names[0]) as img:
+                assert img.size == size and img.getexif().get(0x0112) is None
+    return check
+
+
+def ckpts(*names: str, aside: str | None = None, run: str = "run") -> Check:
+    def check(ws: Path) -> None:
+        root = ws / run / "checkpoints"
+        assert [p.name for p in checkpoints(root)] == list(names)
+        if aside is not None:
+            assert [p.name for p in root.glob(f"superseded-*/{aside}")] == [aside]
+    return check
+
+
+def mode_follows_umask(ws: Path) -> None:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for p in (ws / "out").iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+
+
+def same_embeddings(ws: Path) -> None:
+    from safetensors.torch import load_file
+
+    bom, plain = (load_file(ws / e / "images" / "a.safetensors") for e in ("e2", "embeds"))
+    assert bom.keys() == plain.keys() and all(torch.equal(bom[k], plain[k]) for k in bom)
+
+
+def prompts_without_a(ws: Path) -> None:
+    assert (ws / "e2" / "prompts.safetensors").is_file()  # the job went on past a.png
+    assert not (ws / "e2" / "images" / "a.safetensors").exists()
+
+
+def signal_in_step(step: int, sig: int) -> Setup:
+    """Send ``sig`` to this process during training step ``step`` (as SLURM would)."""
+    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
+        from examples.tsdsr import train
+
+        real, calls = train.train_step, []
+
+        def step_then_signal(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == step:
+                os.kill(os.getpid(), sig)
+            return real(*args, **kwargs)
+        mp.setattr(train, "train_step", step_then_signal)
+    return setup
