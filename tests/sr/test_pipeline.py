@@ -3,6 +3,8 @@ rounding, compile matches eager, FP8 is refused where there is no FP8 hardware."
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -98,6 +100,9 @@ def test_bad_arguments_are_refused(model):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SCOREDISTILL_COMPILE_TESTS"),
+                    reason="CPU inductor compiles for minutes (over 20 on a busy 2-core CI "
+                           "machine): set SCOREDISTILL_COMPILE_TESTS=1 to run it")
 def test_compiled_equals_eager_on_the_cpu(model, tmp_path, monkeypatch):
     """CPU inductor compiles the transformer (3 tiles padded to the static batch of 4), the VAE
     encode and decode once each; the outputs match eager to 1e-4 (inductor fuses and reorders

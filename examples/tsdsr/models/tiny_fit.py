@@ -156,6 +156,7 @@ def write_cache(folder: Path, states: dict[str, dict[str, Tensor]]) -> None:
     """Each file atomically, then the manifest of their checksums (its presence = complete)."""
     from safetensors.torch import save
 
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)
     for name, state in states.items():
         write_atomic(folder / name, save({k: v.contiguous() for k, v in state.items()}))
