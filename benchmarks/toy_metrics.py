@@ -35,7 +35,7 @@ def train_learned_teacher(problem: ToySR, steps: int, seed: int, batch: int = 51
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
-        loss = loss_fn(model, problem.teacher.sample(batch, g), generator=g).loss
+        loss = loss_fn(problem.teacher.sample(batch, g), model=model, generator=g).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -130,7 +130,7 @@ def library_step(roles, data: Batch) -> None:
         fake=CFG(roles.fake, GUIDANCE, data.null), z=data.z, index=data.index, noise=data.noise,
         dasm_bias=data.bias)
     (tsd.loss + F.mse_loss(z_hat.float(), data.z)).backward()
-    DiffusionLoss()(roles.fake, z_hat, data.cond, index=data.fake_index,
+    DiffusionLoss()(z_hat, data.cond, model=roles.fake, index=data.fake_index,
                     noise=data.fake_noise).loss.backward()
 
 

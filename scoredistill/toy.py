@@ -146,7 +146,7 @@ class ToyTrainer:
         """One Eq. (9) update of the fake score on the generator's current outputs."""
         with torch.no_grad():
             z_hat = self.gen(lq)
-        loss = self.fake_loss(self.fake, z_hat, generator=self.g).loss
+        loss = self.fake_loss(z_hat, model=self.fake, generator=self.g).loss
         self.fake_opt.zero_grad()
         loss.backward()
         self.fake_opt.step()

@@ -111,7 +111,7 @@ def fit_teacher(transformer: nn.Module, vae: nn.Module, images: list[Tensor],
         step_cond = {k: v.expand(b, *v.shape[1:]) * _bcast(keep, v)
                      + torch.randn(b, *v.shape[1:], generator=g) * _bcast(1 - keep, v)
                      for k, v in cond.items()}
-        loss = loss_fn(model, z, step_cond, generator=g).loss
+        loss = loss_fn(z, step_cond, model=model, generator=g).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -30,18 +30,21 @@ class DiffusionLoss:
     """Denoising loss fitting the fake score to the student's outputs (TSD-SR Eq. 9; Alg. 1, 27-31).
 
     ``0.5 * w(sigma) * mean((pred - target)^2)`` in the ``space`` parametrisation (default x0, as
-    the TSD-SR release; with ``weighting="sigma_sqrt"`` x0 space equals flow-velocity space).
-    The timestep density (``index_sampler``: uniform 50..949 by default; SD3's
-    ``LogitNormalIndex``/``ModeIndex``) and the loss ``weighting`` ("none", "sigma_sqrt",
+    the TSD-SR release; with ``loss_weighting="sigma_sqrt"`` x0 space equals flow-velocity
+    space). The timestep density (``index_sampler``: uniform 50..949 by default; SD3's
+    ``LogitNormalIndex``/``ModeIndex``) and the ``loss_weighting`` ("none", "sigma_sqrt",
     "cosmap") are kept apart: no random draw ever multiplies the loss.
+
+    Called like every loss here: samples first, the model by keyword,
+    ``DiffusionLoss()(z_hat.detach(), cond, model=fake)``.
     """
 
     space: Prediction = "x0"
-    weighting: str = "none"
+    loss_weighting: str = "none"
     index_sampler: IndexSampler = field(default_factory=UniformIndex)
     check_finite: bool = True
 
-    def __call__(self, model: ScoreModel, x0: Tensor, cond: Cond = None, *,
+    def __call__(self, x0: Tensor, cond: Cond = None, *, model: ScoreModel,
                  index: Tensor | None = None, noise: Tensor | None = None,
                  generator: torch.Generator | None = None) -> DiffusionOutput:
         """Loss of ``model`` on clean samples ``x0`` (B, ...), which are detached."""
@@ -61,6 +64,6 @@ class DiffusionLoss:
         x_t = a * x0f + s * noise
         pred = convert(model(x_t, t, cond).float(), model.prediction, space, x_t, a, s)
         target = from_x0_eps(x0f, noise, space, a, s)
-        per_sample = 0.5 * sd3_loss_weight(self.weighting, sigma) * (
+        per_sample = 0.5 * sd3_loss_weight(self.loss_weighting, sigma) * (
             (pred - target).square().flatten(1).mean(1))
         return DiffusionOutput(per_sample.mean(), per_sample, index, t)

@@ -140,7 +140,8 @@ def trajectory_directions(
 class ScoreDistillationLoss:
     """Base of the score-distillation losses: a fixed linear mix of direction terms.
 
-    Fields: ``weighting`` w(t) by name ("sigma2", "sigma", "uniform") or ``(alpha, sigma) -> (B,)``;
+    Fields: ``time_weighting`` w(t) by name ("sigma2", "sigma", "uniform") or
+    ``(alpha, sigma) -> (B,)``;
     ``space`` the parametrisation the differences are taken in (default: the teacher's own, so
     SD3 gets the TSD-SR release's sigma^2-weighted velocity differences); ``sample_weighting``
     a per-sample factor that needs the sample, by name ("dmd": `dmd_normalizer`) or
@@ -149,7 +150,7 @@ class ScoreDistillationLoss:
     host sync).
     """
 
-    weighting: str | Weighting = "sigma2"
+    time_weighting: str | Weighting = "sigma2"
     sample_weighting: str | SampleWeighting | None = None
     space: Prediction | None = None
     index_sampler: IndexSampler = field(default_factory=UniformIndex)
@@ -211,7 +212,7 @@ class ScoreDistillationLoss:
         grads, norms, timesteps, sigmas = trajectory_directions(
             teacher, fake if needs_fake else None, z_hat.detach().float(),
             None if z is None else z.float(), cond, noise.float(), points, point_weights, terms,
-            space, distill_weighting(self.weighting),
+            space, distill_weighting(self.time_weighting),
             None if self.sample_weighting is None else sample_weighting(self.sample_weighting))
         grad = sum(coef * grads[term] for term, coef in mix.items())
         return DistillOutput(surrogate_loss(z_hat, grad), grad, grads, norms, points, timesteps,

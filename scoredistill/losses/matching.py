@@ -31,7 +31,7 @@ class DMDLoss(ScoreDistillationLoss):
     """
 
     space: Prediction | None = "x0"
-    weighting: str | Weighting = "uniform"
+    time_weighting: str | Weighting = "uniform"
     sample_weighting: str | SampleWeighting | None = "dmd"
     index_sampler: IndexSampler = field(default_factory=lambda: UniformIndex(20, 980))
     scale: float = 1.0
@@ -73,7 +73,7 @@ class CSDLoss(ScoreDistillationLoss):
         ``(x0_null - x0_guided) / mean|z_hat - x0_guided|`` in ``F.mse_loss`` (``scale = 2``),
         DMD's normalisation, DDPM steps ``U{20, ..., 499}``, i.e. indices 500..979.
         """
-        return cls(space="x0", weighting="uniform", sample_weighting="dmd", scale=2.0,
+        return cls(space="x0", time_weighting="uniform", sample_weighting="dmd", scale=2.0,
                    index_sampler=UniformIndex(500, 980))
 
     def mix(self) -> dict[Term, float]:

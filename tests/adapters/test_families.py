@@ -42,7 +42,7 @@ def train_step(family: Family, loss_name: str, student, teacher, fake):
     if fake_model is not None:
         # Backward after the other forwards: recomputation must not see their adapter selection.
         gen = torch.Generator().manual_seed(1)
-        DiffusionLoss()(fake, z_hat, cond, generator=gen).loss.backward()
+        DiffusionLoss()(z_hat, cond, model=fake, generator=gen).loss.backward()
     return out
 
 

@@ -15,7 +15,7 @@ def inputs(seed=0):
 def test_matches_explicit_eq9_in_x0_space():
     net = TinyNet("flow", RectifiedFlow())
     x0, noise, cond, index = inputs()
-    out = DiffusionLoss()(net, x0, cond, index=index, noise=noise)
+    out = DiffusionLoss()(x0, cond, model=net, index=index, noise=noise)
     sched = RectifiedFlow()
     ref = []
     for b in range(4):
@@ -30,8 +30,9 @@ def test_matches_explicit_eq9_in_x0_space():
 def test_sigma_sqrt_weighting_in_x0_space_is_plain_velocity_matching():
     net = TinyNet("flow", RectifiedFlow())
     x0, noise, cond, index = inputs(1)
-    x0_weighted = DiffusionLoss(weighting="sigma_sqrt")(net, x0, cond, index=index, noise=noise)
-    velocity = DiffusionLoss(space="flow")(net, x0, cond, index=index, noise=noise)
+    x0_weighted = DiffusionLoss(loss_weighting="sigma_sqrt")(x0, cond, model=net, index=index,
+                                                        noise=noise)
+    velocity = DiffusionLoss(space="flow")(x0, cond, model=net, index=index, noise=noise)
     torch.testing.assert_close(x0_weighted.per_sample, velocity.per_sample)
 
 
@@ -40,8 +41,10 @@ def test_no_random_factor_multiplies_the_loss():
     net = TinyNet("flow", RectifiedFlow())
     x0, noise, cond, index = inputs(2)
     loss = DiffusionLoss(index_sampler=LogitNormalIndex())
-    a = loss(net, x0, cond, index=index, noise=noise, generator=torch.Generator().manual_seed(0))
-    b = loss(net, x0, cond, index=index, noise=noise, generator=torch.Generator().manual_seed(9))
+    a = loss(x0, cond, model=net, index=index, noise=noise,
+             generator=torch.Generator().manual_seed(0))
+    b = loss(x0, cond, model=net, index=index, noise=noise,
+             generator=torch.Generator().manual_seed(9))
     assert torch.equal(a.loss, b.loss)
 
 
@@ -53,8 +56,8 @@ def test_exact_denoiser_has_the_lowest_loss_and_x0_is_detached():
     g = torch.Generator().manual_seed(0)
     x0 = gm.sample(20_000, g).requires_grad_(True)
     loss = DiffusionLoss()
-    right = loss(gm, x0, generator=torch.Generator().manual_seed(1))
-    worse = loss(wrong, x0, generator=torch.Generator().manual_seed(1))
+    right = loss(x0, model=gm, generator=torch.Generator().manual_seed(1))
+    worse = loss(x0, model=wrong, generator=torch.Generator().manual_seed(1))
     assert float(right.loss) < 0.8 * float(worse.loss)
     assert not right.loss.requires_grad
 
@@ -65,3 +68,12 @@ def test_weightings():
     torch.testing.assert_close(sd3_loss_weight("none", s), torch.ones(2))
     with pytest.raises(ValueError, match="unknown loss weighting 'logit_normal'"):
         sd3_loss_weight("logit_normal", s)
+
+
+def test_the_model_is_passed_by_keyword_only():
+    net = TinyNet("flow", RectifiedFlow())
+    x0, _, cond, _ = inputs(2)
+    with pytest.raises(TypeError, match="keyword-only argument: 'model'"):
+        DiffusionLoss()(net, x0)  # the pre-0.2 order
+    with pytest.raises(TypeError, match="positional arguments"):
+        DiffusionLoss()(net, x0, cond)

@@ -126,8 +126,8 @@ def test_gradient_equals_explicit_reference(kind, case):
 def test_x0_space_flips_the_sign_so_descent_moves_toward_the_teacher():
     teacher, fake, z_hat, z, noise, cond, _null = make("flow")
     kw = dict(teacher=teacher, fake=fake, z=z, index=torch.tensor([100, 400, 800]), noise=noise)
-    v = VSDLoss(weighting="uniform")(z_hat, cond, **kw)
-    x0 = VSDLoss(weighting="uniform", space="x0")(z_hat, cond, **kw)
+    v = VSDLoss(time_weighting="uniform")(z_hat, cond, **kw)
+    x0 = VSDLoss(time_weighting="uniform", space="x0")(z_hat, cond, **kw)
     # u = eps - x0 at fixed x_t: delta x0 = -sigma * delta u; the x0 form negates that difference.
     sigma = v.sigmas[:, 0, None]
     torch.testing.assert_close(x0.grad, sigma * v.grad, rtol=1e-5, atol=1e-6)

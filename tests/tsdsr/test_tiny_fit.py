@@ -47,7 +47,7 @@ def test_fitted_transformer_denoises_held_out_latents(fitted):
     loss = DiffusionLoss(space="flow")
 
     def flow_loss(transformer):
-        return float(loss(SD3ScoreModel(transformer), z, cond, index=index, noise=noise).loss)
+        return float(loss(z, cond, model=SD3ScoreModel(transformer), index=index, noise=noise).loss)
 
     # Measured 1.76 vs 2.11: much of the flow-matching loss is irreducible (eps - x0 is uncertain
     # given x_t), so a real denoiser is ~17% below the untrained network, not near zero.

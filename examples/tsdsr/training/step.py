@@ -36,7 +36,7 @@ class Losses:
         # check_finite=False: the step checks the total loss itself and skips, not raises.
         return cls(TSDLoss(lam=config.tsd_lambda, dasm=dasm, index_sampler=index,
                            check_finite=False),
-                   DiffusionLoss(weighting=config.fake_weighting, index_sampler=index,
+                   DiffusionLoss(loss_weighting=config.fake_weighting, index_sampler=index,
                                  check_finite=False))
 
 
@@ -150,7 +150,7 @@ def train_step(accelerator: Any, models: TSDSRModels, losses: Losses, config: Tr
         logs = {"skipped/generator": 0.0}
     cond = {k: batch[k] for k in ("prompt_embeds", "pooled_projections")}
     with accelerator.autocast():
-        out = losses.fake(models.roles.fake, z_hat.detach(), cond, generator=generator)
+        out = losses.fake(z_hat.detach(), cond, model=models.roles.fake, generator=generator)
     logs["loss/fake"] = out.loss
     logs["fake/timestep"] = out.timesteps.float().mean()
     logs["skipped/fake"] = float(not apply_update(accelerator, fake, out.loss,
