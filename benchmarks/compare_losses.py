@@ -6,7 +6,10 @@ cannot tell apart. The one-step generator starts at the pseudo-inverse (lost dim
 least-squares answer, off the data manifold). Every run has the same budget (steps, batch, lr,
 seeds, fake-score warm-up) and objective ``recon_weight * MSE(z_hat, z) + reg_weight * L_reg``
 with ``L_reg`` one of SDS (DreamFusion Eq. 3), VSD (TSD-SR Eq. 3), TSM (Eq. 4), TSD (Eq. 5) and
-TSD with DASM (Sec. 3.4, Alg. 1), all with sigma^2 weighting. TSM and TSD take their differences
+TSD with DASM (Sec. 3.4, Alg. 1), all with sigma^2 weighting, and DMD (Yin et al. 2024, Eqs. 7-8:
+x0-space VSD, per-sample normalised, no time weighting) and CSD (Yu et al. 2023: the exact
+conditional teacher's classifier score, ``T(lq) - T(null)``; exact teacher only, as the learned
+teacher is unconditional). TSM and TSD take their differences
 either in flow-velocity space (the release) or in epsilon space (the paper's Eq. 4); SDS and VSD
 use flow space (for them the two spaces differ only by a 1/alpha time weighting). Each loss is
 trained against the exact analytic teacher and against a learned MLP teacher fitted to HQ samples.
@@ -41,7 +44,10 @@ from benchmarks.toy_metrics import (
     train_learned_teacher,
 )
 from scoredistill import (
+    CFG,
+    CSDLoss,
     DASMSampler,
+    DMDLoss,
     ScoreDistillationLoss,
     ScoreModel,
     SDSLoss,
@@ -49,7 +55,7 @@ from scoredistill import (
     TSMLoss,
     VSDLoss,
 )
-from scoredistill.toy import ToySR, ToyTrainer, evaluate
+from scoredistill.toy import ToyPosterior, ToySR, ToyTrainer, evaluate
 
 LOSSES: dict[str, ScoreDistillationLoss | None] = {
     "recon only": None,
@@ -61,6 +67,8 @@ LOSSES: dict[str, ScoreDistillationLoss | None] = {
     "+ TSD (eps)": TSDLoss(space="epsilon"),
     "+ TSD+DASM (flow)": TSDLoss(dasm=DASMSampler()),
     "+ TSD+DASM (eps)": TSDLoss(space="epsilon", dasm=DASMSampler()),
+    "+ DMD": DMDLoss(),
+    "+ CSD": CSDLoss(),
 }
 METRICS = ("nll", "sliced_w2", "mse")
 DOCS_ASSETS = Path(__file__).resolve().parents[1] / "docs" / "assets" / "benchmarks"
@@ -91,9 +99,13 @@ QUICK = Budget(seeds=3, steps=300, batch=128, teacher_steps=400, probes=10, eval
 def run_one(warm: ToyTrainer, loss: ScoreDistillationLoss | None, teacher: ScoreModel,
             probe: DirectionProbe, budget: Budget) -> dict[str, Any]:
     """Train from the warmed-up state; final metrics and probe curves (None if it diverged)."""
+    # CSD distills the classifier score of the exact conditional teacher (CFG scale 1, Yu et al.);
+    # the probes keep measuring the unconditional teacher.
+    guided = CFG(ToyPosterior(warm.problem), 1.0, torch.zeros(1, warm.problem.lq_dim + 1))
     tr = ToyTrainer(warm.problem, loss, recon_weight=budget.recon_weight if loss else 1.0,
                  reg_weight=budget.reg_weight, batch=budget.batch, lr=budget.lr,
-                 fake_lr=budget.fake_lr, seed=warm.seed, teacher=teacher)
+                 fake_lr=budget.fake_lr, seed=warm.seed,
+                 teacher=guided if isinstance(loss, CSDLoss) else teacher)
     # Same generator init (same seed), fake score and data stream for every loss.
     tr.fake.load_state_dict(warm.fake.state_dict())
     tr.fake_opt.load_state_dict(warm.fake_opt.state_dict())
@@ -188,6 +200,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         warm.warm_up_fake(budget.fake_warmup)
         for teacher_name, teacher in (("exact", problem.teacher), ("learned", learned)):
             for name, loss in LOSSES.items():
+                if isinstance(loss, CSDLoss) and teacher_name != "exact":
+                    continue  # no learned conditional teacher
                 run = run_one(warm, loss, teacher, probe, budget)
                 runs.setdefault((teacher_name, name), []).append(run)
         print(f"seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)
