@@ -27,11 +27,12 @@ toy-demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# The four benchmarks in quick mode (CPU), their checks asserted and tables printed; results
+# The benchmarks in quick mode (CPU), their checks asserted and tables printed; results
 # go to a temporary folder so the committed GPU tables are not overwritten.
 bench-quick: $(STAMP)
 	out=$$(mktemp -d) && \
 	$(BIN)/python -m benchmarks.train_step --quick --out $$out && \
+	$(BIN)/python -m benchmarks.train_step_flux --quick --out $$out && \
 	$(BIN)/python -m benchmarks.inference --quick --out $$out && \
 	$(BIN)/python -m benchmarks.tiled_vae --quick --out $$out && \
 	$(BIN)/python -m benchmarks.compare_losses --quick --no-docs-assets --out $$out
