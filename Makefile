@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo toy-demo test lint bench-quick docs install clean
+.PHONY: demo toy-demo test lint bench-quick bench-train-step-gpu docs install clean
 
 # pyiqa (the `eval` extra) pulls ~1.2 GB with its declared dependencies; the weighted metrics
 # need only these (see docs/guides/tsdsr-recipe.md, "Using the weighted metrics").
@@ -36,6 +36,12 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.inference --quick --out $$out && \
 	$(BIN)/python -m benchmarks.tiled_vae --quick --out $$out && \
 	$(BIN)/python -m benchmarks.compare_losses --quick --no-docs-assets --out $$out
+
+# On a GPU machine: the train step on SD3-medium (random weights) against the release's call
+# pattern, with and without gradient checkpointing.
+bench-train-step-gpu: $(STAMP)
+	$(BIN)/python -m benchmarks.train_step --config sd3-medium --device cuda --dtype bf16 --repeats 5
+	$(BIN)/python -m benchmarks.train_step --config sd3-medium --device cuda --dtype bf16 --repeats 5 --checkpointing
 
 test: lint bench-quick
 	$(BIN)/python -m pytest -q

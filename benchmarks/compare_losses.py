@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.report import RESULTS, command_line, write_report
+from benchmarks.report import command_line, markdown_table, results_dir, write_report
+from benchmarks.stats import ALPHA, TEST_COLUMNS, compare_paired
 from benchmarks.toy_metrics import (
     FIG3_TIMESTEP,
     DirectionProbe,
@@ -132,17 +133,31 @@ def mean_curves(curves: list[list[dict[str, float]]]) -> dict[str, list[float]]:
     return {k: [mean_std([c[i][k] for c in curves])[0] for i in range(n)] for k in curves[0][0]}
 
 
+PROBES = ("cos_hat", "cos_hq", "cos_hat_exact", "tsm_align_flow", "tsm_align_epsilon")
+
+
+def per_seed(runs: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """Each seed's final metrics (None where it diverged) and first/last probe values."""
+    out: dict[str, list[float | None]] = {
+        m: [r["metrics"][m] if r["metrics"] is not None else None for r in runs] for m in METRICS}
+    for key in PROBES:
+        out[f"{key}_start"] = [r["curve"][0][key] for r in runs]
+        out[f"{key}_end"] = [r["curve"][-1][key] if r["metrics"] is not None else None
+                             for r in runs]
+    return out
+
+
 def summarise(teacher: str, name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One table row: mean ± std of the final metrics over the seeds that did not diverge."""
     ok = [r for r in runs if r["metrics"] is not None]
     row: dict[str, Any] = {"teacher": teacher, "loss": name, "seeds": f"{len(ok)}/{len(runs)}",
-                           "seeds_ok": len(ok), "seeds_run": len(runs)}
+                           "seeds_ok": len(ok), "seeds_run": len(runs), "per_seed": per_seed(runs)}
     for m in METRICS:
         mu, sd = mean_std([r["metrics"][m] for r in ok])
         row[f"{m}_mean"], row[f"{m}_std"] = mu, sd
         row[m] = f"{mu:.3g} ± {sd:.2g}"
     curves = mean_curves([r["curve"] for r in ok or runs])
-    for key in ("cos_hat", "cos_hq", "cos_hat_exact", "tsm_align_flow", "tsm_align_epsilon"):
+    for key in PROBES:
         row[f"{key}_start"], row[f"{key}_end"] = curves[key][0], curves[key][-1]
     row["cos z_hat_t (start → end)"] = f"{curves['cos_hat'][0]:.2f} → {curves['cos_hat'][-1]:.2f}"
     row["cos z_t"] = f"{curves['cos_hq'][-1]:.2f}"
@@ -161,17 +176,35 @@ COLUMNS = ("teacher", "loss", "seeds", "nll", "sliced_w2", "mse", "cos z_hat_t (
 
 
 def check(rows: list[dict[str, Any]]) -> None:
-    """Assert what holds robustly: finite metrics, and the start-of-training probe signs."""
+    """Assert what holds robustly, seed by seed: finite metrics, the start-of-training probes."""
     for r in rows:
         if r["loss"] in ("recon only", "+ TSD (eps)", "+ TSD+DASM (eps)"):
-            assert r["seeds_ok"] == r["seeds_run"], f"diverged: {r}"
+            assert r["seeds_ok"] == r["seeds_run"], f"diverged: {r['teacher']} {r['loss']}"
         if r["seeds_ok"]:
             assert all(math.isfinite(r[f"{m}_mean"]) for m in METRICS), r
-    exact = next(r for r in rows if r["teacher"] == "exact")
-    # Fig. 3: at the blurry start the exact teacher points to the HQ far better on z_t.
-    assert exact["cos_hq_start"] > exact["cos_hat_start"] + 0.2, exact
-    # At the same start, TSM in flow space pushes z_hat away from z; in epsilon space toward it.
-    assert exact["tsm_align_flow_start"] < 0 < exact["tsm_align_epsilon_start"], exact
+    for r in (r for r in rows if r["teacher"] == "exact"):
+        seeds = r["per_seed"]
+        starts = zip(seeds["cos_hq_start"], seeds["cos_hat_start"], seeds["tsm_align_flow_start"],
+                     seeds["tsm_align_epsilon_start"], strict=True)
+        for seed, (hq, hat, flow, eps) in enumerate(starts):
+            # Fig. 3: at the blurry start the exact teacher points to the HQ far better on z_t.
+            assert hq > hat + 0.2, (r["loss"], seed, hq, hat)
+            # At that start TSM in flow space pushes z_hat away from z; in epsilon space toward.
+            assert flow < 0 < eps, (r["loss"], seed, flow, eps)
+
+
+# The paper's questions as pairs (A, B): does TSD beat VSD, does DASM help, which space for TSM.
+COMPARISONS = (("+ TSD (flow)", "+ VSD"), ("+ TSD (eps)", "+ VSD"),
+               ("+ TSD (eps)", "+ TSD (flow)"), ("+ TSM (eps)", "+ TSM (flow)"),
+               ("+ TSD+DASM (flow)", "+ TSD (flow)"), ("+ TSD+DASM (eps)", "+ TSD (eps)"))
+
+
+def paired_tests(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each COMPARISONS pair, per teacher and metric (lower is better), tested across seeds."""
+    by_key = {(r["teacher"], r["loss"]): r["per_seed"] for r in rows}
+    pairs = [({"teacher": t, "metric": m, "A": a, "B": b}, by_key[t, a][m], by_key[t, b][m])
+             for t in ("exact", "learned") for a, b in COMPARISONS for m in METRICS]
+    return compare_paired(pairs)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -181,13 +214,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--steps", type=int, help="override the generator steps")
     parser.add_argument("--seeds", type=int, help="override the number of seeds")
     parser.add_argument("--recon-weight", type=float, help="override the reconstruction weight")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="output directory")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: benchmarks/results; --quick: a temp one)")
     parser.add_argument("--no-docs-assets", dest="docs_assets", action="store_false",
                         help=f"do not copy the plot to {DOCS_ASSETS}")
     args = parser.parse_args(argv)
     budget = QUICK if args.quick else Budget()
     overrides = {"steps": args.steps, "seeds": args.seeds, "recon_weight": args.recon_weight}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
+    out = results_dir(args.out, args.quick)
 
     start = time.perf_counter()
     problem = ToySR()
@@ -208,6 +243,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = [summarise(t, n, r) for (t, n), r in runs.items()]
     runtime = time.perf_counter() - start
     check(rows)
+    tests = paired_tests(rows)
 
     mode = "quick" if args.quick else "full"
     notes = (
@@ -221,13 +257,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "student latent z_hat_t and on the noisy HQ latent z_t; teacher vs exact: the same "
         "cosine with the exact teacher's direction instead of z - x_t. TSM align: cosine of the "
         "TSM descent direction with z - z_hat (negative: pushes away from the paired HQ), "
-        "differences in flow / epsilon space, on the final generator.")
+        "differences in flow / epsilon space, on the final generator. The start-of-training "
+        "probe claims (cos z_t > cos z_hat_t + 0.2 for the exact teacher; TSM align flow < 0 < "
+        "eps) are asserted for every seed.\n\n"
+        "Paired comparisons (same seed: same generator init, data stream and fake-score "
+        "warm-up; seeds where either run diverged dropped): mean difference A - B, paired "
+        f"t-test, Holm-adjusted over all {len(tests)} comparisons; a verdict only where the "
+        f"adjusted p < {ALPHA}, else n.s.:\n\n" + markdown_table(tests, TEST_COLUMNS))
     write_report("compare_losses", "Distillation losses on the toy SR problem (exact answer known)",
                  rows, meta={"mode": mode, "budget": asdict(budget), "runtime_s": runtime,
-                       "fig3_timestep": FIG3_TIMESTEP},
-                 notes=notes, columns=COLUMNS, out_dir=args.out,
+                             "fig3_timestep": FIG3_TIMESTEP, "paired_tests": tests},
+                 notes=notes, columns=COLUMNS, out_dir=out,
                  command=command_line("benchmarks.compare_losses", argv))
-    png = save_plot(rows, args.out / "compare_losses.png", title=f"{mode}: {budget.seeds} seeds")
+    png = save_plot(rows, out / "compare_losses.png", title=f"{mode}: {budget.seeds} seeds")
     if args.docs_assets:
         DOCS_ASSETS.mkdir(parents=True, exist_ok=True)
         shutil.copy(png, DOCS_ASSETS / png.name)

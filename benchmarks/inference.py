@@ -26,7 +26,6 @@ from torch import Tensor
 
 from benchmarks.report import RESULTS, command_line, write_report
 from benchmarks.timing import time_ms
-from examples.tsdsr.infer import DTYPES, SRModel, merge_lora, sr_forward
 from examples.tsdsr.tiny import random_backbone
 from scoredistill.adapters import (
     STUDENT_TARGETS,
@@ -36,6 +35,8 @@ from scoredistill.adapters import (
     lora_config,
     lora_state_dict,
 )
+from scoredistill.sr.loading import DTYPES, SRModel, merge_lora
+from scoredistill.sr.upscale import sr_forward
 
 RANKS = {"tiny": 4, "sd3-medium": 64}
 """LoRA rank per config: TSD-SR's 64 for SD3-medium; 4 keeps the tiny model's ratio of rank to

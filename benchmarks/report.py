@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -18,8 +19,15 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def machine() -> dict[str, Any]:
-    """What the numbers were measured on: device, CPU, torch version, date."""
+    """What the numbers were measured on: device, CPU, torch/diffusers/peft versions, date."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -33,6 +41,8 @@ def machine() -> dict[str, Any]:
         "device": gpu or f"CPU ({os.cpu_count()} threads visible, {torch.get_num_threads()} used)",
         "cpu": cpu,
         "torch": torch.__version__,
+        "diffusers": _version("diffusers"),
+        "peft": _version("peft"),
         "cuda": torch.version.cuda if gpu else None,
         "python": platform.python_version(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -75,6 +85,14 @@ def command_line(module: str, argv: Sequence[str] | None) -> str:
     return shlex.join(["python", "-m", module, *kept])
 
 
+def results_dir(out: Path | None, quick: bool) -> Path:
+    """Where a run writes: ``out`` if given, else the committed results for a full run and a new
+    temporary folder for a quick one (a smoke run never overwrites the committed tables)."""
+    if out is not None:
+        return out
+    return Path(tempfile.mkdtemp(prefix="scoredistill-bench-")) if quick else RESULTS
+
+
 def write_report(name: str, title: str, rows: Sequence[dict[str, Any]], *,
                  meta: dict[str, Any] | None = None, notes: str = "",
                  columns: Sequence[str] | None = None, out_dir: Path = RESULTS,
@@ -86,7 +104,8 @@ def write_report(name: str, title: str, rows: Sequence[dict[str, Any]], *,
                   json.dumps({"title": title, **info, "rows": list(rows)}, indent=2, default=str))
     m = info["machine"]
     header = (f"### {title}\n\nMeasured on {m['device']} ({m['cpu']}), torch {m['torch']}, "
-              f"{m['date']}" + (f", by `{command}`" if command else "") + ".\n\n")
+              f"diffusers {m.get('diffusers') or 'n/a'}, {m['date']}"
+              + (f", by `{command}`" if command else "") + ".\n\n")
     table = header + markdown_table(rows, columns) + ("\n\n" + notes if notes else "") + "\n"
     _atomic_write(out_dir / f"{name}.md", table)
     if echo:

@@ -3,7 +3,7 @@
 Variants, one photo per size (scikit-image's astronaut, resized): the untiled VAE; tiles with
 their own GroupNorm statistics blended with Gaussian weights (this project's previous tiling, as
 per-tile schemes such as diffusers' ``enable_tiling`` normalise); and tiles with the whole
-image's statistics (``examples/tsdsr/tiling.py``, the release's design), with the waiting tiles
+image's statistics (``scoredistill/sr/tiling.py``, the release's design), with the waiting tiles
 on the CPU (``offload``, the default) or kept on the device. Both tiled forms run the same
 windows: cores of ``--encoder-tile`` / ``--decoder-tile`` with their margin of context. The
 decoder decodes the untiled latent. Errors: max and mean |diff| of the latent (encoder) and of
@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.report import RESULTS, command_line, write_report
+from benchmarks.report import command_line, results_dir, write_report
 from benchmarks.timing import time_ms
-from examples.tsdsr.infer import DTYPES
-from examples.tsdsr.latents import decode, encode
-from examples.tsdsr.tiling import TileConfig, tiled_apply, tiled_decode, tiled_encode, vae_factor
 from examples.tsdsr.tiny import random_backbone
+from scoredistill.sr.latents import decode, encode
+from scoredistill.sr.loading import DTYPES
+from scoredistill.sr.tiling import TileConfig, tiled_apply, tiled_decode, tiled_encode, vae_factor
 
 COLUMNS = ["stage", "variant", "size", "ms", "peak GiB", "max abs diff", "mean abs diff", "note"]
 
@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
                         help="CPU smoke run: the tiny VAE, 128 px, tiles of 32 / 8 (+ 8 / 2)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: benchmarks/results; --quick: a temp folder)")
     args = parser.parse_args(argv)
+    out_dir = results_dir(args.out, args.quick)
     cuda = args.device.startswith("cuda")
     config = args.config or ("sd3-medium" if cuda and not args.quick else "tiny")
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> Path:
             notes += "\n\nPartial: the run stopped before all variants were timed."
         return write_report("tiled_vae", "Tiled SD3 VAE against untiled", rows,
                             meta={"config": config, "dtype": str(dtype), "complete": final},
-                            notes=notes, columns=COLUMNS, out_dir=args.out,
+                            notes=notes, columns=COLUMNS, out_dir=out_dir,
                             command=command_line("benchmarks.tiled_vae", argv), echo=final)
 
     for size in sizes:

@@ -11,7 +11,6 @@ import contextlib
 import io
 import logging
 import re
-import warnings
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,6 @@ DOCS = ROOT / "docs"
 MARKER = "<!-- test -->"
 # Pages that must show at least one runnable example.
 MUST_RUN = ("index.md", "guides/losses-in-your-loop.md")
-# Nav pages written by other engineers: a missing one is reported as a skip, not a failure.
-OTHERS = ("guides/adapters.md", "benchmarks/compare_losses.md")
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
                    re.M | re.S)
 SNIPPET = re.compile(r"""^[ \t]*-{1,}8<-{1,}[ \t]+["']([^"';]+)["']""", re.M)
@@ -102,8 +99,6 @@ def _nav_files(nav) -> list[str]:
                          else [])
 def test_nav_page_exists(name: str):
     if not (DOCS / name).exists():
-        if name in OTHERS:
-            pytest.skip(f"docs/{name} is in the nav but not written yet (another engineer's page)")
         pytest.fail(f"docs/{name} is in the nav of mkdocs.yml but does not exist")
 
 
@@ -116,21 +111,15 @@ def missing_snippets() -> list[str]:
 
 
 def test_benchmark_results_present():
+    # A page that includes a results file shows it as a table: a missing file is a broken page.
     missing = missing_snippets()
-    if missing:
-        pytest.skip("benchmark results not generated yet (the site shows a placeholder; "
-                    "`mkdocs build --strict` fails until they exist): " + ", ".join(missing))
+    assert not missing, ("docs include results files that do not exist (run the benchmark that "
+                         "writes them): " + ", ".join(missing))
 
 
 def test_site_builds_strict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                             caplog: pytest.LogCaptureFixture):
-    """``mkdocs build --strict`` into a temporary directory.
-
-    Missing snippet files (benchmark results not generated yet) would make the real build fail
-    with "Snippet at path ... could not be found"; here they are replaced by placeholder pages
-    under a fallback snippet base path, and reported with a warning, so the rest of the site
-    is still checked strictly.
-    """
+    """``mkdocs build --strict`` into a temporary directory (a missing snippet file fails it)."""
     pytest.importorskip("mkdocs", reason="mkdocs is not installed: pip install -e '.[docs]'")
     pytest.importorskip("material", reason="mkdocs-material is not installed: "
                         "pip install -e '.[docs]'")
@@ -140,22 +129,8 @@ def test_site_builds_strict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     from mkdocs.config import load_config
     from mkdocs.exceptions import Abort
 
-    overrides: dict = {"site_dir": str(tmp_path / "site"), "strict": True}
-    missing = missing_snippets()
-    if missing:
-        stubs = tmp_path / "stubs"
-        for target in missing:
-            stub = stubs / target
-            stub.parent.mkdir(parents=True, exist_ok=True)
-            stub.write_text(f'!!! warning "Not generated yet"\n    `{target}` does not exist: '
-                            "run the benchmark that writes it (see above).\n")
-        warnings.warn("docs built with placeholders for missing snippet files: "
-                      + ", ".join(missing), stacklevel=1)
     monkeypatch.chdir(ROOT)  # snippet and mkdocstrings paths are relative to the root
-    config = load_config(str(ROOT / "mkdocs.yml"), **overrides)
-    if missing:
-        opts = config["mdx_configs"].setdefault("pymdownx.snippets", {})
-        opts["base_path"] = [*opts.get("base_path", ["."]), str(stubs)]
+    config = load_config(str(ROOT / "mkdocs.yml"), site_dir=str(tmp_path / "site"), strict=True)
     try:
         with caplog.at_level(logging.WARNING, logger="mkdocs"):
             build(config)
@@ -163,4 +138,3 @@ def test_site_builds_strict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         found = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
         pytest.fail(f"mkdocs build --strict failed: {e}\n{found}")
     assert (tmp_path / "site" / "index.html").exists()
-

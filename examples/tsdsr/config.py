@@ -35,6 +35,8 @@ class TrainConfig:
     # Data: HQ folder (captions as .txt beside images), optional stored LQ, precomputed embeds.
     hq_dir: str | None = None
     lq_dir: str | None = None  # None: Real-ESRGAN degradation on the fly
+    # JPEG codec of that degradation: Real-ESRGAN's simulated "diffjpeg" or Pillow's "libjpeg".
+    jpeg_codec: str = "diffjpeg"
     embeds_dir: str | None = None  # precompute.py's output; required (text encoders never load)
     val_hq_dir: str | None = None
     val_lq_dir: str | None = None  # None: degraded once with a fixed seed
@@ -100,6 +102,8 @@ class TrainConfig:
             raise ValueError("use_latents reads the latent of the unflipped image: turn hflip "
                              "off (--no-hflip), since the VAE's latent of a flipped image is not "
                              "the flipped latent")
+        if self.jpeg_codec not in ("diffjpeg", "libjpeg"):
+            raise ValueError(f"jpeg_codec must be diffjpeg or libjpeg, got {self.jpeg_codec!r}")
         if self.report_to not in ("tensorboard", "wandb", "none"):
             raise ValueError(f"report_to must be tensorboard, wandb or none, got {self.report_to}")
 
@@ -190,7 +194,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as JSON beside a run, so it can be rerun with ``--config``."""
-    from examples.tsdsr.imageio import write_atomic
+    from scoredistill.sr.imageio import write_atomic
 
     text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
     write_atomic(path, text.encode("utf-8"))

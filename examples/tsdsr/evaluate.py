@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from examples.tsdsr import metrics as metrics_lib
-from examples.tsdsr.imageio import list_images, load_image, write_atomic
+from scoredistill.sr.imageio import list_images, load_image, write_atomic
 
 DEFAULT_METRICS = ("psnr", "ssim")
 

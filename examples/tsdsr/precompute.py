@@ -26,12 +26,11 @@ from torch import Tensor
 
 from examples.tsdsr.data import DEFAULT_PROMPT
 from examples.tsdsr.data.dataset import _images_under
-from examples.tsdsr.imageio import load_image
+from scoredistill.sr.imageio import load_image
+from scoredistill.sr.loading import KEYS, PROMPTS_FILE
 
 log = logging.getLogger("tsdsr.precompute")
-PROMPTS_FILE = "prompts.safetensors"
 IMAGES_DIR = "images"
-KEYS = ("prompt_embeds", "pooled_projections")
 
 
 def save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None
@@ -166,7 +165,7 @@ def precompute(hq_dir: str | Path, out: str | Path, *, pretrained: str | None = 
             for i, p in enumerate(with_caption):
                 tensors[p] = {"prompt_embeds": embeds[i], "pooled_projections": pooled[i]}
         if vae is not None:
-            from examples.tsdsr.latents import encode
+            from scoredistill.sr.latents import encode
 
             for p in chunk:  # one by one: images may differ in size
                 image = load_image(p).rgb[None].to(device) * 2 - 1
@@ -177,19 +176,6 @@ def precompute(hq_dir: str | Path, out: str | Path, *, pretrained: str | None = 
                              {"caption": captions.get(p, "")})
     log.info("wrote %s for %d images (%d with captions)", out, len(paths), len(captions))
     return out
-
-
-def load_prompts(embeds_dir: str | Path, device: str | torch.device = "cpu"
-                 ) -> dict[str, dict[str, Tensor]]:
-    """``{"default": cond, "null": cond}``, each ``{"prompt_embeds": (1, L, D),
-    "pooled_projections": (1, P)}``."""
-    from safetensors.torch import load_file
-
-    # Read on the CPU, then moved: safetensors refuses device strings such as "cpu:0", which
-    # accelerate gives each process of a multi-CPU run.
-    flat = load_file(str(Path(embeds_dir) / PROMPTS_FILE))
-    return {name: {key: flat[f"{name}.{key}"].to(device) for key in KEYS}
-            for name in ("default", "null")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,11 +24,11 @@ from examples.tsdsr import infer
 from examples.tsdsr.checkpoint import checkpoints
 from examples.tsdsr.data import DegradationConfig, degrade, upsample_lq
 from examples.tsdsr.evaluate import evaluate_folders
-from examples.tsdsr.imageio import list_images, load_image, save_png, write_atomic
 from examples.tsdsr.tiny import fitted_backbone
 from examples.tsdsr.train import main as train_main
 from examples.tsdsr.training.models import make_lpips
 from examples.tsdsr.training.tiny_data import HELD_OUT, write_tiny_data
+from scoredistill.sr.imageio import list_images, load_image, save_png, write_atomic
 
 
 def write_lq(hq_dir: Path, lq_dir: Path, seed: int = 0) -> None:

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from scoredistill.sr.loading import Backbone, load_sd3
+
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    pass
 
 _SD3_VAE_COMMON: dict[str, Any] = dict(
     in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -68,16 +70,6 @@ CONFIGS: dict[str, BackboneConfig] = {
                  norm_num_groups=32, sample_size=1024),
         tokens=333),
 }
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """SD3 transformer, VAE and the default prompt ``{"prompt_embeds": (1, L, D),
-    "pooled_projections": (1, P)}`` (None when it must come from a file, e.g. the release's)."""
-
-    transformer: SD3Transformer2DModel
-    vae: AutoencoderKL
-    cond: dict[str, Tensor] | None
 
 
 def random_cond(config: str = "tiny", batch: int = 1, seed: int = 0) -> dict[str, Tensor]:
@@ -146,10 +138,4 @@ def load_backbone(pretrained: str | None, dtype: torch.dtype = torch.float32,
     """
     if pretrained is None:
         return fitted_backbone(dtype=dtype, device=device)
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-
-    kwargs = dict(torch_dtype=dtype, local_files_only=True)
-    transformer = SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer",
-                                                        **kwargs)
-    vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kwargs)
-    return Backbone(transformer.to(device).eval(), vae.to(device).eval(), None)
+    return load_sd3(pretrained, dtype, device)

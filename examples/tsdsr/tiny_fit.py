@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from examples.tsdsr.imageio import write_atomic
-from examples.tsdsr.latents import decode, encode
 from scoredistill import DiffusionLoss, UniformIndex
 from scoredistill.adapters import SD3ScoreModel
+from scoredistill.sr.imageio import write_atomic
+from scoredistill.sr.latents import decode, encode
 
 log = logging.getLogger("tsdsr.tiny_fit")
 FORMAT = 1  # bump when the fitting code changes what a given hash produces

@@ -29,9 +29,8 @@ from tqdm import tqdm
 
 from examples.tsdsr.checkpoint import gather_lora, load_checkpoint, resolve, save_checkpoint
 from examples.tsdsr.config import TrainConfig, parse_config, save_config
-from examples.tsdsr.data import PairedSRDataset
-from examples.tsdsr.precompute import load_prompts, precompute
-from examples.tsdsr.tiling import vae_factor
+from examples.tsdsr.data import DegradationConfig, PairedSRDataset
+from examples.tsdsr.precompute import precompute
 from examples.tsdsr.training.data import CaptionedCrops, StepBatches, derive_seed, make_loader
 from examples.tsdsr.training.models import build_models
 from examples.tsdsr.training.sharding import (
@@ -41,6 +40,8 @@ from examples.tsdsr.training.sharding import (
 )
 from examples.tsdsr.training.step import Losses, Optimisation, train_step
 from examples.tsdsr.training.validation import load_val_pairs, validate
+from scoredistill.sr.loading import load_prompts
+from scoredistill.sr.tiling import vae_factor
 
 log = logging.getLogger("tsdsr.train")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -150,12 +151,13 @@ def train(config: TrainConfig) -> Path:
                               hflip=config.hflip)
     items = CaptionedCrops(dataset, config.embeds_dir, load_prompts(config.embeds_dir)["default"],
                            latent_factor=vae_factor(models.vae) if config.use_latents else None)
+    degradation = DegradationConfig(jpeg_codec=config.jpeg_codec)
     loader = make_loader(items, StepBatches(len(dataset), config.batch_size, config.seed, start,
                                             config.max_steps, rank, world),
-                         config.dataloader_workers)
+                         config.dataloader_workers, degradation)
     # A sharded transformer runs only with every process taking part: all validate then.
     validates = accelerator.is_main_process or bool(sharded)
-    val_pairs = (load_val_pairs(config.val_hq_dir, config.val_lq_dir)
+    val_pairs = (load_val_pairs(config.val_hq_dir, config.val_lq_dir, degradation=degradation)
                  if config.val_hq_dir and validates else [])
 
     def save(step: int) -> None:

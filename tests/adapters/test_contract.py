@@ -85,6 +85,14 @@ def inputs(case: Case, model: ScoreModel, batch: int = 2):
     return x, t, case.cond(batch, 1)
 
 
+EXPLICIT_X0 = {
+    "epsilon": lambda x, a, s, pred: (x - s * pred) / a,
+    "v": lambda x, a, s, pred: (a * x - s * pred) / (a**2 + s**2),  # v = a eps - s x0
+    "x0": lambda x, a, s, pred: pred,
+    "flow": lambda x, a, s, pred: x - s * pred,  # rectified flow: a = 1 - s
+}
+
+
 class TestScoreModelContract:
     def test_protocol_shape_dtype_and_determinism(self, case):
         model = case.build(torch.float32)
@@ -111,6 +119,11 @@ class TestScoreModelContract:
             pred = model(x, t, cond)
         alpha, sigma = (expand_like(c, x) for c in model.schedule.alpha_sigma(t))
         x0, eps = to_x0_eps(pred, model.prediction, x, alpha, sigma)
+        # x0 from the kind's defining equation, written out (flow: x_t = (1 - s) x0 + s eps with
+        # u = eps - x0, so x0 = x_t - s u): a sign error on both sides of the conversions would
+        # still round-trip, but not match this.
+        torch.testing.assert_close(x0, EXPLICIT_X0[model.prediction](x, alpha, sigma, pred),
+                                   rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(alpha * x0 + sigma * eps, x, rtol=1e-4, atol=1e-4)
         back = from_x0_eps(x0, eps, model.prediction, alpha, sigma)
         torch.testing.assert_close(back, pred, rtol=1e-4, atol=1e-4)

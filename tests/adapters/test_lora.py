@@ -104,3 +104,15 @@ def test_teacher_lora_file_and_unknown_role(roles, tmp_path):
         torch.testing.assert_close(with_teacher.teacher(x, t, cond), roles.fake(x, t, cond))
     with pytest.raises(ValueError, match="no adapter"):
         roles.backbone.role("nope")
+
+
+def test_role_parameters_are_the_whole_adapter(roles):
+    # What each role's optimiser holds: every lora_A AND lora_B tensor of its adapter (lora_B
+    # starts at zero, so an optimiser without it leaves the output unchanged forever).
+    module = roles.backbone.module
+    for role, adapter in ((roles.student, "student"), (roles.fake, "fake")):
+        expected = lora_state_dict(module, adapter)
+        assert any(".lora_B." in k for k in expected)
+        assert {id(p) for p in role.parameters()} == {id(p) for p in expected.values()}
+        assert len(role.parameters()) == len(expected)
+    assert roles.teacher.parameters() == []

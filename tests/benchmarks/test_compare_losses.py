@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks.compare_losses import COLUMNS, LOSSES, main
+from benchmarks.compare_losses import COLUMNS, COMPARISONS, LOSSES, main
 
 FIELDS = ("nll_mean", "nll_std", "sliced_w2_mean", "sliced_w2_std", "mse_mean", "mse_std",
           "cos_hat_start", "cos_hat_end", "cos_hq_start", "cos_hq_end", "cos_hat_exact_end",
@@ -27,6 +27,21 @@ def test_compare_losses_quick_smoke(tmp_path: Path) -> None:
         for f in FIELDS:
             assert math.isfinite(row[f]), (row["teacher"], row["loss"], f, row[f])
         assert all(math.isfinite(v) for c in row["curves"].values() for v in c)
+        assert len(row["per_seed"]["nll"]) == 1 and len(row["per_seed"]["cos_hq_start"]) == 1
+    tests = report["paired_tests"]
+    assert len(tests) == 2 * len(COMPARISONS) * 3
+    assert all(t["n"] == 1 and t["verdict"] == "n.s." for t in tests)  # one seed proves nothing
     table = (tmp_path / "compare_losses.md").read_text()
     assert "| teacher | loss |" in table and "Measured on" in table
     assert (tmp_path / "compare_losses.png").stat().st_size > 10_000
+
+
+def test_quick_run_defaults_to_a_temporary_folder(monkeypatch) -> None:
+    import benchmarks.compare_losses as cl
+    from benchmarks.report import RESULTS
+
+    seen = {}
+    monkeypatch.setattr(cl, "write_report", lambda *a, **kw: seen.setdefault("out", kw["out_dir"]))
+    monkeypatch.setattr(cl, "save_plot", lambda rows, path, title: path)
+    cl.main(["--quick", "--steps", "2", "--seeds", "1", "--no-docs-assets"])
+    assert seen["out"] != RESULTS

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from examples.tsdsr.checkpoint import STATE_FILES, read_state, write_state
+from examples.tsdsr.checkpoint import STATE_FILES, checkpoints, read_state, resolve, write_state
 
 
 def test_optimizer_and_scheduler_state_round_trip_without_pickle(tmp_path):
@@ -33,3 +33,19 @@ def test_optimizer_and_scheduler_state_round_trip_without_pickle(tmp_path):
 def test_unstorable_values_are_refused(tmp_path):
     with pytest.raises(TypeError, match="cannot store a object"):
         write_state({"x": object()}, tmp_path)
+
+
+def test_resume_latest_is_the_newest_complete_checkpoint(tmp_path):
+    for step in (10, 2, 40, 4):  # created out of order; step 40 is unfinished (no state file)
+        folder = tmp_path / f"step-{step:08d}"
+        folder.mkdir()
+        if step != 40:
+            write_state({"step": step}, folder)
+    (tmp_path / ".tmp-step-00000050-7").mkdir()  # a save killed midway
+    assert [p.name for p in checkpoints(tmp_path)] == [
+        "step-00000002", "step-00000004", "step-00000010"]
+    assert resolve("latest", tmp_path) == tmp_path / "step-00000010"
+    assert resolve("latest", tmp_path / "none") is None
+    assert resolve(str(tmp_path / "step-00000004"), tmp_path) == tmp_path / "step-00000004"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve(str(tmp_path / "step-00000040"), tmp_path)

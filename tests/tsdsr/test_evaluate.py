@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from examples.tsdsr import evaluate
-from examples.tsdsr.imageio import load_image
 from examples.tsdsr.metrics import psnr_y, ssim_y
+from scoredistill.sr.imageio import load_image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SIZE = 24

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +12,7 @@ from PIL import Image
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from examples.tsdsr.imageio import load_image, save_png
-from examples.tsdsr.infer import load_model, main, plan_outputs, sr_forward
-from examples.tsdsr.latents import decode, encode, one_step
+from examples.tsdsr.infer import main
 from examples.tsdsr.tiny import load_backbone
 from scoredistill.adapters import (
     STUDENT_TARGETS,
@@ -23,6 +23,10 @@ from scoredistill.adapters import (
     lora_state_dict,
     save_lora,
 )
+from scoredistill.sr.imageio import load_image, save_png
+from scoredistill.sr.latents import decode, encode, one_step
+from scoredistill.sr.loading import load_model
+from scoredistill.sr.upscale import plan_outputs, sr_forward
 
 RNG = np.random.default_rng(0)
 FAST = ["--process-size", "64", "--no-progress"]
@@ -112,16 +116,46 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path):
     assert "another input" in failed[str(a)] or "overwrite an input" in failed[str(a)]
 
 
-def test_large_image_is_tiled(tmp_path):
-    # 136 px LQ -> 544 px output -> 68 latent px: more than one 64-px transformer tile.
+def test_large_image_is_tiled(tmp_path, monkeypatch):
+    # 136 px LQ -> 544 px output -> 136 latent px: more than one 64-px transformer tile.
+    from scoredistill.sr import tiling
+
+    calls = {"--tile": [], "--no-tile": []}
+    one_step, run_tiled = tiling.one_step, tiling.run_tiled
+
+    def spy_one_step(student, z, cond):
+        calls[flag].append(("transformer", z.clone()))
+        return one_step(student, z, cond)
+
+    def spy_run_tiled(net, x, *, tile, margin, **kw):
+        calls[flag].append(("vae", (tuple(x.shape), tile, margin)))
+        return run_tiled(net, x, tile=tile, margin=margin, **kw)
+
+    monkeypatch.setattr(tiling, "one_step", spy_one_step)
+    monkeypatch.setattr(tiling, "run_tiled", spy_run_tiled)
     src = write(tmp_path / "big.png", RNG.integers(0, 256, (136, 136, 3), dtype=np.uint8))
-    for flag in ("--tile", "--no-tile"):
+    for flag in calls:
         assert main([str(src), "--out", str(tmp_path / flag), *FAST, flag,
                      "--decoder-tile", "32", "8"]) == 0
-    tiled, untiled = (np.asarray(Image.open(tmp_path / f / "big.png")) for f in
-                      ("--tile", "--no-tile"))
+    tiled, untiled = (np.asarray(Image.open(tmp_path / f / "big.png")) for f in calls)
     assert tiled.shape == untiled.shape == (544, 544, 3)
     assert not np.array_equal(tiled, untiled)
+    # Untiled: the untiled path never reaches the tiling module.
+    assert calls["--no-tile"] == []
+    # Tiled (the tiny VAE downsamples by 4: a 136 px latent): the transformer on nine 64 px
+    # windows starting at 0, 36 and 72 (the fewest with overlap >= 8), row-major, all cut from
+    # one latent (they agree where they overlap and cover it); the decoder by run_tiled with
+    # 32 px cores; the 544 px image is below the 1024 px encoder tile, so it runs whole.
+    windows = [z for kind, z in calls["--tile"] if kind == "transformer"]
+    assert [tuple(z.shape) for z in windows] == [(1, 16, 64, 64)] * 9
+    latent, seen = torch.zeros(1, 16, 136, 136), torch.zeros(136, 136, dtype=torch.bool)
+    for z, (y, x) in zip(windows, itertools.product((0, 36, 72), repeat=2), strict=True):
+        region = (..., slice(y, y + 64), slice(x, x + 64))
+        overlap = seen[region[1:]]
+        assert torch.equal(latent[region][..., overlap], z[..., overlap])
+        latent[region], seen[region[1:]] = z, True
+    assert seen.all()
+    assert [v for kind, v in calls["--tile"] if kind == "vae"] == [((1, 16, 136, 136), 32, 8)]
 
 
 def randomized(module, adapter, seed):
@@ -151,7 +185,7 @@ def reference(parts, x, cond):
 def test_lora_checkpoint_is_merged_and_fused(adapted, tmp_path, inputs):
     save_lora(tmp_path / "ckpt" / "transformer.safetensors", adapted.transformer, "student")
     save_lora(tmp_path / "ckpt" / "vae.safetensors", adapted.vae, "default")
-    model = load_model(lora=tmp_path / "ckpt")
+    model = load_model(load_backbone(None), lora=tmp_path / "ckpt")
     x = torch.rand(1, 3, 48, 64) * 2 - 1
     torch.testing.assert_close(sr_forward(model, x), reference(adapted, x, adapted.cond),
                                rtol=1e-4, atol=1e-4)
@@ -177,10 +211,10 @@ def test_release_folder_in_the_authors_layout(adapted, tmp_path):
             "pooled_projections": torch.randn(1, 64, generator=g)}
     torch.save(cond["prompt_embeds"], release / "prompt_embeds.pt")
     torch.save(cond["pooled_projections"], release / "pool_embeds.pt")
-    model = load_model(release=release)
+    model = load_model(load_backbone(None), release=release)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(sr_forward(model, x), reference(adapted, x, cond),
                                rtol=1e-4, atol=1e-4)
     (release / "pool_embeds.pt").unlink()
     with pytest.raises(FileNotFoundError, match="pool_embeds"):
-        load_model(release=release)
+        load_model(load_backbone(None), release=release)

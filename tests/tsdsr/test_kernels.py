@@ -15,6 +15,7 @@ from examples.tsdsr.data import (
     generalized_gaussian_kernel,
     pad_kernel,
     plateau_kernel,
+    random_beta,
     random_kernel,
     random_sinc_kernel,
     sinc_kernel,
@@ -146,11 +147,12 @@ def test_random_kernel_forced_types_match_the_closed_forms():
     torch.testing.assert_close(iso, pad_kernel(gaussian_kernel(9, 1.2), 21))
     # Equal sigmas make the rotation irrelevant, so the anisotropic draw is known too.
     torch.testing.assert_close(random_kernel(g, _forced(1)), iso)
-    generalized = random_kernel(g, _forced(2, generalized_beta_range=(2.0, 2.0)))
-    expected = generalized_gaussian_kernel(9, 1.2, 1.2, 0.0, 2.0)
+    # A range [1, 1] pins beta: basicsr draws U(low, 1) or U(1, high), both 1 here.
+    generalized = random_kernel(g, _forced(2, generalized_beta_range=(1.0, 1.0)))
+    expected = generalized_gaussian_kernel(9, 1.2, 1.2, 0.0, 1.0)
     torch.testing.assert_close(generalized, pad_kernel(expected, 21))
-    plateau = random_kernel(g, _forced(4, plateau_beta_range=(1.5, 1.5)))
-    torch.testing.assert_close(plateau, pad_kernel(plateau_kernel(9, 1.2, 1.2, 0.0, 1.5), 21))
+    plateau = random_kernel(g, _forced(4, plateau_beta_range=(1.0, 1.0)))
+    torch.testing.assert_close(plateau, pad_kernel(plateau_kernel(9, 1.2, 1.2, 0.0, 1.0), 21))
     sinc = random_kernel(g, _forced(0, sinc_prob=1.0, sinc_cutoff_small=(1.0, 1.0)))
     torch.testing.assert_close(sinc, pad_kernel(sinc_kernel(9, 1.0), 21))
 
@@ -219,3 +221,21 @@ def test_trimming_zero_rings_keeps_the_filter():
     x = torch.rand(2, 3, 30, 30, generator=torch.Generator().manual_seed(0))
     full = filter2d(x, padded.expand(2, 21, 21))
     torch.testing.assert_close(filter2d(x, trim_kernel(padded).expand(2, 7, 7)), full)
+
+
+@pytest.mark.parametrize("beta_range", [(1.0, 2.0), (0.5, 4.0)])
+def test_beta_follows_basicsrs_fifty_fifty_rule(beta_range):
+    # basicsr's random_bivariate_{generalized_Gaussian,plateau}: with probability 1/2
+    # U(low, 1), else U(1, high), whatever the range: for the plateau range [1, 2] half the
+    # draws are beta = 1 exactly, the other half uniform on [1, 2].
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    low, high = beta_range
+    betas = torch.tensor([random_beta(g, beta_range) for _ in range(4000)], dtype=torch.float64)
+    below = betas[betas < 1] if low < 1 else betas[betas == 1]
+    above = betas[betas > 1]
+    assert len(below) + len(above) == len(betas)
+    assert abs(len(below) / len(betas) - 0.5) < 0.03  # binomial sd 0.008
+    assert stats.kstest(above.numpy(), "uniform", args=(1.0, high - 1.0)).pvalue > 1e-3
+    if low < 1:
+        assert stats.kstest(below.numpy(), "uniform", args=(low, 1.0 - low)).pvalue > 1e-3

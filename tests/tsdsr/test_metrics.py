@@ -10,7 +10,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 from examples.tsdsr import metrics
-from examples.tsdsr.imageio import load_image
+from scoredistill.sr.imageio import load_image
 
 REALSR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "realsr"
 LOGGED_AVERAGE_PSNR = 25.1511

@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from examples.tsdsr.imageio import save_png
-from examples.tsdsr.precompute import image_file, load_prompts, main
+from examples.tsdsr.precompute import image_file, main
+from scoredistill.sr.imageio import save_png
+from scoredistill.sr.loading import load_prompts
 
 
 @pytest.fixture

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from examples.tsdsr import tiny_fit
-from examples.tsdsr.latents import encode
 from examples.tsdsr.metrics import psnr_y
 from examples.tsdsr.tiny import fitted_backbone, random_backbone
 from examples.tsdsr.tiny_fit import FitSettings, fitted_states, photos, reconstruct
 from examples.tsdsr.training.tiny_data import HELD_OUT
 from scoredistill import DiffusionLoss
 from scoredistill.adapters import SD3ScoreModel
+from scoredistill.sr.latents import encode
 
 QUICK = FitSettings(vae_steps=2, teacher_steps=2, batch=2, crop=32)
 

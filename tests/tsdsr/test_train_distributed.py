@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from examples.tsdsr.imageio import save_png
 from examples.tsdsr.precompute import precompute
+from scoredistill.sr.imageio import save_png
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")

@@ -10,12 +10,12 @@ from .degradation import (
     StageParams,
     add_noise,
     degrade,
-    jpeg,
     quantise,
     sample_params,
     upsample_lq,
     usm_sharpen,
 )
+from .jpeg_codecs import JPEG_CODECS, compress, diff_jpeg, jpeg
 from .kernels import (
     KERNEL_TYPES,
     KernelConfig,
@@ -24,6 +24,7 @@ from .kernels import (
     generalized_gaussian_kernel,
     pad_kernel,
     plateau_kernel,
+    random_beta,
     random_kernel,
     random_sinc_kernel,
     sinc_kernel,
@@ -32,6 +33,7 @@ from .kernels import (
 
 __all__ = [
     "DEFAULT_PROMPT",
+    "JPEG_CODECS",
     "KERNEL_TYPES",
     "DegradationConfig",
     "Degraded",
@@ -42,8 +44,10 @@ __all__ = [
     "StageConfig",
     "StageParams",
     "add_noise",
+    "compress",
     "degrade",
     "degrade_batch",
+    "diff_jpeg",
     "filter2d",
     "gaussian_kernel",
     "generalized_gaussian_kernel",
@@ -51,6 +55,7 @@ __all__ = [
     "pad_kernel",
     "plateau_kernel",
     "quantise",
+    "random_beta",
     "random_kernel",
     "random_sinc_kernel",
     "sample_params",

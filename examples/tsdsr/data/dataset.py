@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ..imageio import IMAGE_EXTENSIONS, load_image
+from scoredistill.sr.imageio import IMAGE_EXTENSIONS, load_image
+
 from .degradation import DegradationConfig, degrade, upsample_lq
 
 DEFAULT_PROMPT = (

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import kornia
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from .jpeg_codecs import JPEG_CODECS, compress
 from .kernels import (
     KernelConfig,
     choice,
     filter2d,
-    randint,
     random_kernel,
     random_sinc_kernel,
     trim_kernel,
@@ -39,7 +36,7 @@ class StageConfig:
     gaussian_sigma_range: tuple[float, float] = (1.0, 30.0)  # on the 0-255 scale
     poisson_scale_range: tuple[float, float] = (0.05, 3.0)
     grey_noise_prob: float = 0.4
-    jpeg_range: tuple[int, int] = (30, 95)
+    jpeg_range: tuple[float, float] = (30.0, 95.0)  # drawn as a float, as Real-ESRGAN does
 
 
 def _second_stage() -> StageConfig:
@@ -64,11 +61,18 @@ class DegradationConfig:
     final_sinc_cutoff: tuple[float, float] = (math.pi / 3, math.pi)
     resize_modes: tuple[str, ...] = RESIZE_MODES
     usm_sharpen_hq: bool = False
+    # Real-ESRGAN's simulated codec (basicsr DiffJPEG), or the real one (Pillow's libjpeg, at the
+    # quality rounded to an integer; every JPEG output then sits on 8-bit levels).
+    jpeg_codec: str = "diffjpeg"
     blur: bool = True  # every kernel, the final sinc included
     resize: bool = True  # the random-scale resizes; the final resize to H/s always happens
     noise: bool = True
     jpeg: bool = True
     stage2: bool = True
+
+    def __post_init__(self) -> None:
+        if self.jpeg_codec not in JPEG_CODECS:
+            raise ValueError(f"jpeg_codec must be one of {JPEG_CODECS}, got {self.jpeg_codec!r}")
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ class StageParams:
     kernel: torch.Tensor | None  # (k,k) float64
     resize: tuple[float, str] | None  # scale, interpolation mode
     noise: NoiseParams | None
-    jpeg_quality: int | None
+    jpeg_quality: float | None
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,7 @@ def _sample_stage(
         level_range = stage.gaussian_sigma_range if gaussian else stage.poisson_scale_range
         grey = uniform(g, 0.0, 1.0) < stage.grey_noise_prob
         noise = NoiseParams(gaussian, uniform(g, *level_range), grey)
-    quality = randint(g, *stage.jpeg_range) if config.jpeg else None
+    quality = uniform(g, *stage.jpeg_range) if config.jpeg else None
     return StageParams(kernel, resize, noise, quality)
 
 
@@ -171,7 +175,8 @@ def degrade(
         # All samples still share the HQ size here, so the first blur is one grouped convolution.
         x = filter2d(hq, torch.stack([_or_identity(k, first_kernels) for k in first_kernels]))
     # After the first random resize the sizes differ per sample, so the rest runs per sample.
-    lq = [_degrade_one(x[i : i + 1], p, out_size, generator) for i, p in enumerate(params)]
+    lq = [_degrade_one(x[i : i + 1], p, out_size, config.jpeg_codec, generator)
+          for i, p in enumerate(params)]
     return Degraded(hq=hq, lq=torch.cat(lq))
 
 
@@ -192,14 +197,18 @@ def _or_identity(kernel: torch.Tensor | None, kernels: list[torch.Tensor | None]
 
 
 def _degrade_one(
-    x: torch.Tensor, p: SampleParams, out_size: tuple[int, int], g: torch.Generator | None
+    x: torch.Tensor,
+    p: SampleParams,
+    out_size: tuple[int, int],
+    codec: str,
+    g: torch.Generator | None,
 ) -> torch.Tensor:
     """One sample (1,3,H,W), already blurred once, -> (1,3,h,w) at `out_size`."""
     if p.first.resize is not None:
         scale, mode = p.first.resize
         x = F.interpolate(x, scale_factor=scale, mode=mode)
     x = add_noise(x, p.first.noise, g)
-    x = jpeg(x, p.first.jpeg_quality)
+    x = compress(x, p.first.jpeg_quality, codec)
     last_quality = None
     if p.second is not None:
         x = _blur(x, p.second.kernel)
@@ -210,10 +219,10 @@ def _degrade_one(
         x = add_noise(x, p.second.noise, g)
         last_quality = p.second.jpeg_quality
     if not p.jpeg_last:
-        x = jpeg(x, last_quality)
+        x = compress(x, last_quality, codec)
     x = _blur(F.interpolate(x, size=out_size, mode=p.final_mode), p.sinc)
     if p.jpeg_last:
-        x = jpeg(x, last_quality)
+        x = compress(x, last_quality, codec)
     return quantise(x)
 
 
@@ -251,22 +260,6 @@ def _levels_in_use(image: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.log2(counts.to(image.dtype)).ceil()).view(b, 1, 1, 1)
 
 
-def jpeg(x: torch.Tensor, quality: int | None) -> torch.Tensor:
-    """(B,3,H,W) through libjpeg at `quality`, back on 8-bit levels (Wang et al. 2021, Sec. 3.2)."""
-    if quality is None:
-        return x
-    # Pillow's libjpeg is the real codec and ~25x cheaper on CPU than kornia's simulated one;
-    # torchvision's encoder would do too but is deprecated from 0.29 on.
-    images = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-    decoded = []
-    for image in images.numpy():
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-        with Image.open(buffer) as compressed:
-            decoded.append(torch.from_numpy(np.array(compressed.convert("RGB"))))
-    return torch.stack(decoded).permute(0, 3, 1, 2).to(device=x.device, dtype=x.dtype) / 255.0
-
-
 def quantise(x: torch.Tensor) -> torch.Tensor:
     """Clamp to [0,1] and round to the 8-bit levels k/255, any shape."""
     return (x.clamp(0.0, 1.0) * 255.0).round() / 255.0
@@ -275,9 +268,13 @@ def quantise(x: torch.Tensor) -> torch.Tensor:
 def usm_sharpen(
     x: torch.Tensor, radius: int = 50, weight: float = 0.5, threshold: float = 10.0
 ) -> torch.Tensor:
-    """(B,3,H,W) unsharp mask with Real-ESRGAN's soft threshold (Wang et al. 2021, Sec. 4.1)."""
-    size = 2 * radius + 1
-    sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8  # OpenCV's sigma for this size, as Real-ESRGAN uses
+    """(B,3,H,W) unsharp mask of Real-ESRGAN, basicsr's ``USMSharp(radius)`` (Wang et al. 2021).
+
+    As basicsr: an even radius is raised by one and used as the kernel SIZE (radius 50 -> 51 px),
+    with OpenCV's default sigma for that size (``getGaussianKernel(51, 0)``: sigma 8).
+    """
+    size = radius + 1 if radius % 2 == 0 else radius
+    sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
 
     def blur(t: torch.Tensor) -> torch.Tensor:
         return kornia.filters.gaussian_blur2d(

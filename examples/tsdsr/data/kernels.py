@@ -144,24 +144,25 @@ def random_kernel(generator: torch.Generator | None, config: KernelConfig) -> to
     else:
         sigma_y, theta = sigma_x, 0.0
     if kind.startswith("generalized"):
-        beta = _random_beta(generator, config.generalized_beta_range)
+        beta = random_beta(generator, config.generalized_beta_range)
         kernel = generalized_gaussian_kernel(size, sigma_x, sigma_y, theta, beta)
     elif kind.startswith("plateau"):
-        beta = _random_beta(generator, config.plateau_beta_range)
+        beta = random_beta(generator, config.plateau_beta_range)
         kernel = plateau_kernel(size, sigma_x, sigma_y, theta, beta)
     else:
         kernel = gaussian_kernel(size, sigma_x, sigma_y, theta)
     return pad_kernel(kernel, config.pad_to)
 
 
-def _random_beta(generator: torch.Generator | None, beta_range: tuple[float, float]) -> float:
+def random_beta(generator: torch.Generator | None, beta_range: tuple[float, float]) -> float:
+    """β as basicsr draws it: U(low, 1) or U(1, high) with equal odds, whatever the range.
+
+    With the plateau range [1, 2] half the draws are β = 1 exactly (U(1, 1)); with the
+    generalized range [0.5, 4] peaky (β < 1) and flat-topped (β > 1) shapes are balanced.
+    """
     low, high = beta_range
-    # Real-ESRGAN's code draws β below and above 1 equally often when the range spans 1, so
-    # peaky (β < 1) and flat-topped (β > 1) shapes are balanced despite the asymmetric range.
-    if low < 1.0 < high:
-        below = uniform(generator, 0.0, 1.0) < 0.5
-        return uniform(generator, low, 1.0) if below else uniform(generator, 1.0, high)
-    return uniform(generator, low, high)
+    below = uniform(generator, 0.0, 1.0) < 0.5
+    return uniform(generator, low, 1.0) if below else uniform(generator, 1.0, high)
 
 
 def trim_kernel(kernel: torch.Tensor) -> torch.Tensor:

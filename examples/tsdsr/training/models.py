@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from examples.tsdsr.config import TrainConfig
-from examples.tsdsr.latents import encode
 from examples.tsdsr.tiny import load_backbone
 from scoredistill.adapters import (
     ATTENTION_TARGETS,
@@ -24,6 +23,7 @@ from scoredistill.adapters import (
     lora_roles,
     lora_state_dict,
 )
+from scoredistill.sr.latents import encode
 
 log = logging.getLogger("tsdsr.train")
 VAE_ADAPTER = "default"

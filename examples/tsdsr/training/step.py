@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from examples.tsdsr.config import TrainConfig
-from examples.tsdsr.latents import Posterior, decode, encode, one_step
 from examples.tsdsr.training.models import TSDSRModels, hq_latent
 from examples.tsdsr.training.sharding import clip_grad_norm, is_sharded
 from scoredistill import CFG, DASMSampler, DiffusionLoss, TSDLoss, UniformIndex
 from scoredistill.conditioning import expand_cond
+from scoredistill.sr.latents import Posterior, decode, encode, one_step
 
 
 @dataclass(frozen=True)

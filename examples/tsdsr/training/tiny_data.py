@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from examples.tsdsr.imageio import save_png
+from scoredistill.sr.imageio import save_png
 
 TRAIN = ("astronaut", "coffee", "chelsea", "camera", "immunohistochemistry", "colorwheel")
 HELD_OUT = ("rocket", "cat")

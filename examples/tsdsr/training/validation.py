@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from examples.tsdsr.data import DegradationConfig, degrade, upsample_lq
-from examples.tsdsr.imageio import list_images, load_image, save_png
 from examples.tsdsr.metrics import psnr_y, ssim_y
 from examples.tsdsr.training.models import TSDSRModels
 from examples.tsdsr.training.step import student_forward
+from scoredistill.sr.imageio import list_images, load_image, save_png
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class ValPair:
 
 
 def load_val_pairs(hq_dir: str | Path, lq_dir: str | Path | None, multiple: int = 16,
-                   seed: int = 0) -> list[ValPair]:
+                   seed: int = 0, degradation: DegradationConfig | None = None) -> list[ValPair]:
     """HQ images (cropped to a multiple of ``multiple``) with stored LQ, or LQ degraded once."""
     pairs = []
     lq_files = {p.stem: p for p in list_images(lq_dir)} if lq_dir is not None else {}
@@ -37,7 +37,7 @@ def load_val_pairs(hq_dir: str | Path, lq_dir: str | Path | None, multiple: int 
             lq = load_image(lq_files[path.stem]).rgb[None]
         else:  # a fixed draw per image, so every validation sees the same inputs
             g = torch.Generator().manual_seed(seed + i)
-            lq = degrade(hq[None], DegradationConfig(), g).lq
+            lq = degrade(hq[None], degradation or DegradationConfig(), g).lq
         pairs.append(ValPair(path.stem, upsample_lq(lq, size=(h, w))[0], hq))
     return pairs
 

@@ -12,12 +12,12 @@ pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import SlicedAttnProcessor
 
-from examples.tsdsr.latents import decode, encode
-from examples.tsdsr.tiling import tiled_apply, tiled_decode, tiled_encode
 from examples.tsdsr.tiny import CONFIGS, random_backbone
-from examples.tsdsr.vae_steps import decoder_network, encoder_network, exact_margin
-from examples.tsdsr.vae_tiling import plan_tiles, run_tiled
-from tests.tsdsr.test_tiling import smooth_image
+from scoredistill.sr.latents import decode, encode
+from scoredistill.sr.tiling import tiled_apply, tiled_decode, tiled_encode
+from scoredistill.sr.vae_steps import decoder_network, encoder_network, exact_margin
+from scoredistill.sr.vae_tiling import plan_tiles, run_tiled
+from tests.sr.test_tiling import smooth_image
 
 
 def make_vae(levels: int = 4, layers: int = 2, *, attention: bool = True, quant: bool = True,
@@ -108,17 +108,20 @@ def test_one_tile_reproduces_the_diffusers_encoder_and_decoder(vae, dtype, toler
 
 
 @torch.no_grad()
-def test_with_the_exact_margin_tiles_equal_the_untiled_network_without_attention():
+@pytest.mark.parametrize(("tiles", "equal"), [((32, 8), True), ((44, 11), False)])
+def test_with_the_exact_margin_tiles_equal_the_untiled_network_without_attention(tiles, equal):
     # Without attention, a tile's core sees exactly what it sees in the whole image once the
     # margin covers the receptive field, and the pooled statistics are then the whole image's:
     # many small tiles give the untiled result to float64 rounding. A smaller margin does not.
+    # Unequal tiles too: pooling must weight each tile's moments by its size.
     vae = torch.nn.Module.to(make_vae(3, 1, attention=False), torch.float64)
     x = smooth_image(128, 160).double()
     z = torch.randn(1, 16, 32, 40, generator=torch.Generator().manual_seed(0)).double()
-    for net, inp, reference, tile in ((encoder_network(vae), x, untiled_encoder(vae, x), 32),
-                                      (decoder_network(vae), z, untiled_decoder(vae, z), 8)):
+    for net, inp, reference, tile in ((encoder_network(vae), x, untiled_encoder(vae, x), tiles[0]),
+                                      (decoder_network(vae), z, untiled_decoder(vae, z), tiles[1])):
         margin = exact_margin(net)
-        assert len(plan_tiles(*inp.shape[-2:], tile=tile, margin=margin, grid=net.grid)) == 20
+        plan = plan_tiles(*inp.shape[-2:], tile=tile, margin=margin, grid=net.grid)
+        assert (len({tuple(s.stop - s.start for s in t.core) for t in plan}) == 1) == equal
         exact = run_tiled(net, inp, tile=tile, margin=margin)
         short = run_tiled(net, inp, tile=tile, margin=margin // 2)
         assert (exact - reference).abs().max() < 1e-12

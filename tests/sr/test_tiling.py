@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("diffusers")
 
-from examples.tsdsr.latents import decode, encode, one_step
-from examples.tsdsr.tiling import (
+from scoredistill.adapters import SD3ScoreModel
+from scoredistill.sr.latents import decode, encode, one_step
+from scoredistill.sr.tiling import (
     gaussian_weights,
     tile_starts,
     tiled_apply,
@@ -19,7 +20,6 @@ from examples.tsdsr.tiling import (
     tiled_encode,
     tiled_one_step,
 )
-from scoredistill.adapters import SD3ScoreModel
 
 
 def smooth_image(h: int, w: int, seed: int = 0) -> torch.Tensor:

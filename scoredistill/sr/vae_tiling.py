@@ -1,4 +1,4 @@
-"""Run a VAE half (:class:`~examples.tsdsr.vae_steps.Network`) by tiles with the whole image's
+"""Run a VAE half (:class:`~scoredistill.sr.vae_steps.Network`) by tiles with the whole image's
 GroupNorm statistics.
 
 The design of the multidiffusion-upscaler project's tiled VAE, which TSD-SR's release uses: the
@@ -12,7 +12,7 @@ so that the accelerator holds one tile at a time.
 
 What still differs from the untiled network: the mid block's attention sees its own tile only,
 and zero padding at a tile's edge reaches its core where the margin is below
-:func:`~examples.tsdsr.vae_steps.exact_margin`. Without attention and with that margin, tiles
+:func:`~scoredistill.sr.vae_steps.exact_margin`. Without attention and with that margin, tiles
 give the untiled result to rounding.
 """
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from examples.tsdsr.vae_steps import Add, Attend, Local, Network, Norm, Save
+from scoredistill.sr.vae_steps import Add, Attend, Local, Network, Norm, Save
 
 Span = tuple[slice, slice]
 """Rows and columns of a rectangle, in px."""

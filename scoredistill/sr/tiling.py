@@ -3,7 +3,7 @@
 TSD-SR's release tiles the transformer's latent (64 latent px, overlap 8) and blends the tiles
 with Gaussian weights (as MultiDiffusion, Bar-Tal et al. 2023, averages overlapping windows):
 :func:`tiled_apply`. It tiles the VAE encoder (1024 px) and decoder (224 latent px) the way of
-the multidiffusion-upscaler project's tiled VAE: :mod:`examples.tsdsr.vae_tiling` partitions the
+the multidiffusion-upscaler project's tiled VAE: :mod:`scoredistill.sr.vae_tiling` partitions the
 image into cores, runs each with a margin of context, and normalises every tile with the whole
 image's GroupNorm statistics, so tiles do not drift in colour or brightness. Only the mid
 block's attention (per tile) and the context beyond the margin differ from the untiled VAE.
@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from examples.tsdsr.latents import (
+from scoredistill.adapters.module import weights_dtype
+from scoredistill.protocols import Cond, ScoreModel
+from scoredistill.sr.latents import (
     Posterior,
     check_posterior,
     decode,
@@ -30,10 +32,8 @@ from examples.tsdsr.latents import (
     one_step,
     posterior_latent,
 )
-from examples.tsdsr.vae_steps import decoder_network, encoder_network
-from examples.tsdsr.vae_tiling import run_tiled
-from scoredistill.adapters.module import weights_dtype
-from scoredistill.protocols import Cond, ScoreModel
+from scoredistill.sr.vae_steps import decoder_network, encoder_network
+from scoredistill.sr.vae_tiling import run_tiled
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -121,11 +121,11 @@ def vae_factor(vae: AutoencoderKL) -> int:
 def tiled_encode(vae: AutoencoderKL, image: Tensor, *, tile: int = 1024, overlap: int = 64,
                  posterior: Posterior = "mode", generator: torch.Generator | None = None,
                  offload: bool = True) -> Tensor:
-    """:func:`~examples.tsdsr.latents.encode` of (B, 3, H, W) in [-1, 1] by image tiles.
+    """:func:`~scoredistill.sr.latents.encode` of (B, 3, H, W) in [-1, 1] by image tiles.
 
     Cores of side <= ``tile`` px, each run with ``overlap`` px of context around it (rounded up
     to the VAE factor; the sides must be multiples of it) and whole-image GroupNorm statistics
-    (:func:`~examples.tsdsr.vae_tiling.run_tiled`); ``offload`` keeps the waiting tiles on the CPU
+    (:func:`~scoredistill.sr.vae_tiling.run_tiled`); ``offload`` keeps the waiting tiles on the CPU
     (a no-op there). The posterior and SD3's shift and scale apply to the assembled moments.
     """
     if max(image.shape[-2:]) <= tile:
@@ -140,7 +140,7 @@ def tiled_encode(vae: AutoencoderKL, image: Tensor, *, tile: int = 1024, overlap
 
 def tiled_decode(vae: AutoencoderKL, latent: Tensor, *, tile: int = 224, overlap: int = 16,
                  offload: bool = True) -> Tensor:
-    """:func:`~examples.tsdsr.latents.decode` of (B, 16, h, w) by latent tiles, in [-1, 1].
+    """:func:`~scoredistill.sr.latents.decode` of (B, 16, h, w) by latent tiles, in [-1, 1].
 
     Cores of side <= ``tile`` latent px, each run with ``overlap`` latent px of context and
     whole-image GroupNorm statistics; ``offload`` as in :func:`tiled_encode`.
@@ -154,6 +154,6 @@ def tiled_decode(vae: AutoencoderKL, latent: Tensor, *, tile: int = 224, overlap
 
 def tiled_one_step(student: ScoreModel, z_lq: Tensor, cond: Cond, *, tile: int = 64,
                    overlap: int = 8, align: int = 2) -> Tensor:
-    """:func:`~examples.tsdsr.latents.one_step` by latent tiles (``align``: the patch size)."""
+    """:func:`~scoredistill.sr.latents.one_step` by latent tiles (``align``: the patch size)."""
     return tiled_apply(lambda z: one_step(student, z, cond), z_lq, tile=tile, overlap=overlap,
                        align=align)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from examples.tsdsr.colorfix import (
+from scoredistill.sr.colorfix import (
     COLOR_FIXES,
     adain_color_fix,
     color_fix,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from examples.tsdsr.imageio import list_images, load_image, save_png
+from scoredistill.sr.imageio import list_images, load_image, save_png
 
 RNG = np.random.default_rng(0)
 

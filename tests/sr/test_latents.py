@@ -10,11 +10,11 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from examples.tsdsr.latents import decode, encode, one_step
-from examples.tsdsr.tiling import vae_factor
 from examples.tsdsr.tiny import CONFIGS, load_backbone, random_backbone, random_cond
 from scoredistill.adapters import SD3ScoreModel
 from scoredistill.schedules import RectifiedFlow
+from scoredistill.sr.latents import decode, encode, one_step
+from scoredistill.sr.tiling import vae_factor
 
 
 def image(h: int = 32, w: int = 48, seed: int = 0) -> torch.Tensor:
