@@ -14,7 +14,7 @@ from families import CallCounter
 from tiny_models import LATENT, sd3_cond, small_config, tiny_sd3_transformer
 
 from scoredistill import CFG, predict_batched
-from scoredistill.adapters import SD3ScoreModel, SharedBackbone
+from scoredistill.adapters import SD3ScoreModel, SharedBackbone, lora_state_dict
 
 B = 2
 

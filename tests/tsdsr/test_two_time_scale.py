@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from examples.tsdsr.config import parse_config
-from examples.tsdsr.imageio import save_png
 from examples.tsdsr.precompute import load_prompts, precompute
 from examples.tsdsr.tiny import random_backbone
 from examples.tsdsr.train import main
 from examples.tsdsr.training import models
+from scoredistill.sr.imageio import save_png
 
 
 @pytest.fixture(autouse=True)
