@@ -196,7 +196,8 @@ def check(rows: list[dict[str, Any]]) -> None:
 # The paper's questions as pairs (A, B): does TSD beat VSD, does DASM help, which space for TSM.
 COMPARISONS = (("+ TSD (flow)", "+ VSD"), ("+ TSD (eps)", "+ VSD"),
                ("+ TSD (eps)", "+ TSD (flow)"), ("+ TSM (eps)", "+ TSM (flow)"),
-               ("+ TSD+DASM (flow)", "+ TSD (flow)"), ("+ TSD+DASM (eps)", "+ TSD (eps)"))
+               ("+ TSD+DASM (flow)", "+ TSD (flow)"), ("+ TSD+DASM (eps)", "+ TSD (eps)"),
+               ("+ DMD", "+ VSD"))  # VSD's direction in x0 space, per-sample normalised
 
 
 def paired_tests(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from examples.tsdsr.config import parse_config
-from examples.tsdsr.precompute import load_prompts, precompute
+from examples.tsdsr.precompute import precompute
 from examples.tsdsr.tiny import random_backbone
 from examples.tsdsr.train import main
 from examples.tsdsr.training import models
 from scoredistill.sr.imageio import save_png
+from scoredistill.sr.loading import load_prompts
 
 
 @pytest.fixture(autouse=True)
