@@ -48,3 +48,10 @@ def test_errors(tmp_path):
         build_parser().parse_args(["--use-dasm", "false"])
     with pytest.raises(ValueError, match="weights"):
         TrainConfig(dasm_weights=(1.0,))
+
+
+def test_jpeg_codec_option():
+    assert parse_config([]).jpeg_codec == "diffjpeg"  # Real-ESRGAN's simulated JPEG
+    assert parse_config(["--jpeg-codec", "libjpeg"]).jpeg_codec == "libjpeg"
+    with pytest.raises(ValueError, match="jpeg_codec"):
+        parse_config(["--jpeg-codec", "pillow"])
