@@ -42,6 +42,7 @@ bench-quick: $(STAMP)
 bench-train-step-gpu: $(STAMP)
 	$(BIN)/python -m benchmarks.train_step --config sd3-medium --device cuda --dtype bf16 --repeats 5
 	$(BIN)/python -m benchmarks.train_step --config sd3-medium --device cuda --dtype bf16 --repeats 5 --checkpointing
+	$(BIN)/python -m benchmarks.train_step_flux --config flux-dev --device cuda --dtype bf16 --repeats 5 --checkpointing
 
 test: lint bench-quick
 	$(BIN)/python -m pytest -q

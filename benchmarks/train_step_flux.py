@@ -7,9 +7,10 @@ update, each with AdamW), so they differ only in where the weights live: gradien
 equal before anything is timed. Reported: resident parameter bytes of FLUX.1-dev (counted on the
 meta device), backbone calls, median step time and the step's peak memory on CUDA.
 
-    python -m benchmarks.train_step_flux --quick      # tiny FLUX on CPU (CI smoke run)
+    python -m benchmarks.train_step_flux              # tiny FLUX on CPU: results/train_step_flux
+    python -m benchmarks.train_step_flux --quick      # CI smoke run, into a temporary folder
     python -m benchmarks.train_step_flux --config flux-dev --device cuda --dtype bf16 \\
-        --checkpointing                                # FLUX.1-dev size, 1024 px latents (GPU)
+        --checkpointing      # FLUX.1-dev size, 1024 px latents: train_step_flux_flux-dev_...
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.report import RESULTS, command_line, markdown_table, write_report
-from benchmarks.train_step import DTYPES, count_calls, module_bytes, time_path
+from benchmarks.report import command_line, markdown_table, results_dir, write_report
+from benchmarks.train_step import count_calls, module_bytes, time_path
+from benchmarks.train_step_paths import DTYPES
 from scoredistill import DASMSampler, DiffusionLoss, TSDLoss
 from scoredistill.adapters import (
     FLUX_TARGETS,
@@ -200,7 +202,9 @@ def run(config: str, device: str, dtype: torch.dtype, batch: int, side: int, war
              f"Resident parameters for FLUX.1-dev ({counts['base params'] / 1e9:.2f} B base, "
              f"{counts['student LoRA params'] / 1e6:.0f} M student and "
              f"{counts['fake LoRA params'] / 1e6:.0f} M fake-score LoRA parameters):\n\n")
-    name = "train_step_flux" + ("_checkpointing" if checkpointing else "")
+    # The config in the name: a GPU run never replaces the tiny CPU table.
+    name = ("train_step_flux" + ("" if config == "tiny" else f"_{config}")
+            + ("_checkpointing" if checkpointing else ""))
     return write_report(name, "FLUX train step: shared backbone vs two copies", rows,
                         meta={"config": config, "device_arg": device, "dtype": str(dtype),
                               "batch": batch, "latent": side, "checkpointing": checkpointing,
@@ -223,7 +227,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--grad-tol", type=float, default=None,
                         help="max relative L2 gradient error (default 1e-3 fp32, 5e-2 half)")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: 1 warm-up, 3 steps")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: benchmarks/results; --quick: a temp one)")
     args = parser.parse_args(argv)
     from diffusers.utils import logging
 
@@ -233,7 +238,8 @@ def main(argv: list[str] | None = None) -> Path:
     side = args.latent or SHAPES[args.config][0]
     tol = args.grad_tol or (1e-3 if dtype == torch.float32 else 5e-2)
     return run(args.config, args.device, dtype, args.batch, side, warmup, repeats,
-               args.checkpointing, tol, args.out, command_line("benchmarks.train_step_flux", argv))
+               args.checkpointing, tol, results_dir(args.out, args.quick),
+               command_line("benchmarks.train_step_flux", argv))
 
 
 if __name__ == "__main__":
