@@ -35,7 +35,8 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.train_step_flux --quick --out $$out && \
 	$(BIN)/python -m benchmarks.inference --quick --out $$out && \
 	$(BIN)/python -m benchmarks.tiled_vae --quick --out $$out && \
-	$(BIN)/python -m benchmarks.compare_losses --quick --no-docs-assets --out $$out
+	$(BIN)/python -m benchmarks.compare_losses --quick --no-docs-assets --out $$out && \
+	$(BIN)/python -m benchmarks.natural_patches --quick --no-docs-assets --out $$out
 
 # On a GPU machine: the train step on SD3-medium (random weights) against the release's call
 # pattern, with and without gradient checkpointing.

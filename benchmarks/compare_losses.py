@@ -29,11 +29,13 @@ import argparse
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from benchmarks.report import command_line, markdown_table, results_dir, write_report
 from benchmarks.stats import ALPHA, TEST_COLUMNS, compare_paired
@@ -98,15 +100,21 @@ QUICK = Budget(seeds=3, steps=300, batch=128, teacher_steps=400, probes=10, eval
 
 
 def run_one(warm: ToyTrainer, loss: ScoreDistillationLoss | None, teacher: ScoreModel,
-            probe: DirectionProbe, budget: Budget) -> dict[str, Any]:
-    """Train from the warmed-up state; final metrics and probe curves (None if it diverged)."""
+            probe: DirectionProbe, budget: Budget,
+            evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None
+            ) -> dict[str, Any]:
+    """Train from the warmed-up state; final metrics and probe curves (None if it diverged).
+
+    ``evaluate_fn(generator) -> metrics`` defaults to the toy problem's :func:`evaluate`.
+    """
     # CSD distills the classifier score of the exact conditional teacher (CFG scale 1, Yu et al.);
     # the probes keep measuring the unconditional teacher.
     guided = CFG(ToyPosterior(warm.problem), 1.0, torch.zeros(1, warm.problem.lq_dim + 1))
     tr = ToyTrainer(warm.problem, loss, recon_weight=budget.recon_weight if loss else 1.0,
                  reg_weight=budget.reg_weight, batch=budget.batch, lr=budget.lr,
-                 fake_lr=budget.fake_lr, seed=warm.seed,
-                 teacher=guided if isinstance(loss, CSDLoss) else teacher)
+                 fake_lr=budget.fake_lr, seed=warm.seed, hidden=warm.hidden,
+                 **(dict(teacher=guided, condition=warm.problem.cond)
+                    if isinstance(loss, CSDLoss) else dict(teacher=teacher)))
     # Same generator init (same seed), fake score and data stream for every loss.
     tr.fake.load_state_dict(warm.fake.state_dict())
     tr.fake_opt.load_state_dict(warm.fake_opt.state_dict())
@@ -122,7 +130,8 @@ def run_one(warm: ToyTrainer, loss: ScoreDistillationLoss | None, teacher: Score
             tr.step()
         except ValueError:  # the loss's finiteness check: the generator has blown up
             return {"metrics": None, "curve": curve}
-    metrics = evaluate(warm.problem, tr.gen, n=budget.eval_n)
+    metrics = (evaluate_fn(tr.gen) if evaluate_fn is not None
+               else evaluate(warm.problem, tr.gen, n=budget.eval_n))
     finite = all(math.isfinite(v) for v in metrics.values())
     return {"metrics": metrics if finite else None, "curve": curve}
 

@@ -16,13 +16,13 @@ from torch import Tensor, nn
 
 from scoredistill import DiffusionLoss, ScoreModel, TSMLoss, UniformIndex, to_x0_eps
 from scoredistill.parametrization import expand_like
-from scoredistill.toy import MLPScore, ToySR
+from scoredistill.toy import MLPScore, SRProblem
 
 FIG3_TIMESTEP = 100.0  # TSD-SR Fig. 3 measures at t = 100, i.e. sigma = 0.1 for rectified flow
 
 
-def train_learned_teacher(problem: ToySR, steps: int, seed: int, batch: int = 512,
-                          lr: float = 2e-3) -> MLPScore:
+def train_learned_teacher(problem: SRProblem, steps: int, seed: int, batch: int = 512,
+                          lr: float = 2e-3, hidden: int = 128) -> MLPScore:
     """A frozen MLP teacher fitted to true HQ samples with the plain diffusion loss (Eq. 9).
 
     It sees every noise level (indices 0..999) but only noisy *data*: off the data manifold at low
@@ -30,7 +30,7 @@ def train_learned_teacher(problem: ToySR, steps: int, seed: int, batch: int = 51
     """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = MLPScore(problem.dim)
+    model = MLPScore(problem.dim, hidden)
     loss_fn = DiffusionLoss(space="flow", index_sampler=UniformIndex(0, 1000))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -71,7 +71,7 @@ class DirectionProbe:
     paired HQ latents (the MSE to them grows).
     """
 
-    problem: ToySR
+    problem: SRProblem
     n: int = 1024
     seed: int = 4321
     hq: Tensor = field(init=False)

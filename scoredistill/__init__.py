@@ -1,6 +1,6 @@
 """scoredistill: score-distillation losses and samplers for one-step diffusion generators."""
 
-from .analytic import GaussianMixture
+from .analytic import FullGaussianMixture, GaussianMixture
 from .batching import predict_batched
 from .guidance import CFG
 from .losses.diffusion import DiffusionLoss, DiffusionOutput
@@ -31,6 +31,7 @@ __all__ = [
     "DiffusionLoss",
     "DiffusionOutput",
     "DistillOutput",
+    "FullGaussianMixture",
     "GaussianMixture",
     "IndexSampler",
     "LogitNormalIndex",

@@ -1,4 +1,9 @@
-"""A Gaussian-mixture ScoreModel with the exact denoiser, for tests and benchmarks."""
+"""Gaussian-mixture ScoreModels with the exact denoiser, score and density (tests, benchmarks).
+
+Under ``x_t = alpha x0 + sigma eps`` a mixture ``sum_k pi_k N(mu_k, Sigma_k)`` stays a mixture,
+``sum_k pi_k N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I)``, so ``E[x0 | x_t]`` (the network every
+score-distillation loss assumes), the score and the log-density are closed form.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +17,63 @@ from .parametrization import check_prediction, expand_like, from_x0_eps
 from .protocols import Cond, NoiseSchedule, Prediction
 from .schedules import RectifiedFlow
 
+LOG_2PI = math.log(2 * math.pi)
+
+
+def mixture_log_prob(x: Tensor, means: Tensor, log_weights: Tensor, evals: Tensor,
+                     evecs: Tensor) -> Tensor:
+    """``log sum_k w_k N(x; m_k, U_k diag(lam_k) U_k^T)`` (B,) of x (B, D).
+
+    ``means`` (K, D) or per-sample (B, K, D); ``log_weights`` (K,) or (B, K); ``evals`` (K, D)
+    and ``evecs`` (K, D, D) the eigendecomposition of each covariance (columns are vectors).
+    """
+    resid = x[:, None] - means  # (B, K, D)
+    rot = torch.einsum("bkd,kde->bke", resid, evecs)
+    log_n = -0.5 * ((rot.square() / evals).sum(-1) + evals.log().sum(-1) + x.shape[1] * LOG_2PI)
+    return (log_weights + log_n).logsumexp(dim=-1)
+
+
+class _MixtureScoreModel:
+    """The ScoreModel part shared by both mixtures: ``denoise`` in every parametrisation."""
+
+    schedule: NoiseSchedule
+    prediction: Prediction
+    means: Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def _flat(self, x: Tensor) -> Tensor:
+        flat = x.reshape(x.shape[0], -1).to(self.means.dtype)
+        if flat.shape[1] != self.dim:
+            raise ValueError(f"input has {flat.shape[1]} features; the mixture has {self.dim}")
+        return flat
+
+    def denoise(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """Exact ``E[x0 | x_t]`` for per-sample ``alpha``, ``sigma`` (B,). Shape of ``x_t``."""
+        raise NotImplementedError
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
+        """The exact prediction of kind ``self.prediction`` at ``(x_t, t)``."""
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        x0 = self.denoise(x_t, alpha, sigma)
+        a, s = expand_like(alpha, x_t).to(x_t.dtype), expand_like(sigma, x_t).to(x_t.dtype)
+        return from_x0_eps(x0, (x_t - a * x0) / s, self.prediction, a, s)
+
+    def score(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """Exact score ``(alpha E[x0 | x_t] - x_t) / sigma^2`` (Tweedie); needs sigma > 0."""
+        x0 = self.denoise(x_t, alpha, sigma)
+        a, s = expand_like(alpha, x_t).to(x_t.dtype), expand_like(sigma, x_t).to(x_t.dtype)
+        return (a * x0 - x_t) / s**2
+
 
 @dataclass(frozen=True, eq=False)
-class GaussianMixture:
+class GaussianMixture(_MixtureScoreModel):
     """Data ``x0 ~ sum_k pi_k N(mu_k, s_k^2 I)`` in D dimensions with its exact posterior mean.
 
-    Under ``x_t = alpha x0 + sigma eps`` the marginal is ``sum_k pi_k N(alpha mu_k,
-    (alpha^2 s_k^2 + sigma^2) I)`` and ``E[x0 | x_t]`` is the responsibility-weighted sum of the
-    per-component Wiener estimates, so the network every score-distillation loss assumes is known
-    exactly. ``means`` (K, D), ``stds`` (K,), ``weights`` (K,) summing to 1. Inputs are
+    ``E[x0 | x_t]`` is the responsibility-weighted sum of the per-component Wiener estimates.
+    ``means`` (K, D), ``stds`` (K,), ``weights`` (K,) summing to 1. Inputs are
     (B, *event_shape) with ``prod(event_shape) == D``; ``cond`` is ignored.
     """
 
@@ -37,18 +90,7 @@ class GaussianMixture:
             raise ValueError("expected means (K, D), stds (K,), weights (K,); got "
                              f"{tuple(self.means.shape)}, {tuple(self.stds.shape)}, "
                              f"{tuple(self.weights.shape)}")
-        if not torch.isclose(self.weights.sum(), torch.tensor(1.0, dtype=self.weights.dtype)):
-            raise ValueError(f"mixture weights must sum to 1, got {float(self.weights.sum())}")
-
-    @property
-    def dim(self) -> int:
-        return self.means.shape[1]
-
-    def _flat(self, x: Tensor) -> Tensor:
-        flat = x.reshape(x.shape[0], -1).to(self.means.dtype)
-        if flat.shape[1] != self.dim:
-            raise ValueError(f"input has {flat.shape[1]} features; the mixture has {self.dim}")
-        return flat
+        _check_weights(self.weights)
 
     def _log_joint(self, x: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """Per-component ``log pi_k N(x; alpha mu_k, var_k I)`` (B, K) and variances (B, K)."""
@@ -58,7 +100,6 @@ class GaussianMixture:
         return self.weights.log()[None] + log_n, var
 
     def denoise(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-        """Exact ``E[x0 | x_t]`` for per-sample ``alpha``, ``sigma`` (B,). Shape of ``x_t``."""
         x = self._flat(x_t)
         alpha, sigma = alpha.to(x.dtype), sigma.to(x.dtype)
         log_joint, var = self._log_joint(x, alpha, sigma)
@@ -67,13 +108,6 @@ class GaussianMixture:
         resid = x[:, None] - alpha[:, None, None] * self.means[None]  # (B, K, D)
         x0_k = self.means[None] + gain[..., None] * resid
         return (resp[..., None] * x0_k).sum(1).reshape(x_t.shape).to(x_t.dtype)
-
-    def __call__(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
-        """The exact prediction of kind ``self.prediction`` at ``(x_t, t)``."""
-        alpha, sigma = self.schedule.alpha_sigma(t)
-        x0 = self.denoise(x_t, alpha, sigma)
-        a, s = expand_like(alpha, x_t).to(x_t.dtype), expand_like(sigma, x_t).to(x_t.dtype)
-        return from_x0_eps(x0, (x_t - a * x0) / s, self.prediction, a, s)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact ``log p(x0)`` (B,) of clean samples."""
@@ -86,3 +120,96 @@ class GaussianMixture:
         noise = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype,
                             device=self.means.device)
         return self.means[comp] + self.stds[comp, None] * noise
+
+
+@dataclass(frozen=True, eq=False)
+class FullGaussianMixture(_MixtureScoreModel):
+    """Data ``x0 ~ sum_k pi_k N(mu_k, Sigma_k)`` with full covariances; exact denoiser and density.
+
+    Each ``Sigma_k = U_k diag(lam_k) U_k^T`` is eigendecomposed once (in float64), so at any
+    noise level the component ``N(alpha mu_k, U_k diag(alpha^2 lam_k + sigma^2) U_k^T)`` and its
+    Wiener estimate ``mu_k + U_k diag(alpha lam_k / (alpha^2 lam_k + sigma^2)) U_k^T (x_t - alpha
+    mu_k)`` cost one (B, D) x (D, K D) product. ``means`` (K, D), ``covs`` (K, D, D) symmetric
+    positive definite, ``weights`` (K,) summing to 1; inputs (B, *event_shape), ``cond`` ignored.
+
+    Example:
+        >>> gm = FullGaussianMixture(means, covs, weights)       # a ScoreModel (flow prediction)
+        >>> out = TSDLoss()(z_hat, teacher=gm, fake=fake, z=z)
+    """
+
+    means: Tensor
+    covs: Tensor
+    weights: Tensor
+    schedule: NoiseSchedule = field(default_factory=RectifiedFlow)
+    prediction: Prediction = "flow"
+    evals: Tensor = field(init=False, repr=False)
+    evecs: Tensor = field(init=False, repr=False)
+    _evecs_flat: Tensor = field(init=False, repr=False)
+    _rot_means: Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_prediction(self.prediction)
+        k, d = self.means.shape if self.means.ndim == 2 else (-1, -1)
+        if k < 0 or self.covs.shape != (k, d, d) or self.weights.shape != (k,):
+            raise ValueError("expected means (K, D), covs (K, D, D), weights (K,); got "
+                             f"{tuple(self.means.shape)}, {tuple(self.covs.shape)}, "
+                             f"{tuple(self.weights.shape)}")
+        _check_weights(self.weights)
+        covs = self.covs.double()
+        if not torch.allclose(covs, covs.transpose(1, 2), rtol=1e-6, atol=1e-10):
+            raise ValueError("covariances must be symmetric")
+        evals, evecs = torch.linalg.eigh(covs)
+        if not bool((evals > 0).all()):
+            bad = int((evals.min(dim=1).values <= 0).nonzero()[0])
+            raise ValueError(f"covariance {bad} is not positive definite "
+                             f"(smallest eigenvalue {float(evals[bad].min()):.3g})")
+        evals, evecs = evals.to(self.means.dtype), evecs.to(self.means.dtype)
+        object.__setattr__(self, "evals", evals)
+        object.__setattr__(self, "evecs", evecs)
+        # [:, k D + e] = U_k[:, e]: every component's rotation in one (D, K D) matrix.
+        object.__setattr__(self, "_evecs_flat", evecs.permute(1, 0, 2).reshape(d, k * d))
+        object.__setattr__(self, "_rot_means", torch.einsum("kd,kde->ke", self.means, evecs))
+
+    def _rotated(self, x: Tensor, alpha: Tensor) -> Tensor:
+        """``U_k^T (x - alpha mu_k)`` (B, K, D) for x (B, D): one GEMM for all components."""
+        k, d = self.means.shape
+        return (x @ self._evecs_flat).reshape(-1, k, d) - alpha[:, None, None] * self._rot_means
+
+    def _log_joint(self, x: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``log pi_k N(x; alpha mu_k, C_k)`` (B, K), rotated residuals and variances (B, K, D)."""
+        rot = self._rotated(x, alpha)
+        var = alpha[:, None, None] ** 2 * self.evals + sigma[:, None, None] ** 2
+        log_n = -0.5 * ((rot.square() / var).sum(-1) + var.log().sum(-1) + self.dim * LOG_2PI)
+        return self.weights.log() + log_n, rot, var
+
+    def denoise(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        x = self._flat(x_t)
+        alpha, sigma = alpha.to(x.dtype), sigma.to(x.dtype)
+        log_joint, rot, var = self._log_joint(x, alpha, sigma)
+        resp = log_joint.softmax(dim=1)  # (B, K)
+        # Wiener gain per eigen-direction, weighted by the responsibility, rotated back.
+        coef = resp[..., None] * (alpha[:, None, None] * self.evals / var) * rot
+        x0 = resp @ self.means + coef.flatten(1) @ self._evecs_flat.T
+        return x0.reshape(x_t.shape).to(x_t.dtype)
+
+    def log_prob(self, x: Tensor, alpha: Tensor | None = None, sigma: Tensor | None = None
+                 ) -> Tensor:
+        """Exact ``log p_t(x)`` (B,): of clean samples by default, else of the noisy marginal."""
+        flat = self._flat(x)
+        one = torch.ones(flat.shape[0], dtype=flat.dtype, device=flat.device)
+        alpha = one if alpha is None else alpha.to(flat.dtype)
+        sigma = 0 * one if sigma is None else sigma.to(flat.dtype)
+        return self._log_joint(flat, alpha, sigma)[0].logsumexp(dim=1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` clean samples (n, D)."""
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        noise = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype,
+                            device=self.means.device)
+        scaled = noise * self.evals[comp].sqrt()
+        return self.means[comp] + torch.einsum("nde,ne->nd", self.evecs[comp], scaled)
+
+
+def _check_weights(weights: Tensor) -> None:
+    if not torch.isclose(weights.sum(), torch.tensor(1.0, dtype=weights.dtype)):
+        raise ValueError(f"mixture weights must sum to 1, got {float(weights.sum())}")

@@ -8,7 +8,9 @@ learns the fake score of its outputs, exactly the roles of TSD-SR's student and 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -105,6 +107,23 @@ class ToyPosterior:
         return from_x0_eps(x0, (x_t - a * x0) / s, self.prediction, a, s)
 
 
+class SRProblem(Protocol):
+    """What the trainer needs from a problem: :class:`ToySR` and ``scoredistill.patches.PatchSR``.
+
+    ``teacher`` the exact ScoreModel of HQ, ``operator`` (d, D) the linear part of the
+    degradation, ``sample(n, generator) -> (hq (n, D), lq (n, d))``.
+    """
+
+    teacher: ScoreModel
+    operator: Tensor
+
+    @property
+    def dim(self) -> int: ...
+
+    def sample(self, n: int, generator: torch.Generator | None = None
+               ) -> tuple[Tensor, Tensor]: ...
+
+
 def _time_features(t: Tensor, num_steps: int) -> Tensor:
     freqs = torch.arange(1, 5, dtype=torch.float32, device=t.device) * math.pi
     phase = (t.float() / num_steps)[:, None] * freqs
@@ -164,13 +183,15 @@ def evaluate(problem: ToySR, gen: OneStepGenerator, n: int = 4096, seed: int = 1
 
 @dataclass
 class ToyTrainer:
-    """Alternating student / fake-score updates of TSD-SR Alg. 1 on `ToySR`.
+    """Alternating student / fake-score updates of TSD-SR Alg. 1 on `ToySR` (or any `SRProblem`).
 
     ``teacher`` defaults to the problem's exact one; pass a learned ScoreModel to study an
-    imperfect teacher.
+    imperfect teacher. ``hidden`` is the width of the generator's and the fake score's MLPs.
+    ``condition`` maps the LQ batch to the loss's ``cond`` (e.g. ``ToySR.cond`` for CSD with
+    `ToyPosterior`); None: unconditional.
     """
 
-    problem: ToySR
+    problem: SRProblem
     loss: ScoreDistillationLoss | None
     teacher: ScoreModel | None = None
     recon_weight: float = 1.0
@@ -179,13 +200,15 @@ class ToyTrainer:
     lr: float = 1e-3
     fake_lr: float = 1e-3
     seed: int = 0
+    hidden: int = 128
+    condition: Callable[[Tensor], Cond] | None = None
 
     def __post_init__(self) -> None:
         torch.manual_seed(self.seed)
         if self.teacher is None:
             self.teacher = self.problem.teacher
-        self.gen = OneStepGenerator(self.problem.operator)
-        self.fake = MLPScore(self.problem.dim)
+        self.gen = OneStepGenerator(self.problem.operator, self.hidden)
+        self.fake = MLPScore(self.problem.dim, self.hidden)
         self.g = torch.Generator().manual_seed(self.seed)
         self.opt = torch.optim.Adam(self.gen.parameters(), lr=self.lr)
         self.fake_opt = torch.optim.Adam(self.fake.parameters(), lr=self.fake_lr)
@@ -208,8 +231,9 @@ class ToyTrainer:
         loss = self.recon_weight * (z_hat - hq).square().mean()
         logs: dict[str, Tensor] = {}
         if self.loss is not None:
-            out = self.loss(z_hat, self.problem.cond(lq), teacher=self.teacher, fake=self.fake,
-                            z=hq, generator=self.g)
+            cond = None if self.condition is None else self.condition(lq)
+            out = self.loss(z_hat, cond, teacher=self.teacher, fake=self.fake, z=hq,
+                            generator=self.g)
             loss = loss + self.reg_weight * out.loss
             logs = {f"norm/{k}": v.mean() for k, v in out.norms.items()}
         self.opt.zero_grad()
