@@ -71,8 +71,9 @@ LOSSES: dict[str, ScoreDistillationLoss | None] = {
     "+ TSD+DASM (flow)": TSDLoss(dasm=DASMSampler()),
     "+ TSD+DASM (eps)": TSDLoss(space="epsilon", dasm=DASMSampler()),
     "+ DMD": DMDLoss(),
-    "+ CSD": CSDLoss(),
 }
+# Losses that need the exact conditional teacher (`ToyPosterior`): run with the exact teacher only.
+CONDITIONAL_LOSSES: dict[str, ScoreDistillationLoss] = {"+ CSD": CSDLoss()}
 METRICS = ("nll", "sliced_w2", "mse")
 DOCS_ASSETS = Path(__file__).resolve().parents[1] / "docs" / "assets" / "benchmarks"
 
@@ -107,14 +108,16 @@ def run_one(warm: ToyTrainer, loss: ScoreDistillationLoss | None, teacher: Score
 
     ``evaluate_fn(generator) -> metrics`` defaults to the toy problem's :func:`evaluate`.
     """
-    # CSD distills the classifier score of the exact conditional teacher (CFG scale 1, Yu et al.);
-    # the probes keep measuring the unconditional teacher.
-    guided = CFG(ToyPosterior(warm.problem), 1.0, torch.zeros(1, warm.problem.lq_dim + 1))
+    role: dict[str, Any] = {"teacher": teacher}
+    if isinstance(loss, CSDLoss):
+        # CSD distills the exact conditional teacher's classifier score (CFG scale 1, Yu et al.;
+        # ToySR only); the probes keep measuring the unconditional teacher.
+        null = torch.zeros(1, warm.problem.lq_dim + 1)
+        role = {"teacher": CFG(ToyPosterior(warm.problem), 1.0, null),
+                "condition": warm.problem.cond}
     tr = ToyTrainer(warm.problem, loss, recon_weight=budget.recon_weight if loss else 1.0,
                  reg_weight=budget.reg_weight, batch=budget.batch, lr=budget.lr,
-                 fake_lr=budget.fake_lr, seed=warm.seed, hidden=warm.hidden,
-                 **(dict(teacher=guided, condition=warm.problem.cond)
-                    if isinstance(loss, CSDLoss) else dict(teacher=teacher)))
+                 fake_lr=budget.fake_lr, seed=warm.seed, hidden=warm.hidden, **role)
     # Same generator init (same seed), fake score and data stream for every loss.
     tr.fake.load_state_dict(warm.fake.state_dict())
     tr.fake_opt.load_state_dict(warm.fake_opt.state_dict())
@@ -244,9 +247,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                        seed=seed)
         warm.warm_up_fake(budget.fake_warmup)
         for teacher_name, teacher in (("exact", problem.teacher), ("learned", learned)):
-            for name, loss in LOSSES.items():
-                if isinstance(loss, CSDLoss) and teacher_name != "exact":
-                    continue  # no learned conditional teacher
+            extra = CONDITIONAL_LOSSES if teacher_name == "exact" else {}
+            for name, loss in {**LOSSES, **extra}.items():
                 run = run_one(warm, loss, teacher, probe, budget)
                 runs.setdefault((teacher_name, name), []).append(run)
         print(f"seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)
