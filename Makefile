@@ -41,6 +41,7 @@ lint: $(STAMP)
 bench-quick: $(STAMP)
 	out=$$(mktemp -d) && \
 	$(BIN)/python -m benchmarks.train_step --quick --out $$out && \
+	$(BIN)/python -m benchmarks.train_step_flux --quick --out $$out && \
 	$(BIN)/python -m benchmarks.inference --quick --out $$out && \
 	$(BIN)/python -m benchmarks.tiled_vae --quick --out $$out && \
 	$(BIN)/python -m benchmarks.sr_throughput --quick --out $$out && \
@@ -58,6 +59,7 @@ test-oldest: $(OLD_STAMP)
 bench-train-step-gpu: $(STAMP)
 	$(BIN)/python -m benchmarks.train_step --config sd3-medium --device cuda --dtype bf16 --repeats 5
 	$(BIN)/python -m benchmarks.train_step --config sd3-medium --device cuda --dtype bf16 --repeats 5 --checkpointing
+	$(BIN)/python -m benchmarks.train_step_flux --config flux-dev --device cuda --dtype bf16 --repeats 5 --checkpointing
 
 test: lint bench-quick test-oldest
 	$(BIN)/python -m pytest -q

@@ -6,7 +6,10 @@ cannot tell apart. The one-step generator starts at the pseudo-inverse (lost dim
 least-squares answer, off the data manifold). Every run has the same budget (steps, batch, lr,
 seeds, fake-score warm-up) and objective ``recon_weight * MSE(z_hat, z) + reg_weight * L_reg``
 with ``L_reg`` one of SDS (DreamFusion Eq. 3), VSD (TSD-SR Eq. 3), TSM (Eq. 4), TSD (Eq. 5) and
-TSD with DASM (Sec. 3.4, Alg. 1), all with sigma^2 weighting. TSM and TSD take their differences
+TSD with DASM (Sec. 3.4, Alg. 1), all with sigma^2 weighting, and DMD (Yin et al. 2024, Eqs. 7-8:
+x0-space VSD, per-sample normalised, no time weighting) and CSD (Yu et al. 2023: the exact
+conditional teacher's classifier score, ``T(lq) - T(null)``; exact teacher only, as the learned
+teacher is unconditional). TSM and TSD take their differences
 either in flow-velocity space (the release) or in epsilon space (the paper's Eq. 4); SDS and VSD
 use flow space (for them the two spaces differ only by a 1/alpha time weighting). Each loss is
 trained against the exact analytic teacher and against a learned MLP teacher fitted to HQ samples.
@@ -44,7 +47,10 @@ from benchmarks.toy_metrics import (
     train_learned_teacher,
 )
 from scoredistill import (
+    CFG,
+    CSDLoss,
     DASMSampler,
+    DMDLoss,
     ScoreDistillationLoss,
     ScoreModel,
     SDSLoss,
@@ -52,7 +58,7 @@ from scoredistill import (
     TSMLoss,
     VSDLoss,
 )
-from scoredistill.toy import ToySR, ToyTrainer, evaluate
+from scoredistill.toy import ToyPosterior, ToySR, ToyTrainer, evaluate
 
 LOSSES: dict[str, ScoreDistillationLoss | None] = {
     "recon only": None,
@@ -64,7 +70,10 @@ LOSSES: dict[str, ScoreDistillationLoss | None] = {
     "+ TSD (eps)": TSDLoss(space="epsilon"),
     "+ TSD+DASM (flow)": TSDLoss(dasm=DASMSampler()),
     "+ TSD+DASM (eps)": TSDLoss(space="epsilon", dasm=DASMSampler()),
+    "+ DMD": DMDLoss(),
 }
+# Losses that need the exact conditional teacher (`ToyPosterior`): run with the exact teacher only.
+CONDITIONAL_LOSSES: dict[str, ScoreDistillationLoss] = {"+ CSD": CSDLoss()}
 METRICS = ("nll", "sliced_w2", "mse")
 DOCS_ASSETS = Path(__file__).resolve().parents[1] / "docs" / "assets" / "benchmarks"
 
@@ -99,9 +108,16 @@ def run_one(warm: ToyTrainer, loss: ScoreDistillationLoss | None, teacher: Score
 
     ``evaluate_fn(generator) -> metrics`` defaults to the toy problem's :func:`evaluate`.
     """
+    role: dict[str, Any] = {"teacher": teacher}
+    if isinstance(loss, CSDLoss):
+        # CSD distills the exact conditional teacher's classifier score (CFG scale 1, Yu et al.;
+        # ToySR only); the probes keep measuring the unconditional teacher.
+        null = torch.zeros(1, warm.problem.lq_dim + 1)
+        role = {"teacher": CFG(ToyPosterior(warm.problem), 1.0, null),
+                "condition": warm.problem.cond}
     tr = ToyTrainer(warm.problem, loss, recon_weight=budget.recon_weight if loss else 1.0,
                  reg_weight=budget.reg_weight, batch=budget.batch, lr=budget.lr,
-                 fake_lr=budget.fake_lr, seed=warm.seed, teacher=teacher, hidden=warm.hidden)
+                 fake_lr=budget.fake_lr, seed=warm.seed, hidden=warm.hidden, **role)
     # Same generator init (same seed), fake score and data stream for every loss.
     tr.fake.load_state_dict(warm.fake.state_dict())
     tr.fake_opt.load_state_dict(warm.fake_opt.state_dict())
@@ -192,7 +208,8 @@ def check(rows: list[dict[str, Any]]) -> None:
 # The paper's questions as pairs (A, B): does TSD beat VSD, does DASM help, which space for TSM.
 COMPARISONS = (("+ TSD (flow)", "+ VSD"), ("+ TSD (eps)", "+ VSD"),
                ("+ TSD (eps)", "+ TSD (flow)"), ("+ TSM (eps)", "+ TSM (flow)"),
-               ("+ TSD+DASM (flow)", "+ TSD (flow)"), ("+ TSD+DASM (eps)", "+ TSD (eps)"))
+               ("+ TSD+DASM (flow)", "+ TSD (flow)"), ("+ TSD+DASM (eps)", "+ TSD (eps)"),
+               ("+ DMD", "+ VSD"))  # VSD's direction in x0 space, per-sample normalised
 
 
 def paired_tests(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -230,7 +247,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                        seed=seed)
         warm.warm_up_fake(budget.fake_warmup)
         for teacher_name, teacher in (("exact", problem.teacher), ("learned", learned)):
-            for name, loss in LOSSES.items():
+            extra = CONDITIONAL_LOSSES if teacher_name == "exact" else {}
+            for name, loss in {**LOSSES, **extra}.items():
                 run = run_one(warm, loss, teacher, probe, budget)
                 runs.setdefault((teacher_name, name), []).append(run)
         print(f"seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)

@@ -136,8 +136,9 @@ def save_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     width = 0.4
     for ax, metric in zip(axes[0], METRIC_LABELS, strict=True):
         for j, (teacher, color) in enumerate(TEACHER_COLORS.items()):
-            mu = [by[teacher, n][f"{metric}_mean"] for n in losses]
-            sd = [by[teacher, n][f"{metric}_std"] for n in losses]
+            # A loss without a row for this teacher (CSD: exact only) gets no bar.
+            mu = [by.get((teacher, n), {}).get(f"{metric}_mean", math.nan) for n in losses]
+            sd = [by.get((teacher, n), {}).get(f"{metric}_std", math.nan) for n in losses]
             xs = [i + (j - 0.5) * width for i in range(len(losses))]
             ax.bar(xs, mu, width, yerr=sd, capsize=3, color=color, label=f"{teacher} teacher")
         ax.set_xticks(range(len(losses)), losses, rotation=40, ha="right", fontsize=9)

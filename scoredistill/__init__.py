@@ -13,19 +13,22 @@ from .losses.distill import (
     VSDLoss,
     trajectory_directions,
 )
+from .losses.matching import CSDLoss, DMDLoss
 from .losses.surrogate import surrogate_loss
-from .losses.weighting import distill_weighting, sd3_loss_weight
+from .losses.weighting import distill_weighting, dmd_normalizer, sample_weighting, sd3_loss_weight
 from .one_step import one_step
 from .parametrization import convert, ddim_step, from_x0_eps, to_x0_eps
 from .protocols import Cond, NoiseSchedule, Prediction, ScoreModel
 from .samplers.dasm import DASMSampler
 from .samplers.timesteps import IndexSampler, LogitNormalIndex, ModeIndex, UniformIndex
-from .schedules import RectifiedFlow, VariancePreserving, index_alpha_sigma
+from .schedules import RectifiedFlow, VariancePreserving, index_alpha_sigma, resolution_shift
 
 __all__ = [
     "CFG",
+    "CSDLoss",
     "Cond",
     "DASMSampler",
+    "DMDLoss",
     "DiffusionLoss",
     "DiffusionOutput",
     "DistillOutput",
@@ -48,10 +51,13 @@ __all__ = [
     "convert",
     "ddim_step",
     "distill_weighting",
+    "dmd_normalizer",
     "from_x0_eps",
     "index_alpha_sigma",
     "one_step",
     "predict_batched",
+    "resolution_shift",
+    "sample_weighting",
     "sd3_loss_weight",
     "surrogate_loss",
     "to_x0_eps",

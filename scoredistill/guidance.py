@@ -59,11 +59,11 @@ class CFG:
         null = expand_cond(self.null_cond, x_t.shape[0], "null_cond")
         call = (self.model, torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond([cond, null]))
 
-        def combine(preds: list[Tensor]) -> Tensor:
-            pred_cond, pred_null = preds[0].chunk(2)
-            return pred_null + self.scale * (pred_cond - pred_null)
+        return [call], lambda preds: self.guide(*preds[0].chunk(2))
 
-        return [call], combine
+    def guide(self, pred_cond: Tensor, pred_null: Tensor) -> Tensor:
+        """``pred_null + scale * (pred_cond - pred_null)`` for the two branches' predictions."""
+        return pred_null + self.scale * (pred_cond - pred_null)
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Guided prediction; ``x_t`` (B, ...), ``t`` (B,), ``cond`` batch B."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,24 @@ class RectifiedFlow:
         """``(1 - sigma, sigma)`` with ``sigma = t / N``."""
         sigma = t.float() / self.num_steps
         return 1.0 - sigma, sigma
+
+
+def resolution_shift(image_seq_len: int, *, base_seq_len: int = 256, max_seq_len: int = 4096,
+                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """FLUX's resolution-dependent shift ``exp(mu)``, ``mu`` linear in the image token count.
+
+    ``mu`` interpolates ``base_shift`` at ``base_seq_len`` tokens and ``max_shift`` at
+    ``max_seq_len`` (diffusers' ``FluxPipeline``: ``calculate_shift``; the defaults are FLUX.1's
+    scheduler config). The scheduler's exponential ``time_shift(mu, 1, s)`` is
+    ``e^mu s / (1 + (e^mu - 1) s)``, SD3's shift formula with ``shift = e^mu``, so
+    ``RectifiedFlow(shift=resolution_shift(n))`` is FLUX's table for ``n`` image tokens
+    (1024 px FLUX.1: 4096 tokens, shift ``e^1.15 = 3.16``).
+    """
+    if image_seq_len < 1 or max_seq_len <= base_seq_len:
+        raise ValueError(f"need image_seq_len >= 1 and max_seq_len > base_seq_len, got "
+                         f"{image_seq_len}, {base_seq_len}, {max_seq_len}")
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return math.exp(base_shift + slope * (image_seq_len - base_seq_len))
 
 
 def _scaled_linear_betas(n: int) -> Tensor:

@@ -246,7 +246,7 @@ def train(config: TrainConfig) -> Path:
             generator = torch.Generator(device).manual_seed(derive_seed(config.seed, step, rank,
                                                                         2))
             logs = train_step(accelerator, models, losses, config, batch, prompts, student, fake,
-                              generator)
+                              generator, step % config.fake_updates_per_generator == 0)
             for name in skipped:
                 if logs[f"skipped/{name}"]:
                     skipped[name] += 1
@@ -258,8 +258,8 @@ def train(config: TrainConfig) -> Path:
                              "lr/fake": fake.scheduler.get_last_lr()[0],
                              **{f"skipped_total/{k}": v for k, v in skipped.items()}})
                 accelerator.log(logs, step=done)
-                bar.set_postfix(loss=f"{logs['loss/generator']:.4f}",
-                                fake=f"{logs['loss/fake']:.4f}")
+                bar.set_postfix({k[5:]: f"{logs[k]:.4f}"
+                                 for k in ("loss/generator", "loss/fake") if k in logs})
             saved = done % config.checkpoint_every == 0 or done == config.max_steps
             if saved:
                 save(done)

@@ -1,8 +1,7 @@
 """Backbones as ScoreModels, and LoRA roles on one shared backbone (diffusers/peft, lazily)."""
 
+from .flux import FluxScoreModel
 from .lora import (
-    ATTENTION_TARGETS,
-    STUDENT_TARGETS,
     LoraRoles,
     add_vae_lora,
     lora_config,
@@ -21,15 +20,29 @@ from .lora_io import (
 from .module import ModuleScoreModel
 from .sd3 import SD3ScoreModel
 from .shared import BASE, AdapterRole, SharedBackbone
-from .unet import UNetScoreModel
+from .targets import (
+    ATTENTION_TARGETS,
+    FLUX_TARGETS,
+    SD3_TARGETS,
+    STUDENT_TARGETS,
+    UNET_TARGETS,
+    LoraTargets,
+)
+from .unet import SDXL_KEYS, UNetScoreModel
 
 __all__ = [
     "ATTENTION_TARGETS",
     "BASE",
+    "FLUX_TARGETS",
     "RELEASED_FILES",
+    "SD3_TARGETS",
+    "SDXL_KEYS",
     "STUDENT_TARGETS",
+    "UNET_TARGETS",
     "AdapterRole",
+    "FluxScoreModel",
     "LoraRoles",
+    "LoraTargets",
     "ModuleScoreModel",
     "SD3ScoreModel",
     "SharedBackbone",

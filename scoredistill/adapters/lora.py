@@ -1,8 +1,7 @@
-"""TSD-SR's LoRA roles on one shared SD3 transformer, and the VAE encoder's LoRA.
+"""LoRA roles (student, teacher, fake score) on one shared backbone, and the VAE encoder's LoRA.
 
-Module lists and ranks follow the TSD-SR release: the student (one-step generator) adapts
-attention, the patch embedding, the AdaLN ``linear`` and ``proj_out`` at rank 64 (alpha 64,
-Gaussian init); the fake score ("LoRA model") adapts the attention projections at rank 64; the
+Ranks follow the TSD-SR release: rank 64, alpha 64, Gaussian init, for both adapters; the module
+lists are the backbone family's `LoraTargets` (SD3: TSD-SR's; FLUX, UNets: `targets`). The
 teacher is the base, optionally with a teacher LoRA fine-tuned beforehand.
 """
 
@@ -18,15 +17,10 @@ from torch import nn
 from ..protocols import ScoreModel
 from .lora_io import add_lora, load_lora, lora_state_dict
 from .shared import AdapterRole, SharedBackbone
+from .targets import LoraTargets
 
 if TYPE_CHECKING:
     from peft import LoraConfig
-
-ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")
-"""The fake score's LoRA modules (and the release's teacher LoRA)."""
-
-STUDENT_TARGETS = (*ATTENTION_TARGETS, "proj", "linear", "proj_out")
-"""The student's LoRA modules: attention, patch embedding, AdaLN modulation, output projection."""
 
 
 def lora_config(targets: Sequence[str], rank: int = 64, alpha: float | None = None) -> LoraConfig:
@@ -53,8 +47,9 @@ def lora_roles(
 ) -> LoraRoles:
     """Add the student and fake-score adapters (and a teacher LoRA file) to ``base.module``.
 
-    ``student``/``fake`` default to TSD-SR's configs (rank 64 on `STUDENT_TARGETS` /
-    `ATTENTION_TARGETS`), an adapter of that name already on the module is kept;
+    ``student``/``fake`` default to rank 64 on the family's ``base.lora_targets`` (SD3: TSD-SR's
+    `STUDENT_TARGETS` / `ATTENTION_TARGETS`; `FLUX_TARGETS`; `UNET_TARGETS`); an adapter of that
+    name already on the module is kept;
     ``student_lora`` starts the student from a LoRA file (e.g. the
     release's ``transformer.safetensors``). The base weights and the teacher LoRA are frozen.
 
@@ -68,10 +63,14 @@ def lora_roles(
     """
     module: nn.Module = base.module  # type: ignore[attr-defined]
     module.requires_grad_(False)
-    for adapter, config in (("student", student or lora_config(STUDENT_TARGETS)),
-                            ("fake", fake or lora_config(ATTENTION_TARGETS))):
+    targets: LoraTargets | None = getattr(base, "lora_targets", None)
+    if targets is None and (student is None or fake is None):
+        raise ValueError(f"{type(base).__name__} has no default LoRA targets: pass student= and "
+                         "fake= as lora_config([...module names...])")
+    for adapter, config, default in (("student", student, targets and targets.student),
+                                     ("fake", fake, targets and targets.fake)):
         if not lora_state_dict(module, adapter):  # kept if already there (e.g. loaded)
-            add_lora(module, config, adapter)
+            add_lora(module, config or lora_config(default), adapter)
     if student_lora is not None:
         load_lora(student_lora, module, "student")
     if teacher_lora is not None:

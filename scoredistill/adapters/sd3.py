@@ -11,6 +11,7 @@ from torch import Tensor
 from ..protocols import Cond, Prediction
 from ..schedules import RectifiedFlow
 from .module import cast_cond, weights_dtype
+from .targets import SD3_TARGETS, LoraTargets
 
 if TYPE_CHECKING:
     from diffusers import SD3Transformer2DModel
@@ -46,6 +47,7 @@ class SD3ScoreModel:
     module: SD3Transformer2DModel
     schedule: RectifiedFlow = field(default_factory=lambda: RectifiedFlow(shift=3.0))
     prediction: ClassVar[Prediction] = "flow"
+    lora_targets: ClassVar[LoraTargets] = SD3_TARGETS
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Velocity (B, C, H, W) float32 for latents ``x_t`` (B, C, H, W) at ``t`` (B,)."""

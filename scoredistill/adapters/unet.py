@@ -1,10 +1,10 @@
-"""A diffusers ``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x) as a VP ScoreModel."""
+"""A diffusers ``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x, SDXL) as a VP ScoreModel."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
@@ -12,9 +12,26 @@ from ..parametrization import check_prediction
 from ..protocols import Cond, Prediction
 from ..schedules import VariancePreserving
 from .module import cast_cond, weights_dtype
+from .targets import UNET_TARGETS, LoraTargets
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
+
+SDXL_KEYS = ("encoder_hidden_states", "text_embeds", "time_ids")
+"""SDXL's condition: embeddings (B, L, 2048), pooled text embeds (B, 1280) and the six size/crop
+``time_ids`` (B, 6) of its ``text_time`` added conditioning."""
+
+
+def unet_cond(cond: Cond) -> tuple[Tensor, dict[str, Tensor] | None]:
+    """``(encoder_hidden_states, added_cond_kwargs)`` from a tensor (SD 1.x/2.x) or an SDXL dict."""
+    if isinstance(cond, Tensor):
+        return cond, None
+    if isinstance(cond, Mapping) and set(cond) == set(SDXL_KEYS):
+        return cond["encoder_hidden_states"], {"text_embeds": cond["text_embeds"],
+                                               "time_ids": cond["time_ids"]}
+    raise ValueError("UNet conditioning must be encoder_hidden_states (B, L, D) or, for SDXL, "
+                     f"a dict with exactly the keys {SDXL_KEYS}")
+
 
 _PREDICTION_TYPES: dict[str, Prediction] = {"epsilon": "epsilon", "v_prediction": "v",
                                              "sample": "x0"}
@@ -25,15 +42,20 @@ class UNetScoreModel:
     """A UNet predicting epsilon, v (Salimans & Ho 2022) or x0 on DDPM's VP schedule.
 
     ``t`` (B,) is the integer training step as float; ``cond`` is ``encoder_hidden_states``
-    (B, L, D). Inputs are cast to the weights' dtype, the output (B, C, H, W) is float32.
+    (B, L, D), or for SDXL (``addition_embed_type="text_time"``) the dict of `SDXL_KEYS`
+    passed on as ``added_cond_kwargs``. Inputs are cast to the weights' dtype, the output
+    (B, C, H, W) is float32.
 
     Example:
         >>> model = UNetScoreModel.from_scheduler_config(unet, scheduler)
+        >>> eps = model(x_t, t, {"encoder_hidden_states": e, "text_embeds": p,
+        ...                      "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * B)})
     """
 
     module: UNet2DConditionModel
     prediction: Prediction = "epsilon"
     schedule: VariancePreserving = field(default_factory=VariancePreserving)
+    lora_targets: ClassVar[LoraTargets] = UNET_TARGETS
 
     def __post_init__(self) -> None:
         check_prediction(self.prediction)
@@ -57,6 +79,7 @@ class UNetScoreModel:
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Prediction (B, C, H, W) float32 for ``x_t`` (B, C, H, W) at steps ``t`` (B,)."""
         dtype = weights_dtype(self.module)
-        out = self.module(x_t.to(dtype), t.float(), encoder_hidden_states=cast_cond(cond, dtype),
-                          return_dict=False)[0]
+        states, added = unet_cond(cast_cond(cond, dtype))
+        out = self.module(x_t.to(dtype), t.float(), encoder_hidden_states=states,
+                          added_cond_kwargs=added, return_dict=False)[0]
         return out.float()

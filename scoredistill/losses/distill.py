@@ -1,4 +1,4 @@
-"""SDS, VSD, TSM and TSD as direction terms that mix linearly and share model evaluations."""
+"""SDS, VSD, TSM, TSD and CSD as direction terms that mix linearly and share model evaluations."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 
 from ..batching import predict_batched
+from ..conditioning import expand_cond
+from ..guidance import CFG
 from ..parametrization import (
     check_alpha_nonzero,
     check_prediction,
@@ -16,16 +18,17 @@ from ..parametrization import (
     ddim_step,
     expand_like,
     from_x0_eps,
+    to_x0_eps,
 )
-from ..protocols import Cond, Prediction, ScoreModel
+from ..protocols import Call, Cond, Prediction, ScoreModel
 from ..samplers.dasm import DASMSampler
 from ..samplers.timesteps import IndexSampler, UniformIndex
 from ..schedules import index_alpha_sigma
 from .surrogate import surrogate_loss
 from .validation import check_all_finite, check_inputs
-from .weighting import Weighting, distill_weighting
+from .weighting import SampleWeighting, Weighting, distill_weighting, sample_weighting
 
-Term = Literal["sds", "vsd", "tsm"]
+Term = Literal["sds", "vsd", "tsm", "csd"]
 
 
 @dataclass(frozen=True)
@@ -46,20 +49,33 @@ class DistillOutput:
     sigmas: Tensor
 
 
+def _teacher_calls(teacher: ScoreModel, x_t: Tensor, t: Tensor, cond: Cond, null: Cond,
+                   csd: bool) -> list[Call]:
+    # CSD needs the CFG teacher's two branches: request them as calls of the inner model (fused
+    # into the same backbone call as everything else) and guide them here, instead of paying the
+    # guided call and the null branch separately.
+    if not csd:
+        return [(teacher, x_t, t, cond)]
+    return [(teacher.model, x_t, t, cond), (teacher.model, x_t, t, null)]  # type: ignore[attr-defined]
+
+
 @torch.no_grad()
 def trajectory_directions(
     teacher: ScoreModel, fake: ScoreModel | None, z_hat: Tensor, z: Tensor | None, cond: Cond,
     noise: Tensor, points: Tensor, point_weights: Tensor, terms: tuple[Term, ...],
-    space: Prediction, weighting: Weighting,
+    space: Prediction, weighting: Weighting, per_sample: SampleWeighting | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor]:
     """Accumulate the direction terms along the DASM trajectory (TSD-SR Alg. 1, lines 11-23).
 
     At each point k (noise level ``sigma_k``) with ``T = teacher``, ``F = fake``:
     ``sds = T(z_hat_t) - target(z_hat, noise)`` (DreamFusion Eq. 3),
-    ``vsd = T(z_hat_t) - F(z_hat_t)`` (Eq. 3), ``tsm = T(z_hat_t) - T(z_t)`` (Eq. 4), each in the
-    ``space`` parametrisation (sign-flipped in x0 space so descent moves toward the teacher) and
-    multiplied by ``point_weight_k * w(t_k)``. Between points ``z_hat_t`` moves along ``F`` and
-    ``z_t`` along ``T`` (Eq. 6). Teacher calls on ``z_hat_t`` and ``z_t`` are one batched call.
+    ``vsd = T(z_hat_t) - F(z_hat_t)`` (Eq. 3), ``tsm = T(z_hat_t) - T(z_t)`` (Eq. 4),
+    ``csd = T(z_hat_t) - T_null(z_hat_t)`` with ``T = CFG(T_model, w, null)``, i.e.
+    ``w (T_model(cond) - T_model(null))`` (Yu et al. 2023, Eq. 7), each in the ``space``
+    parametrisation (sign-flipped in x0 space so descent moves toward the teacher) and multiplied
+    by ``point_weight_k * w(t_k)`` and, if given, ``per_sample(z_hat, x0 of T(z_hat_t))`` (DMD).
+    Between points ``z_hat_t`` moves along ``F`` and ``z_t`` along ``T`` (Eq. 6). All model calls
+    of a point are one batched call (`predict_batched`).
 
     Shapes: ``z_hat``, ``z``, ``noise`` (B, ...); ``points`` (B, N); ``point_weights`` (N,).
     Returns per-term gradients (B, ...), per-term norms (B, N), timesteps and sigmas (B, N).
@@ -72,6 +88,8 @@ def trajectory_directions(
         check_alpha_nonzero(a_all, "score distillation")
     w_all = weighting(a_all, s_all) * point_weights[None]
     sign = -1.0 if space == "x0" else 1.0
+    csd = "csd" in terms
+    null = expand_cond(teacher.null_cond, z_hat.shape[0], "null_cond") if csd else None  # type: ignore[attr-defined]
 
     a, s = expand_like(a_all[:, 0], z_hat), expand_like(s_all[:, 0], z_hat)
     zh_t = a * z_hat + s * noise
@@ -81,13 +99,14 @@ def trajectory_directions(
     for k in range(n_points):
         t = t_all[:, k]
         a, s = expand_like(a_all[:, k], z_hat), expand_like(s_all[:, k], z_hat)
-        calls = [(teacher, zh_t, t, cond)]
+        calls = _teacher_calls(teacher, zh_t, t, cond, null, csd)
         if z_t is not None:
             calls.append((teacher, z_t, t, cond))
         if fake is not None:
             calls.append((fake, zh_t, t, cond))
         preds = [p.float() for p in predict_batched(calls)]
-        t_hat = preds[0]
+        t_null = preds.pop(1) if csd else None
+        t_hat = teacher.guide(preds[0], t_null) if csd else preds[0]  # type: ignore[attr-defined]
         f_hat = preds[-1] if fake is not None else None
         t_hq = preds[1] if z_t is not None else None
 
@@ -102,7 +121,12 @@ def trajectory_directions(
             diffs["vsd"] = teacher_hat - in_space(f_hat, fake, zh_t)
         if "tsm" in terms:
             diffs["tsm"] = teacher_hat - in_space(t_hq, teacher, z_t)
-        w = sign * expand_like(w_all[:, k], z_hat)
+        if csd:
+            diffs["csd"] = teacher_hat - in_space(t_null, teacher, zh_t)
+        w = w_all[:, k]
+        if per_sample is not None:
+            w = w * per_sample(z_hat, to_x0_eps(t_hat, teacher.prediction, zh_t, a, s)[0])
+        w = sign * expand_like(w, z_hat)
         for term, diff in diffs.items():
             contrib = w * diff
             grads[term] += contrib
@@ -124,12 +148,15 @@ class ScoreDistillationLoss:
     Fields: ``time_weighting`` w(t) by name ("sigma2", "sigma", "uniform") or
     ``(alpha, sigma) -> (B,)``;
     ``space`` the parametrisation the differences are taken in (default: the teacher's own, so
-    SD3 gets the TSD-SR release's sigma^2-weighted velocity differences); ``index_sampler`` the
-    per-sample start index; ``dasm`` the trajectory (None: one point); ``check_finite`` raise on
-    non-finite inputs (ValueError) or model outputs (FloatingPointError), one host sync per call.
+    SD3 gets the TSD-SR release's sigma^2-weighted velocity differences); ``sample_weighting``
+    a per-sample factor that needs the sample, by name ("dmd": `dmd_normalizer`) or
+    ``(z_hat, teacher_x0) -> (B,)``, None for none; ``index_sampler`` the per-sample start index;
+    ``dasm`` the trajectory (None: one point); ``check_finite`` raise on non-finite inputs
+    (ValueError) or model outputs (FloatingPointError), one host sync per call.
     """
 
     time_weighting: str | Weighting = "sigma2"
+    sample_weighting: str | SampleWeighting | None = None
     space: Prediction | None = None
     index_sampler: IndexSampler = field(default_factory=UniformIndex)
     dasm: DASMSampler | None = None
@@ -161,6 +188,9 @@ class ScoreDistillationLoss:
         if needs_fake and fake is None:
             raise ValueError(f"{type(self).__name__} needs a fake-score model `fake` "
                              + ("(VSD term)" if "vsd" in terms else "to move z_hat_t along DASM"))
+        if "csd" in terms and not isinstance(teacher, CFG):
+            raise ValueError(f"{type(self).__name__} needs teacher=CFG(model, scale, null_cond): "
+                             "the CSD direction is model(cond) - model(null) (scale 1: Yu et al.)")
         if "tsm" in terms and z is None:
             raise ValueError(f"{type(self).__name__} needs the target latent `z` (TSM term)")
         schedule = teacher.schedule
@@ -187,7 +217,8 @@ class ScoreDistillationLoss:
         grads, norms, timesteps, sigmas = trajectory_directions(
             teacher, fake if needs_fake else None, z_hat.detach().float(),
             None if z is None else z.float(), cond, noise.float(), points, point_weights, terms,
-            space, distill_weighting(self.time_weighting))
+            space, distill_weighting(self.time_weighting),
+            None if self.sample_weighting is None else sample_weighting(self.sample_weighting))
         if self.check_finite:
             check_all_finite({"z_hat": z_hat, "noise": noise, "z": z},
                          {f"the {term} direction": grads[term] for term in terms},

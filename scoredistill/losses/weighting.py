@@ -28,6 +28,33 @@ def distill_weighting(name: str | Weighting) -> Weighting:
     return DISTILL_WEIGHTINGS[name]
 
 
+SampleWeighting = Callable[[Tensor, Tensor], Tensor]
+"""``(z_hat (B, ...), teacher_x0 (B, ...)) -> (B,)``: a weight that needs the sample itself."""
+
+
+def dmd_normalizer(z_hat: Tensor, teacher_x0: Tensor) -> Tensor:
+    """``1 / mean |z_hat - teacher_x0|`` per sample (DMD, Yin et al. CVPR 2024, Eq. 8).
+
+    Eq. 8's ``w_t = sigma_t^2 / alpha_t * CS / ||mu_real(x_t, t) - x||_1`` cancels the score's
+    ``alpha_t / sigma_t^2``, leaving this factor on the x0-space difference. ``teacher_x0`` is the
+    (guided) teacher's x0 at the noisy sample. Shapes: (B, ...) -> (B,).
+    """
+    return 1.0 / (z_hat - teacher_x0).abs().flatten(1).mean(dim=1)
+
+
+SAMPLE_WEIGHTINGS: dict[str, SampleWeighting] = {"dmd": dmd_normalizer}
+
+
+def sample_weighting(name: str | SampleWeighting) -> SampleWeighting:
+    """Look up a per-sample weighting by name ("dmd"), or pass a callable through."""
+    if callable(name):
+        return name
+    if name not in SAMPLE_WEIGHTINGS:
+        raise ValueError(f"unknown sample weighting {name!r}; expected one of "
+                         f"{sorted(SAMPLE_WEIGHTINGS)} or a callable (z_hat, teacher_x0) -> (B,)")
+    return SAMPLE_WEIGHTINGS[name]
+
+
 def sd3_loss_weight(scheme: str, sigma: Tensor) -> Tensor:
     """SD3's diffusion-loss weighting (Esser et al. 2024, Sec. 3.1): none, sigma_sqrt, cosmap.
 

@@ -1,4 +1,4 @@
-"""The ScoreModel contract, checked alike for every adapter (module, SD3, UNet, LoRA roles)."""
+"""The ScoreModel contract, checked alike for every adapter (module, every family, LoRA roles)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tiny_models import (
-    LATENT,
-    randomize_lora,
-    sd3_cond,
-    small_config,
-    tiny_sd3_transformer,
-    tiny_unet,
-)
+from families import FAMILIES, Family
+from tiny_models import sd3_cond
 from torch import nn
 
 from scoredistill import CFG, ScoreModel, VariancePreserving
-from scoredistill.adapters import ModuleScoreModel, SD3ScoreModel, UNetScoreModel, lora_roles
+from scoredistill.adapters import ModuleScoreModel
 from scoredistill.conditioning import expand_cond
 from scoredistill.parametrization import expand_like, from_x0_eps, to_x0_eps
 
@@ -45,14 +39,14 @@ class Case:
     cond: Callable[[int, int], object]
 
 
-def _role(name: str) -> Callable[[torch.dtype], ScoreModel]:
+def _plain(family: Family) -> Callable[[torch.dtype], ScoreModel]:
+    return lambda dtype: family.wrap(family.module().to(dtype))
+
+
+def _role(family: Family, name: str) -> Callable[[torch.dtype], ScoreModel]:
     def build(dtype: torch.dtype) -> ScoreModel:
-        module = tiny_sd3_transformer()
-        roles = lora_roles(SD3ScoreModel(module), student=small_config("student"),
-                           fake=small_config("fake"))
-        randomize_lora(module, "student", seed=2)
-        randomize_lora(module, "fake", seed=3)
-        module.to(dtype)
+        roles = family.roles()
+        roles.backbone.module.to(dtype)
         return getattr(roles, name)
 
     return build
@@ -63,11 +57,6 @@ def _module(dtype: torch.dtype) -> ScoreModel:
     return ModuleScoreModel(TinyDenoiser().to(dtype), "epsilon", VariancePreserving())
 
 
-def _unet(dtype: torch.dtype) -> ScoreModel:
-    config = {"prediction_type": "v_prediction"}
-    return UNetScoreModel.from_scheduler_config(tiny_unet().to(dtype), config)
-
-
 def _cond(*shape: int) -> Callable[[int, int], torch.Tensor]:
     return lambda batch, seed: torch.randn(batch, *shape,
                                            generator=torch.Generator().manual_seed(seed))
@@ -75,9 +64,13 @@ def _cond(*shape: int) -> Callable[[int, int], torch.Tensor]:
 
 CASES = {
     "module": Case(_module, (4, 8, 8), _cond(4)),
-    "sd3": Case(lambda dtype: SD3ScoreModel(tiny_sd3_transformer().to(dtype)), LATENT, sd3_cond),
-    "unet": Case(_unet, (4, 8, 8), _cond(3, 8)),
-    **{f"lora-{r}": Case(_role(r), LATENT, sd3_cond) for r in ("student", "teacher", "fake")},
+    **{name: Case(_plain(f), f.shape, f.cond) for name, f in FAMILIES.items()},
+    # Every role on SD3; the student (the widest target list, convs on UNets) on every family.
+    **{f"lora-sd3-{r}": Case(_role(FAMILIES["sd3"], r), FAMILIES["sd3"].shape, sd3_cond)
+       for r in ("teacher", "fake")},
+    **{f"lora-{name}-student": Case(_role(FAMILIES[name], "student"), FAMILIES[name].shape,
+                                    FAMILIES[name].cond)
+       for name in ("sd3", "sd35", "flux-dev", "sdxl", "sd2")},
 }
 
 

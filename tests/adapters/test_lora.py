@@ -1,4 +1,7 @@
-"""LoRA roles on one shared backbone vs one deep copy of the base per role (the reference)."""
+"""LoRA roles on one shared SD3 backbone: pinning under checkpointing, fusion, freezing, files.
+
+Gradients equal to one copy of the base per role are checked for every family in
+``test_families.py``."""
 
 from __future__ import annotations
 
@@ -7,94 +10,19 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from families import CallCounter
 from tiny_models import LATENT, sd3_cond, small_config, tiny_sd3_transformer
 
-from scoredistill import CFG, DASMSampler, DiffusionLoss, TSDLoss, predict_batched
-from scoredistill.adapters import SD3ScoreModel, SharedBackbone, add_lora, lora_state_dict
+from scoredistill import CFG, predict_batched
+from scoredistill.adapters import SD3ScoreModel, SharedBackbone, lora_state_dict
 
 B = 2
-
-
-class CallCounter:
-    """Counts backbone forward calls (and, optionally, calls of its first block)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.calls = 0
-        self.block_calls = 0
-        module.register_forward_pre_hook(lambda *_: self._count("calls"))
-        blocks = getattr(module, "transformer_blocks", None)
-        if blocks is not None:
-            blocks[0].register_forward_pre_hook(lambda *_: self._count("block_calls"))
-
-    def _count(self, what: str) -> None:
-        setattr(self, what, getattr(self, what) + 1)
-
-
-def single_role_copy(roles, adapter: str | None) -> SD3ScoreModel:
-    """A fresh copy of the base transformer carrying only ``adapter`` (the release's layout)."""
-    module = tiny_sd3_transformer()
-    module.requires_grad_(False)
-    if adapter is not None:
-        add_lora(module, small_config(adapter), adapter)
-        with torch.no_grad():
-            shared = lora_state_dict(roles.backbone.module, adapter)
-            for key, p in lora_state_dict(module, adapter).items():
-                p.copy_(shared[key])
-    return SD3ScoreModel(module)
 
 
 def data():
     g = torch.Generator().manual_seed(5)
     return (torch.randn(B, *LATENT, generator=g), torch.randn(B, *LATENT, generator=g),
             sd3_cond(B, seed=6), sd3_cond(1, seed=7))
-
-
-def train_step(student, teacher, fake):
-    """Generator loss (TSD + DASM + latent MSE) and fake-score loss; both backward at the end."""
-    z_lq, z, cond, null = data()
-    t = torch.full((B,), 1000.0)
-    z_hat = z_lq - student(z_lq, t, cond)  # sigma(1000) = 1
-    tsd = TSDLoss(dasm=DASMSampler())(z_hat, cond, teacher=CFG(teacher, 7.5, null),
-                                      fake=CFG(fake, 7.5, null), z=z,
-                                      generator=torch.Generator().manual_seed(0))
-    gen_loss = tsd.loss + F.mse_loss(z_hat, z)
-    fake_loss = DiffusionLoss()(z_hat, cond, model=fake,
-                                generator=torch.Generator().manual_seed(1)).loss
-    # Backward after the other forwards: recomputation must not see their adapter selection.
-    gen_loss.backward()
-    fake_loss.backward()
-    return tsd
-
-
-def grads(module, adapter):
-    return {k: p.grad.clone() for k, p in lora_state_dict(module, adapter).items()}
-
-
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_shared_gradients_equal_one_copy_per_role(roles, checkpointing):
-    refs = {a: single_role_copy(roles, a) for a in ("student", "fake", None)}
-    shared_module = roles.backbone.module
-    for m in (shared_module, *(r.module for r in refs.values())):
-        if checkpointing:
-            m.enable_gradient_checkpointing()
-    counter = CallCounter(shared_module)
-    # peft's global active adapter is left on the fake score: the roles must not care.
-    shared_module.set_adapter("fake")
-    out = train_step(roles.student, roles.teacher, roles.fake)
-    ref = train_step(refs["student"], refs[None], refs["fake"])
-    # CFG 7.5 amplifies float32 rounding of the differently batched calls: tolerance per scale.
-    torch.testing.assert_close(out.grad, ref.grad, rtol=1e-4,
-                               atol=1e-4 * ref.grad.abs().max().item())
-    for adapter in ("student", "fake"):
-        got, want = grads(shared_module, adapter), grads(refs[adapter].module, adapter)
-        assert got.keys() == want.keys() and any(g.abs().sum() > 0 for g in got.values())
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=1e-4,
-                                       atol=1e-4 * want[key].abs().max().item())
-    # One student call, one fused call per DASM point, one fake-score call.
-    assert counter.calls == 1 + 4 + 1
-    recomputed = 2 if checkpointing else 0  # student and fake blocks re-run in backward
-    assert counter.block_calls == counter.calls + recomputed
 
 
 def test_recomputation_without_pinning_fails(roles, monkeypatch):

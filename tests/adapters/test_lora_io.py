@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from tiny_models import LATENT, sd3_cond, small_config, tiny_sd3_transformer, tiny_vae
 
 from scoredistill.adapters import (
+    STUDENT_TARGETS,
     SD3ScoreModel,
     add_lora,
     add_vae_lora,
@@ -23,7 +24,6 @@ from scoredistill.adapters import (
     save_lora,
     vae_lora_targets,
 )
-from scoredistill.adapters.lora import STUDENT_TARGETS
 
 
 def released_layout(module: torch.nn.Module, config, seed: int) -> dict[str, torch.Tensor]:

@@ -1,10 +1,10 @@
-"""Tiny offline SD3 / UNet / VAE models (diffusers' own test configs) and helpers."""
+"""Tiny offline SD3 / SD3.5 / FLUX / UNet / SDXL / VAE models (diffusers' test configs), helpers."""
 
 from __future__ import annotations
 
 import torch
 
-from scoredistill.adapters import ATTENTION_TARGETS, STUDENT_TARGETS, lora_config, lora_state_dict
+from scoredistill.adapters import SD3_TARGETS, LoraTargets, lora_config, lora_state_dict
 
 LATENT = (16, 8, 8)
 """Latent shape (C, H, W) of the tiny SD3 transformer in the tests."""
@@ -20,6 +20,42 @@ def tiny_sd3_transformer() -> torch.nn.Module:
         pooled_projection_dim=64, out_channels=16).eval()
 
 
+def tiny_sd35_transformer() -> torch.nn.Module:
+    """SD3.5's additions: RMS qk-norm and a dual-attention (MMDiT-X) first block."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+        pooled_projection_dim=64, out_channels=16, qk_norm="rms_norm",
+        dual_attention_layers=(0,)).eval()
+
+
+FLUX_LATENT = (4, 8, 8)
+"""Latent shape of the tiny FLUX transformer: 4 channels, packed into 16-channel 2x2 patches."""
+
+
+def tiny_flux_transformer(guidance_embeds: bool = True) -> torch.nn.Module:
+    """FLUX.1-dev's layout (double- and single-stream blocks, guidance embedding) in miniature."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=(4, 6, 6), guidance_embeds=guidance_embeds).eval()
+
+
+def flux_cond(batch: int, seed: int = 1, guidance: float | None = 3.5) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    cond = {"prompt_embeds": torch.randn(batch, 5, 32, generator=g),
+            "pooled_projections": torch.randn(batch, 32, generator=g)}
+    if guidance is not None:
+        cond["guidance"] = torch.full((batch,), guidance)
+    return cond
+
+
 def tiny_unet() -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
@@ -29,6 +65,32 @@ def tiny_unet() -> torch.nn.Module:
         out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
         attention_head_dim=2, norm_num_groups=2).eval()
+
+
+def tiny_sdxl_unet() -> torch.nn.Module:
+    """SDXL's ``text_time`` added conditioning: pooled text (8) + 6 time ids x 4 = 32 inputs."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+        attention_head_dim=2, norm_num_groups=2, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=8 + 6 * 4).eval()
+
+
+def sdxl_cond(batch: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).expand(batch, 6)
+    return {"encoder_hidden_states": torch.randn(batch, 5, 8, generator=g),
+            "text_embeds": torch.randn(batch, 8, generator=g),
+            "time_ids": sizes + torch.randint(0, 8, (batch, 6), generator=g)}
+
+
+def unet_cond(batch: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, 8, generator=torch.Generator().manual_seed(seed))
 
 
 def tiny_vae() -> torch.nn.Module:
@@ -50,9 +112,9 @@ def sd3_cond(batch: int, seed: int = 1) -> dict[str, torch.Tensor]:
             "pooled_projections": torch.randn(batch, 64, generator=g)}
 
 
-def small_config(role: str):
-    """TSD-SR's module lists at rank 4, which keeps the tests fast."""
-    return lora_config(STUDENT_TARGETS if role == "student" else ATTENTION_TARGETS, rank=4)
+def small_config(role: str, targets: LoraTargets = SD3_TARGETS):
+    """A family's module lists (default: TSD-SR's on SD3) at rank 4, which keeps tests fast."""
+    return lora_config(targets.student if role == "student" else targets.fake, rank=4)
 
 
 @torch.no_grad()

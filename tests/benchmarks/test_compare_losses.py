@@ -21,7 +21,7 @@ def test_compare_losses_quick_smoke(tmp_path: Path) -> None:
     assert report["machine"]["device"] and math.isfinite(report["runtime_s"])
     rows = report["rows"]
     assert {(r["teacher"], r["loss"]) for r in rows} == {
-        (t, n) for t in ("exact", "learned") for n in LOSSES}
+        (t, n) for t in ("exact", "learned") for n in LOSSES} | {("exact", "+ CSD")}
     for row in rows:
         assert all(c in row for c in COLUMNS), row
         for f in FIELDS:

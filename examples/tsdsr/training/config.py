@@ -64,6 +64,9 @@ class TrainConfig:
     dasm_weights: tuple[float, ...] = (1.0, 0.3, 0.3, 0.3)
     dasm_bias: tuple[int, ...] = (-25, 25)  # half-open [low, high)
     fake_weighting: str = "none"  # SD3 loss weighting of the fake-score loss (no random factor)
+    # DMD2's two-time-scale update (Yin et al. 2024, Sec. 4.1): the generator updates on every
+    # N-th step only, the fake score on every step (DMD2: 5 on ImageNet, 10 on SDXL; TSD-SR: 1).
+    fake_updates_per_generator: int = 1
     # Optimisation (release defaults).
     lr: float = 5e-6
     lr_fake: float = 1e-6
@@ -118,7 +121,8 @@ def _same(names: str, **bounds: Any) -> dict[str, dict[str, Any]]:
 
 BOUNDS: dict[str, dict[str, Any]] = {
     **_same("student_rank fake_rank vae_rank resolution dasm_points dasm_step lr_num_cycles "
-            "max_steps batch_size checkpoint_every validate_every log_every", low=1),
+            "max_steps batch_size checkpoint_every validate_every log_every "
+            "fake_updates_per_generator", low=1),
     **_same("dataloader_workers lpips_weight mse_weight gamma cfg_scale index_low weight_decay "
             "lr_warmup_steps seed checkpoints_keep dasm_weights", low=0),
     **_same("lr lr_fake adam_eps max_grad_norm", low=0, low_open=True),

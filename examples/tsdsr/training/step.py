@@ -53,9 +53,16 @@ def student_forward(models: TSDSRModels, lq: Tensor, default: dict[str, Tensor],
                     generator: torch.Generator | None = None, posterior: Posterior = "sample"
                     ) -> tuple[Tensor, Tensor]:
     """``G_theta``: LQ (B, 3, H, W) in [-1, 1] -> (z_hat (B, 16, H/8, W/8), x_hat (B, 3, H, W))."""
-    z_lq = encode(models.vae, lq, posterior=posterior, generator=generator)
-    z_hat = one_step(models.roles.student, z_lq, expand_cond(default, lq.shape[0]))
+    z_hat = student_latent(models, lq, default, generator, posterior)
     return z_hat, decode(models.vae, z_hat)
+
+
+def student_latent(models: TSDSRModels, lq: Tensor, default: dict[str, Tensor],
+                   generator: torch.Generator | None = None, posterior: Posterior = "sample"
+                   ) -> Tensor:
+    """The student's latent ``z_hat`` (B, 16, H/8, W/8) of LQ (B, 3, H, W) in [-1, 1]."""
+    z_lq = encode(models.vae, lq, posterior=posterior, generator=generator)
+    return one_step(models.roles.student, z_lq, expand_cond(default, lq.shape[0]))
 
 
 def generator_loss(models: TSDSRModels, losses: Losses, config: TrainConfig, batch: dict,
@@ -125,12 +132,22 @@ def apply_update(accelerator: Any, opt: Optimisation, loss: Tensor, max_grad_nor
 
 def train_step(accelerator: Any, models: TSDSRModels, losses: Losses, config: TrainConfig,
                batch: dict, prompts: dict[str, dict[str, Tensor]], student: Optimisation,
-               fake: Optimisation, generator: torch.Generator) -> dict[str, Any]:
-    """Alg. 1 lines 4-31 on one batch; returns the logs with ``skipped/*`` flags (0 or 1)."""
-    with accelerator.autocast():
-        loss, z_hat, logs = generator_loss(models, losses, config, batch, prompts, generator)
-    logs["skipped/generator"] = float(not apply_update(accelerator, student, loss,
-                                                       config.max_grad_norm))
+               fake: Optimisation, generator: torch.Generator, update_generator: bool = True
+               ) -> dict[str, Any]:
+    """Alg. 1 lines 4-31 on one batch; returns the logs with ``skipped/*`` flags (0 or 1).
+
+    ``update_generator=False`` is a fake-score-only step of DMD2's two-time-scale rule: the
+    student only generates ``z_hat`` (no gradient, no decode) for the fake score to fit.
+    """
+    if update_generator:
+        with accelerator.autocast():
+            loss, z_hat, logs = generator_loss(models, losses, config, batch, prompts, generator)
+        logs["skipped/generator"] = float(not apply_update(accelerator, student, loss,
+                                                           config.max_grad_norm))
+    else:
+        with torch.no_grad(), accelerator.autocast():
+            z_hat = student_latent(models, batch["lq"] * 2 - 1, prompts["default"], generator)
+        logs = {"skipped/generator": 0.0}
     cond = {k: batch[k] for k in ("prompt_embeds", "pooled_projections")}
     with accelerator.autocast():
         out = losses.fake(z_hat.detach(), cond, model=models.roles.fake, generator=generator)

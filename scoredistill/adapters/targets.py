@@ -1,0 +1,46 @@
+"""Default LoRA target modules of the student and the fake score, per backbone family.
+
+peft matches a target against a module's full name or its last dotted parts, so ``"linear"``
+covers every AdaLN modulation linear (``norm1.linear``, ``norm1_context.linear``, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LoraTargets:
+    """The student's and the fake score's LoRA target module names for one backbone family."""
+
+    student: tuple[str, ...]
+    fake: tuple[str, ...]
+
+
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")
+"""SD3's attention projections: TSD-SR's fake score (and the release's teacher LoRA)."""
+
+STUDENT_TARGETS = (*ATTENTION_TARGETS, "proj", "linear", "proj_out")
+"""TSD-SR's student on SD3: attention, patch embedding, AdaLN modulation, output projection."""
+
+SD3_TARGETS = LoraTargets(STUDENT_TARGETS, ATTENTION_TARGETS)
+
+FLUX_ATTENTION = (*ATTENTION_TARGETS, "to_add_out")
+FLUX_TARGETS = LoraTargets(
+    student=(*FLUX_ATTENTION,
+             # feed-forward of the double-stream (image and text) and single-stream blocks
+             "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+             "proj_mlp", "proj_out",
+             # AdaLN modulation of both block types and the output norm; patch embedding
+             "linear", "x_embedder"),
+    fake=FLUX_ATTENTION)
+"""FLUX.1: attention, feed-forward and AdaLN linears of both block types for the student;
+attention projections (both streams) for the fake score."""
+
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_TARGETS = LoraTargets(
+    student=(*UNET_ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+             "conv_shortcut", "conv", "conv_in", "conv_out"),
+    fake=UNET_ATTENTION)
+"""SD 1.x/2.x and SDXL UNets: OSEDiff's student modules (attention, transformer projections and
+feed-forward, every ResNet/sampler conv); attention projections for the fake score."""

@@ -1,0 +1,80 @@
+"""DMD (distribution matching) and CSD (classifier score) as configurations of the direction terms.
+
+DMD's direction is VSD's, taken in x0 space and normalised per sample; CSD's is the classifier
+score a CFG teacher adds. Both are terms of the same linear mix as VSD/TSM/TSD, so they share one
+batched model call per point and compose with the other terms and with DASM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..protocols import Prediction
+from ..samplers.timesteps import IndexSampler, UniformIndex
+from .distill import ScoreDistillationLoss, Term
+from .weighting import SampleWeighting, Weighting
+
+
+@dataclass(frozen=True, kw_only=True)
+class DMDLoss(ScoreDistillationLoss):
+    """Distribution Matching Distillation (Yin et al., CVPR 2024, Eqs. 7-8; DMD2 Alg. 1).
+
+    ``grad = scale * (fake_x0(z_hat_t) - teacher_x0(z_hat_t)) / mean|z_hat - teacher_x0|``: the
+    VSD difference in x0 space (Eq. 7's ``s_fake - s_real`` times Eq. 8's ``w_t``, whose
+    ``sigma_t^2 / alpha_t`` cancels the scores' ``alpha_t / sigma_t^2``), with DMD's per-sample
+    normalisation (`dmd_normalizer`) and no time weighting. Indices are drawn in DMD2's
+    ``[0.02, 0.98) * N``. ``scale = 1`` is DMD2's ``0.5 * mse`` surrogate; `osediff` is OSEDiff's
+    exact "VSD" loss. Shapes: ``z_hat`` (B, ...).
+
+    Example:
+        >>> out = DMDLoss()(z_hat, cond, teacher=CFG(roles.teacher, 7.5, null), fake=roles.fake)
+    """
+
+    space: Prediction | None = "x0"
+    time_weighting: str | Weighting = "uniform"
+    sample_weighting: str | SampleWeighting | None = "dmd"
+    index_sampler: IndexSampler = field(default_factory=lambda: UniformIndex(20, 980))
+    scale: float = 1.0
+
+    @classmethod
+    def osediff(cls) -> DMDLoss:
+        """OSEDiff's ``distribution_matching_loss`` (Wu et al., NeurIPS 2024), exactly.
+
+        ``F.mse_loss(z_hat, (z_hat - grad).detach())`` with the DMD ``grad`` above: no 0.5, so
+        ``scale = 2``; DDPM steps ``U{20, ..., 979}``, i.e. indices 20..979. Their teacher is
+        ``CFG(unet_fix, 7.5, null)``, their fake score the unguided ``unet_update``.
+        """
+        return cls(scale=2.0, index_sampler=UniformIndex(20, 980))
+
+    def mix(self) -> dict[Term, float]:
+        return {"vsd": self.scale}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CSDLoss(ScoreDistillationLoss):
+    """Classifier Score Distillation (Yu et al. 2023, "Text-to-3D with CSD", Eq. 7).
+
+    ``grad = scale * w(t) (T(z_hat_t; cond) - T(z_hat_t; null))`` with ``teacher=CFG(T, w, null)``
+    giving both branches in one call: the classifier score CFG adds, ``w (T_cond - T_null)``, so
+    ``w = 1`` is Yu et al.'s direction. No fake score; along DASM it needs one anyway, since the
+    trajectory moves ``z_hat_t`` with the fake score (mix it with VSD/TSD for that).
+    `pisasr` is PiSA-SR's exact CSD loss. Shapes: ``z_hat`` (B, ...).
+
+    Example:
+        >>> out = CSDLoss()(z_hat, cond, teacher=CFG(roles.teacher, 1.0, null))
+    """
+
+    scale: float = 1.0
+
+    @classmethod
+    def pisasr(cls) -> CSDLoss:
+        """PiSA-SR's ``cal_csd`` (Sun et al., CVPR 2025), exactly, with ``CFG(unet, 7.5, null)``.
+
+        ``(x0_null - x0_guided) / mean|z_hat - x0_guided|`` in ``F.mse_loss`` (``scale = 2``),
+        DMD's normalisation, DDPM steps ``U{20, ..., 499}``, i.e. indices 500..979.
+        """
+        return cls(space="x0", time_weighting="uniform", sample_weighting="dmd", scale=2.0,
+                   index_sampler=UniformIndex(500, 980))
+
+    def mix(self) -> dict[Term, float]:
+        return {"csd": self.scale}
