@@ -41,18 +41,21 @@ def test_fitted_vae_reconstructs_held_out_photos(fitted):
 
 @torch.no_grad()
 def test_fitted_transformer_denoises_held_out_latents(fitted):
-    z = encode(fitted.vae, held_out() * 2 - 1, posterior="mode")
-    g = torch.Generator().manual_seed(0)
-    index, noise = torch.randint(0, 1000, (2,), generator=g), torch.randn(z.shape, generator=g)
-    cond = {k: v.expand(2, *v.shape[1:]) for k, v in fitted.cond.items()}
+    z = encode(fitted.vae, held_out() * 2 - 1, posterior="mode").repeat(8, 1, 1, 1)
+    g = torch.Generator().manual_seed(1)
+    # 16 noise levels spread over the schedule: with two random levels the irreducible part of
+    # the loss at those levels dominates (ratio 0.91 with diffusers 0.42.1, 0.83 before).
+    index = torch.linspace(0, 999, 16).round().long()
+    noise = torch.randn(z.shape, generator=g)
+    cond = {k: v.expand(16, *v.shape[1:]) for k, v in fitted.cond.items()}
     loss = DiffusionLoss(space="flow")
 
     def flow_loss(transformer):
         return float(loss(z, cond, model=SD3ScoreModel(transformer), index=index, noise=noise).loss)
 
-    # Measured 1.76 vs 2.11: much of the flow-matching loss is irreducible (eps - x0 is uncertain
-    # given x_t), so a real denoiser is ~17% below the untrained network, not near zero.
-    assert flow_loss(fitted.transformer) < 0.9 * flow_loss(random_backbone("tiny-fit").transformer)
+    # Measured 1.12 vs 1.99 (ratio 0.56, diffusers 0.42.1): the fitted network removes more
+    # than a third of the untrained one's flow-matching loss.
+    assert flow_loss(fitted.transformer) < 0.8 * flow_loss(random_backbone("tiny-fit").transformer)
 
 
 def test_cache_is_reused_bit_identically(tmp_path, monkeypatch):

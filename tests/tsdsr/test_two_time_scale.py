@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from examples.tsdsr.config import parse_config
+from examples.tsdsr.models.tiny import random_backbone
 from examples.tsdsr.precompute import precompute
-from examples.tsdsr.tiny import random_backbone
 from examples.tsdsr.train import main
 from examples.tsdsr.training import models
+from examples.tsdsr.training.config import TrainConfig, parse_config
 from scoredistill.sr.imageio import save_png
 from scoredistill.sr.loading import load_prompts
 
@@ -54,9 +54,13 @@ def test_fake_only_steps_leave_the_student_and_train_the_fake_score(data):
     assert all(p.grad is None for p in student.params)
 
 
-def test_the_ratio_is_validated():
-    with pytest.raises(ValueError, match="fake_updates_per_generator"):
+def test_the_ratio_is_validated(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # refused at parse time, one line
         parse_config(["--tiny", "--fake-updates-per-generator", "0"])
+    assert exit_info.value.code == 2
+    assert "--fake-updates-per-generator" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="fake_updates_per_generator"):
+        TrainConfig(fake_updates_per_generator=0)
 
 
 def test_train_loop_alternates_and_logs_fake_only_steps(data, tmp_path):
