@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.correctness import REL_L2_TOL, bit_identical, fp32_check, relative_l2
-from benchmarks.report import RESULTS, command_line, markdown_table, write_report
+from benchmarks.report import command_line, markdown_table, results_dir, write_report
 from benchmarks.sr_model import MODES, RANKS, Forward, build, merge_and_fuse, pipeline_forward
 from benchmarks.timing import time_ms
 from scoredistill.sr.loading import DTYPES, SRModel
@@ -122,8 +122,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: torch's; --quick: 1, robust on a busy CPU)")
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: 64 px, batch 1")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: benchmarks/results; --quick: a temp one)")
     args = parser.parse_args(argv)
+    args.out = results_dir(args.out, args.quick)
     from diffusers.utils import logging
 
     logging.set_verbosity_error()

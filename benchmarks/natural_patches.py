@@ -30,7 +30,7 @@ import scoredistill
 from benchmarks.compare_losses import mean_curves, run_one
 from benchmarks.paired_stats import Claim, judge
 from benchmarks.patch_metrics import METRIC_LABELS, PatchEval, save_plot
-from benchmarks.report import RESULTS, command_line, markdown_table, write_report
+from benchmarks.report import command_line, markdown_table, results_dir, write_report
 from benchmarks.toy_metrics import DirectionProbe, mean_std, train_learned_teacher
 from scoredistill import DASMSampler, SDSLoss, TSDLoss, TSMLoss, VSDLoss
 from scoredistill.patches import PatchSR
@@ -261,10 +261,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--colour", action="store_true", help="8x8x3 colour patches (192-D)")
     parser.add_argument("--seeds", type=int, help="override the number of seeds")
     parser.add_argument("--steps", type=int, help="override the generator steps")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="output directory")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: benchmarks/results; --quick: a temp one)")
     parser.add_argument("--no-docs-assets", dest="docs_assets", action="store_false",
                         help=f"do not copy the plot to {DOCS_ASSETS}")
     args = parser.parse_args(argv)
+    args.out = results_dir(args.out, args.quick)
     budget = QUICK if args.quick else COLOUR if args.colour else Budget()
     budget = replace(budget, colour=args.colour, **{k: v for k, v in (
         ("seeds", args.seeds), ("steps", args.steps)) if v is not None})

@@ -29,9 +29,9 @@ import torch
 
 from benchmarks.release_style import ReleaseSettings
 from benchmarks.report import (
-    RESULTS,
     command_line,
     markdown_table,
+    results_dir,
     write_pending,
     write_report,
 )
@@ -166,8 +166,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plan", action="store_true",
                         help="measure nothing: write the GPU table's rows marked as awaiting a "
                              "GPU run, for the docs to include until one fills it")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: benchmarks/results; --quick: a temp one)")
     args = parser.parse_args(argv)
+    args.out = results_dir(args.out, args.quick)
     cuda = args.device.startswith("cuda") or args.plan
     args.config = args.config or ("sd3-medium" if cuda and not args.quick else "tiny")
     args.dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]

@@ -57,6 +57,7 @@ def large_input(work: Path, side: int) -> Path:
     import skimage.data
 
     path = work / f"large_{side}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)  # the folder workload may not have made it
     Image.fromarray(skimage.data.astronaut()).resize((side, side), Image.Resampling.BICUBIC
                                                      ).save(path)
     return path
