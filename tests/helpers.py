@@ -42,3 +42,27 @@ class TinyNet:
         return (torch.tanh(h) @ self.w2).reshape(x_t.shape)
 
 
+def check_denoiser_against_monte_carlo(gm, schedule: NoiseSchedule, prediction: Prediction,
+                                       index: int, dim: int) -> None:
+    """``gm.denoise`` and ``gm(x_t, t)`` equal E[x0 | x_t] estimated by self-normalised
+    importance sampling from the prior (6 standard errors of the effective sample size)."""
+    from scoredistill.parametrization import expand_like, to_x0_eps
+    from scoredistill.schedules import index_alpha_sigma
+
+    g = torch.Generator().manual_seed(index)
+    t, a, s = index_alpha_sigma(schedule, torch.tensor([index]))
+    a, s = a.double(), s.double()
+    x_t = a * gm.sample(4, g) + s * torch.randn(4, dim, generator=g, dtype=torch.float64)
+    prior = gm.sample(400_000, g)
+    exact = gm.denoise(x_t, a.repeat(4), s.repeat(4))
+    for b in range(4):
+        logw = -0.5 * ((x_t[b] - a * prior) ** 2).sum(1) / s**2
+        w = (logw - logw.max()).exp()
+        mc = (w[:, None] * prior).sum(0) / w.sum()
+        ess = w.sum() ** 2 / (w**2).sum()
+        tol = 6 * prior.std(0).max() / ess.sqrt() + 1e-3
+        assert (mc - exact[b]).abs().max() < tol, (b, mc, exact[b], float(ess))
+    # The ScoreModel output is the same denoiser in the model's own parametrisation.
+    pred = gm(x_t, t.repeat(4))
+    ex, ey = expand_like(a.repeat(4), x_t), expand_like(s.repeat(4), x_t)
+    torch.testing.assert_close(to_x0_eps(pred, prediction, x_t, ex, ey)[0], exact)

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from scoredistill import GaussianMixture, RectifiedFlow, VariancePreserving
-from scoredistill.parametrization import expand_like, to_x0_eps
-from scoredistill.schedules import index_alpha_sigma
+from tests.helpers import check_denoiser_against_monte_carlo
 
 
 def mixture(schedule, prediction, dtype=torch.float64):
@@ -21,24 +20,8 @@ def mixture(schedule, prediction, dtype=torch.float64):
 @pytest.mark.parametrize("index", [100, 500, 900])
 def test_denoiser_matches_monte_carlo_posterior_mean(schedule, prediction, index):
     """E[x0 | x_t] by self-normalised importance sampling from the prior."""
-    gm = mixture(schedule, prediction)
-    g = torch.Generator().manual_seed(index)
-    t, a, s = index_alpha_sigma(schedule, torch.tensor([index]))
-    a, s = a.double(), s.double()
-    x_t = a * gm.sample(4, g) + s * torch.randn(4, 3, generator=g, dtype=torch.float64)
-    prior = gm.sample(400_000, g)
-    exact = gm.denoise(x_t, a.repeat(4), s.repeat(4))
-    for b in range(4):
-        logw = -0.5 * ((x_t[b] - a * prior) ** 2).sum(1) / s**2
-        w = (logw - logw.max()).exp()
-        mc = (w[:, None] * prior).sum(0) / w.sum()
-        ess = w.sum() ** 2 / (w**2).sum()
-        tol = 6 * prior.std(0).max() / ess.sqrt() + 1e-3
-        assert (mc - exact[b]).abs().max() < tol, (b, mc, exact[b], float(ess))
-    # The ScoreModel output is the same denoiser in the model's own parametrisation.
-    pred = gm(x_t, t.repeat(4))
-    ex, ey = expand_like(a.repeat(4), x_t), expand_like(s.repeat(4), x_t)
-    torch.testing.assert_close(to_x0_eps(pred, prediction, x_t, ex, ey)[0], exact)
+    check_denoiser_against_monte_carlo(mixture(schedule, prediction), schedule, prediction,
+                                       index, 3)
 
 
 def test_flow_velocity_is_monte_carlo_mean_of_eps_minus_x0():
