@@ -2,14 +2,18 @@
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from examples.tsdsr.training.checkpoint import (
+    LORA_FILES,
     STATE_FILES,
+    VAE_FILE,
     checkpoints,
     read_state,
     resolve,
     write_state,
 )
+from scoredistill.cli import UserError
 
 
 def test_optimizer_and_scheduler_state_round_trip_without_pickle(tmp_path):
@@ -47,11 +51,13 @@ def test_resume_latest_is_the_newest_complete_checkpoint(tmp_path):
         folder.mkdir()
         if step != 40:
             write_state({"step": step}, folder)
+            for name in (*LORA_FILES, VAE_FILE):
+                save_file({"w": torch.zeros(1)}, str(folder / name))
     (tmp_path / ".tmp-step-00000050-7").mkdir()  # a save killed midway
     assert [p.name for p in checkpoints(tmp_path)] == [
         "step-00000002", "step-00000004", "step-00000010"]
     assert resolve("latest", tmp_path) == tmp_path / "step-00000010"
     assert resolve("latest", tmp_path / "none") is None
     assert resolve(str(tmp_path / "step-00000004"), tmp_path) == tmp_path / "step-00000004"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(UserError, match="not a complete checkpoint"):
         resolve(str(tmp_path / "step-00000040"), tmp_path)
