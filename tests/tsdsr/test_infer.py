@@ -116,20 +116,20 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path):
 
 def test_large_image_is_tiled(tmp_path, monkeypatch):
     # 136 px LQ -> 544 px output -> 136 latent px: more than one 64-px transformer tile.
-    from scoredistill.sr import tiling
+    from scoredistill.sr import pipeline, tiling
 
     calls = {"--tile": [], "--no-tile": []}
-    one_step, run_tiled = tiling.one_step, tiling.run_tiled
+    one_step, run_tiled = pipeline.one_step, tiling.run_tiled
 
-    def spy_one_step(student, z, cond):
-        calls[flag].append(("transformer", z.clone()))
+    def spy_one_step(student, z, cond):  # the pipeline batches windows: record each one
+        calls[flag].extend(("transformer", w.clone()) for w in z.split(1))
         return one_step(student, z, cond)
 
     def spy_run_tiled(net, x, *, tile, margin, **kw):
         calls[flag].append(("vae", (tuple(x.shape), tile, margin)))
         return run_tiled(net, x, tile=tile, margin=margin, **kw)
 
-    monkeypatch.setattr(tiling, "one_step", spy_one_step)
+    monkeypatch.setattr(pipeline, "one_step", spy_one_step)
     monkeypatch.setattr(tiling, "run_tiled", spy_run_tiled)
     src = write(tmp_path / "big.png", RNG.integers(0, 256, (136, 136, 3), dtype=np.uint8))
     for flag in calls:
@@ -138,8 +138,9 @@ def test_large_image_is_tiled(tmp_path, monkeypatch):
     tiled, untiled = (np.asarray(Image.open(tmp_path / f / "big.png")) for f in calls)
     assert tiled.shape == untiled.shape == (544, 544, 3)
     assert not np.array_equal(tiled, untiled)
-    # Untiled: the untiled path never reaches the tiling module.
-    assert calls["--no-tile"] == []
+    # Untiled: one transformer call on the whole 136 px latent, no VAE tiles.
+    assert [(kind, tuple(v.shape)) for kind, v in calls["--no-tile"]] == [
+        ("transformer", (1, 16, 136, 136))]
     # Tiled (the tiny VAE downsamples by 4: a 136 px latent): the transformer on nine 64 px
     # windows starting at 0, 36 and 72 (the fewest with overlap >= 8), row-major, all cut from
     # one latent (they agree where they overlap and cover it); the decoder by run_tiled with
