@@ -21,7 +21,13 @@ from .parametrization import convert, ddim_step, from_x0_eps, to_x0_eps
 from .protocols import Cond, NoiseSchedule, Prediction, ScoreModel
 from .samplers.dasm import DASMSampler
 from .samplers.timesteps import IndexSampler, LogitNormalIndex, ModeIndex, UniformIndex
-from .schedules import RectifiedFlow, VariancePreserving, index_alpha_sigma, resolution_shift
+from .schedules import (
+    RectifiedFlow,
+    VariancePreserving,
+    empirical_shift,
+    index_alpha_sigma,
+    resolution_shift,
+)
 
 __all__ = [
     "CFG",
@@ -52,6 +58,7 @@ __all__ = [
     "ddim_step",
     "distill_weighting",
     "dmd_normalizer",
+    "empirical_shift",
     "from_x0_eps",
     "index_alpha_sigma",
     "one_step",

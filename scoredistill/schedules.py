@@ -65,6 +65,27 @@ def resolution_shift(image_seq_len: int, *, base_seq_len: int = 256, max_seq_len
     return math.exp(base_shift + slope * (image_seq_len - base_seq_len))
 
 
+def empirical_shift(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's resolution- and step-dependent shift ``exp(mu)``, fitted by Black Forest Labs.
+
+    ``mu`` is linear in the image token count ``n`` at 10 and at 200 sampling steps,
+    ``mu_10 = 8.738e-5 n + 1.898`` and ``mu_200 = 1.6927e-4 n + 0.4567``, interpolated (and
+    extrapolated) linearly in ``num_steps`` between them; above 4300 tokens ``mu = mu_200`` at
+    any step count (``compute_empirical_mu`` in BFL's ``flux2/sampling.py`` and in diffusers'
+    ``Flux2Pipeline``, which passes ``mu`` to ``FlowMatchEulerDiscreteScheduler.set_timesteps``).
+    Like `resolution_shift` it is SD3's shift formula with ``shift = e^mu``: FLUX.2 at 1024 px
+    (4096 tokens) and 50 steps has ``mu = 2.02``, shift 7.56.
+    """
+    if image_seq_len < 1 or num_steps < 1:
+        raise ValueError(f"need image_seq_len >= 1 and num_steps >= 1, got {image_seq_len}, "
+                         f"{num_steps}")
+    mu_200 = 0.00016927 * image_seq_len + 0.45666666
+    if image_seq_len > 4300:
+        return math.exp(mu_200)
+    mu_10 = 8.73809524e-05 * image_seq_len + 1.89833333
+    return math.exp(mu_10 + (mu_200 - mu_10) * (num_steps - 10) / 190.0)
+
+
 def _scaled_linear_betas(n: int) -> Tensor:
     # In float32, as diffusers computes them, so the default equals DDPMScheduler's table.
     return torch.linspace(0.00085**0.5, 0.012**0.5, n, dtype=torch.float32) ** 2

@@ -1,8 +1,9 @@
-"""FLUX.1's ``FluxTransformer2DModel`` as a rectified-flow ScoreModel (Black Forest Labs 2024)."""
+"""FLUX.1's ``FluxTransformer2DModel`` as a rectified-flow ScoreModel (Black Forest Labs 2024),
+and the latent packing, position ids, conditioning and schedule that FLUX.2 shares with it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -19,40 +20,96 @@ if TYPE_CHECKING:
     from diffusers import FluxTransformer2DModel
 
 
-def pack_latents(x: Tensor) -> Tensor:
-    """(B, C, H, W) latents -> (B, H/2 * W/2, 4C) tokens of 2x2 patches, FLUX's layout."""
+def patchify(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, 4C, H/2, W/2): 2x2 patches, channel ``c * 4 + 2 * row + col``."""
     if x.shape[-2] % 2 or x.shape[-1] % 2:
         raise ValueError(f"FLUX packs 2x2 latent patches: height and width must be even, got "
                          f"{tuple(x.shape[-2:])}")
-    return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+    return rearrange(x, "b c (h ph) (w pw) -> b (c ph pw) h w", ph=2, pw=2)
+
+
+def unpatchify(x: Tensor) -> Tensor:
+    """Inverse of `patchify`: (B, 4C, H/2, W/2) -> (B, C, H, W)."""
+    return rearrange(x, "b (c ph pw) h w -> b c (h ph) (w pw)", ph=2, pw=2)
+
+
+def to_tokens(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H * W, C), tokens in row-major order."""
+    return rearrange(x, "b c h w -> b (h w) c")
+
+
+def from_tokens(tokens: Tensor, height: int) -> Tensor:
+    """Inverse of `to_tokens`: (B, H * W, C) -> (B, C, H, W)."""
+    return rearrange(tokens, "b (h w) c -> b c h w", h=height)
+
+
+def pack_latents(x: Tensor) -> Tensor:
+    """(B, C, H, W) latents -> (B, H/2 * W/2, 4C) tokens of 2x2 patches, FLUX.1's layout."""
+    return to_tokens(patchify(x))
 
 
 def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
     """Inverse of `pack_latents`: (B, H/2 * W/2, 4C) -> (B, C, H, W)."""
-    return rearrange(tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=height // 2, ph=2, pw=2)
+    return unpatchify(from_tokens(tokens, height // 2))
+
+
+def grid_ids(rows: int, cols: int, axes: int, device: torch.device) -> Tensor:
+    """Position ids (rows * cols, axes) ``(0, row, col, 0...)`` of row-major tokens (RoPE axes)."""
+    r, c = torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols, device=device),
+                          indexing="ij")
+    ids = torch.zeros(rows, cols, axes, device=device)
+    ids[..., 1], ids[..., 2] = r, c
+    return ids.reshape(-1, axes)
 
 
 def image_ids(height: int, width: int, device: torch.device) -> Tensor:
-    """Position ids (H/2 * W/2, 3): ``(0, row, col)`` of each packed token, FLUX's RoPE axes."""
-    rows, cols = torch.meshgrid(torch.arange(height // 2, device=device),
-                                torch.arange(width // 2, device=device), indexing="ij")
-    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+    """Position ids (H/2 * W/2, 3): ``(0, row, col)`` of each packed token, FLUX.1's RoPE axes."""
+    return grid_ids(height // 2, width // 2, 3, device)
+
+
+def guided_cond(cond: Cond, keys: Mapping[str, str], guidance_embeds: bool,
+                names: tuple[str, str]) -> tuple[list[Tensor], Tensor | None]:
+    """The tensors of ``cond[k]`` for ``k`` in ``keys`` and its ``"guidance"`` (B,) or None.
+
+    ``keys`` maps each required key to its shape for the error message; ``names`` are the
+    checkpoints with and without a guidance embedding ("FLUX.1-dev", "FLUX.1-schnell"). A
+    missing or unknown key, or guidance the transformer does not embed, is a ValueError.
+    """
+    allowed = {*keys, "guidance"}
+    if not isinstance(cond, Mapping) or not keys.keys() <= cond.keys() or cond.keys() - allowed:
+        given = sorted(cond) if isinstance(cond, Mapping) else type(cond).__name__
+        wanted = ", ".join(f"{k!r} {shape}" for k, shape in keys.items())
+        raise ValueError(f"{names[0].split('-')[0]} conditioning must be a dict with {wanted} "
+                         f"and, for guidance-distilled {names[0]}, 'guidance' (B,); got {given}")
+    guidance = cond.get("guidance")
+    if guidance_embeds and guidance is None:
+        raise ValueError(f"this transformer embeds the guidance scale ({names[0]}): pass "
+                         "cond['guidance'] (B,), e.g. torch.full((B,), 3.5)")
+    if not guidance_embeds and guidance is not None:
+        raise ValueError(f"this transformer has no guidance embedding ({names[1]}): "
+                         "drop cond['guidance']")
+    return [cond[k] for k in keys], guidance
 
 
 def flux_cond(cond: Cond, guidance_embeds: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(prompt_embeds (B, L, D), pooled_projections (B, P), guidance (B,) or None)``."""
-    if not isinstance(cond, Mapping) or not {"prompt_embeds", "pooled_projections"} <= cond.keys():
-        raise ValueError("FLUX conditioning must be a dict with 'prompt_embeds' (B, L, D), "
-                         "'pooled_projections' (B, P) and, for guidance-distilled FLUX.1-dev, "
-                         "'guidance' (B,)")
-    guidance = cond.get("guidance")
-    if guidance_embeds and guidance is None:
-        raise ValueError("this FLUX transformer embeds the guidance scale (FLUX.1-dev): pass "
-                         "cond['guidance'] (B,), e.g. torch.full((B,), 3.5)")
-    if not guidance_embeds and guidance is not None:
-        raise ValueError("this FLUX transformer has no guidance embedding (FLUX.1-schnell): "
-                         "drop cond['guidance']")
-    return cond["prompt_embeds"], cond["pooled_projections"], guidance
+    (embeds, pooled), guidance = guided_cond(
+        cond, {"prompt_embeds": "(B, L, D)", "pooled_projections": "(B, P)"}, guidance_embeds,
+        ("FLUX.1-dev", "FLUX.1-schnell"))
+    return embeds, pooled, guidance
+
+
+def flow_schedule(config: Mapping[str, Any],
+                  dynamic_shift: Callable[[Mapping[str, Any]], float]) -> RectifiedFlow:
+    """The table of a FlowMatch scheduler config: its fixed ``shift``, or with
+    ``use_dynamic_shifting`` the shift ``dynamic_shift(config)`` (``exp(mu)``)."""
+    if config.get("time_shift_type", "exponential") != "exponential":
+        raise ValueError(f"time_shift_type {config['time_shift_type']!r} is not supported: "
+                         "RectifiedFlow is the exponential shift e^mu s / (1 + (e^mu - 1) s)")
+    num_steps = config.get("num_train_timesteps", 1000)
+    if not config.get("use_dynamic_shifting", False):
+        return RectifiedFlow(shift=float(config.get("shift", 1.0)), num_steps=num_steps)
+    return RectifiedFlow(shift=dynamic_shift(config), num_steps=num_steps)
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,15 +143,12 @@ class FluxScoreModel:
         (dynamic shifting, base/max shift 0.5/1.15 at 256/4096 tokens). A config without dynamic
         shifting (FLUX.1-schnell: shift 1) uses its fixed ``shift``.
         """
-        config = dict(scheduler_config or {"use_dynamic_shifting": True})
-        if not config.get("use_dynamic_shifting", False):
-            return cls(module, RectifiedFlow(shift=float(config.get("shift", 1.0))))
-        shift = resolution_shift(
-            (height // 2) * (width // 2), base_seq_len=config.get("base_image_seq_len", 256),
-            max_seq_len=config.get("max_image_seq_len", 4096),
-            base_shift=config.get("base_shift", 0.5), max_shift=config.get("max_shift", 1.15))
-        return cls(module, RectifiedFlow(shift=shift,
-                                         num_steps=config.get("num_train_timesteps", 1000)))
+        return cls(module, flow_schedule(
+            scheduler_config or {"use_dynamic_shifting": True},
+            lambda config: resolution_shift(
+                (height // 2) * (width // 2), base_seq_len=config.get("base_image_seq_len", 256),
+                max_seq_len=config.get("max_image_seq_len", 4096),
+                base_shift=config.get("base_shift", 0.5), max_shift=config.get("max_shift", 1.15))))
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Velocity (B, C, H, W) float32 for latents ``x_t`` (B, C, H, W) at ``t`` (B,)."""
