@@ -1,6 +1,7 @@
 """Backbones as ScoreModels, and LoRA roles on one shared backbone (diffusers/peft, lazily)."""
 
 from .flux import FluxScoreModel
+from .flux2 import Flux2ScoreModel, flux2_latents, flux2_vae_latents
 from .lora import (
     LoraRoles,
     add_vae_lora,
@@ -22,6 +23,7 @@ from .sd3 import SD3ScoreModel
 from .shared import BASE, AdapterRole, SharedBackbone
 from .targets import (
     ATTENTION_TARGETS,
+    FLUX2_TARGETS,
     FLUX_TARGETS,
     SD3_TARGETS,
     STUDENT_TARGETS,
@@ -33,6 +35,7 @@ from .unet import SDXL_KEYS, UNetScoreModel
 __all__ = [
     "ATTENTION_TARGETS",
     "BASE",
+    "FLUX2_TARGETS",
     "FLUX_TARGETS",
     "RELEASED_FILES",
     "SD3_TARGETS",
@@ -40,6 +43,7 @@ __all__ = [
     "STUDENT_TARGETS",
     "UNET_TARGETS",
     "AdapterRole",
+    "Flux2ScoreModel",
     "FluxScoreModel",
     "LoraRoles",
     "LoraTargets",
@@ -49,6 +53,8 @@ __all__ = [
     "UNetScoreModel",
     "add_lora",
     "add_vae_lora",
+    "flux2_latents",
+    "flux2_vae_latents",
     "load_lora",
     "load_tsdsr_release",
     "lora_config",

@@ -23,12 +23,18 @@ if TYPE_CHECKING:
     from peft import LoraConfig
 
 
-def lora_config(targets: Sequence[str], rank: int = 64, alpha: float | None = None) -> LoraConfig:
-    """A peft ``LoraConfig`` with Gaussian init (B = 0, so the adapter starts as the identity)."""
+def lora_config(targets: Sequence[str], rank: int = 64, alpha: float | None = None, *,
+                exclude: str | None = None) -> LoraConfig:
+    """A peft ``LoraConfig`` with Gaussian init (B = 0, so the adapter starts as the identity).
+
+    ``targets`` are module names or their dotted suffixes; ``exclude`` a regex of full module
+    names to skip (a family's `LoraTargets.exclude`, e.g. ``FLUX2_TARGETS.exclude``).
+    """
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha,
-                      init_lora_weights="gaussian", target_modules=list(targets))
+                      init_lora_weights="gaussian", target_modules=list(targets),
+                      exclude_modules=exclude)
 
 
 @dataclass(frozen=True)
@@ -48,10 +54,10 @@ def lora_roles(
     """Add the student and fake-score adapters (and a teacher LoRA file) to ``base.module``.
 
     ``student``/``fake`` default to rank 64 on the family's ``base.lora_targets`` (SD3: TSD-SR's
-    `STUDENT_TARGETS` / `ATTENTION_TARGETS`; `FLUX_TARGETS`; `UNET_TARGETS`); an adapter of that
-    name already on the module is kept;
-    ``student_lora`` starts the student from a LoRA file (e.g. the
-    release's ``transformer.safetensors``). The base weights and the teacher LoRA are frozen.
+    `STUDENT_TARGETS` / `ATTENTION_TARGETS`; `FLUX_TARGETS`; `FLUX2_TARGETS`; `UNET_TARGETS`);
+    an adapter of that name already on the module is kept; ``student_lora`` starts the student
+    from a LoRA file (e.g. the release's ``transformer.safetensors``). The base weights and the
+    teacher LoRA are frozen.
 
     Example:
         >>> roles = lora_roles(SD3ScoreModel(transformer))
@@ -70,7 +76,8 @@ def lora_roles(
     for adapter, config, default in (("student", student, targets and targets.student),
                                      ("fake", fake, targets and targets.fake)):
         if not lora_state_dict(module, adapter):  # kept if already there (e.g. loaded)
-            add_lora(module, config or lora_config(default), adapter)
+            add_lora(module, config or lora_config(default, exclude=targets and targets.exclude),
+                     adapter)
     if student_lora is not None:
         load_lora(student_lora, module, "student")
     if teacher_lora is not None:

@@ -11,10 +11,16 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class LoraTargets:
-    """The student's and the fake score's LoRA target module names for one backbone family."""
+    """The student's and the fake score's LoRA target module names for one backbone family.
+
+    ``exclude`` is a regex of full module names that a target name would also hit but peft cannot
+    wrap (FLUX.2's double-stream ``attn.to_out`` is a ModuleList; its single-stream one is the
+    Linear); pass it to `lora_config` with either list.
+    """
 
     student: tuple[str, ...]
     fake: tuple[str, ...]
+    exclude: str | None = None
 
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")
@@ -36,6 +42,23 @@ FLUX_TARGETS = LoraTargets(
     fake=FLUX_ATTENTION)
 """FLUX.1: attention, feed-forward and AdaLN linears of both block types for the student;
 attention projections (both streams) for the fake score."""
+
+FLUX2_ATTENTION = (*FLUX_ATTENTION, "attn.to_qkv_mlp_proj", "attn.to_out")
+FLUX2_TARGETS = LoraTargets(
+    student=(*FLUX2_ATTENTION,
+             # feed-forward (SwiGLU in, out) of the double-stream blocks' image and text streams;
+             # the single-stream blocks' MLP is fused into to_qkv_mlp_proj and to_out
+             "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+             # AdaLN modulation shared by all blocks of a type, and the output norm's
+             "double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
+             "single_stream_modulation.linear", "norm_out.linear",
+             "x_embedder", "proj_out"),
+    fake=FLUX2_ATTENTION,
+    exclude=r"(.*\.)?transformer_blocks\.\d+\.attn\.to_out")
+"""FLUX.2: attention, feed-forward and AdaLN modulation linears, patch embedding and output
+projection for the student; attention projections of both streams (the single-stream ones fused
+with the MLP) for the fake score. ``exclude`` keeps the double-stream ``attn.to_out`` ModuleList
+out (its ``.0`` Linear is targeted as ``to_out.0``)."""
 
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_TARGETS = LoraTargets(

@@ -8,13 +8,16 @@ from functools import partial
 
 import torch
 from tiny_models import (
+    FLUX2_LATENT,
     FLUX_LATENT,
     LATENT,
+    flux2_cond,
     flux_cond,
     randomize_lora,
     sd3_cond,
     sdxl_cond,
     small_config,
+    tiny_flux2_transformer,
     tiny_flux_transformer,
     tiny_sd3_transformer,
     tiny_sd35_transformer,
@@ -25,6 +28,7 @@ from tiny_models import (
 
 from scoredistill import ScoreModel
 from scoredistill.adapters import (
+    Flux2ScoreModel,
     FluxScoreModel,
     LoraRoles,
     SD3ScoreModel,
@@ -79,6 +83,12 @@ FAMILIES = {
     "flux-schnell": Family(partial(tiny_flux_transformer, guidance_embeds=False),
                            lambda m: FluxScoreModel.for_resolution(m, 8, 8, SCHNELL),
                            FLUX_LATENT, partial(flux_cond, guidance=None)),
+    "flux2-dev": Family(tiny_flux2_transformer,
+                        lambda m: Flux2ScoreModel.for_resolution(m, *FLUX2_LATENT[1:]),
+                        FLUX2_LATENT, flux2_cond),
+    "flux2-klein": Family(partial(tiny_flux2_transformer, guidance_embeds=False),
+                          lambda m: Flux2ScoreModel.for_resolution(m, *FLUX2_LATENT[1:]),
+                          FLUX2_LATENT, partial(flux2_cond, guidance=None)),
     "sdxl": Family(tiny_sdxl_unet, partial(UNetScoreModel, prediction="epsilon"), (4, 8, 8),
                    sdxl_cond),
     "sdxl-v": Family(tiny_sdxl_unet, partial(UNetScoreModel, prediction="v"), (4, 8, 8),

@@ -70,7 +70,7 @@ CASES = {
        for r in ("teacher", "fake")},
     **{f"lora-{name}-student": Case(_role(FAMILIES[name], "student"), FAMILIES[name].shape,
                                     FAMILIES[name].cond)
-       for name in ("sd3", "sd35", "flux-dev", "sdxl", "sd2")},
+       for name in ("sd3", "sd35", "flux-dev", "flux2-dev", "sdxl", "sd2")},
 }
 
 

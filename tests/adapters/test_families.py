@@ -51,8 +51,9 @@ def grads(module, adapter):
             if p.grad is not None}
 
 
-CASES = [(f, loss, False) for f in ("sd3", "sd35", "flux-dev", "sdxl", "sd2") for loss in LOSSES]
-CASES += [(f, "tsd+dasm", True) for f in ("sd3", "sd35", "flux-dev", "sdxl", "sd2")]
+TRAINED = ("sd3", "sd35", "flux-dev", "flux2-dev", "sdxl", "sd2")
+CASES = [(f, loss, False) for f in TRAINED for loss in LOSSES]
+CASES += [(f, "tsd+dasm", True) for f in TRAINED]
 
 
 @pytest.mark.parametrize(("family_name", "loss_name", "checkpointing"), CASES)

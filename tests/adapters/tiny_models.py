@@ -1,7 +1,9 @@
-"""Tiny offline SD3 / SD3.5 / FLUX / UNet / SDXL / VAE models (diffusers' test configs), helpers."""
+"""Tiny offline SD3 / SD3.5 / FLUX.1 / FLUX.2 / UNet / SDXL / VAE models (diffusers' test
+configs), helpers."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from scoredistill.adapters import SD3_TARGETS, LoraTargets, lora_config, lora_state_dict
@@ -51,6 +53,33 @@ def flux_cond(batch: int, seed: int = 1, guidance: float | None = 3.5) -> dict[s
     g = torch.Generator().manual_seed(seed)
     cond = {"prompt_embeds": torch.randn(batch, 5, 32, generator=g),
             "pooled_projections": torch.randn(batch, 32, generator=g)}
+    if guidance is not None:
+        cond["guidance"] = torch.full((batch,), guidance)
+    return cond
+
+
+FLUX2_LATENT = (16, 4, 6)
+"""Latent shape of the tiny FLUX.2 transformer (its in_channels; FLUX.2: 128 = 4 x 32); not
+square, so a swap of rows and columns shows."""
+
+
+def tiny_flux2_transformer(guidance_embeds: bool = True) -> torch.nn.Module:
+    """FLUX.2-dev's layout (shared modulation, fused single-stream blocks, 4 RoPE axes); without
+    the guidance embedding, FLUX.2-klein's."""
+    import diffusers
+
+    if not hasattr(diffusers, "Flux2Transformer2DModel"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no Flux2Transformer2DModel (0.36+)")
+    torch.manual_seed(0)
+    return diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds).eval()
+
+
+def flux2_cond(batch: int, seed: int = 1, guidance: float | None = 4.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    cond = {"prompt_embeds": torch.randn(batch, 5, 32, generator=g)}
     if guidance is not None:
         cond["guidance"] = torch.full((batch,), guidance)
     return cond
@@ -114,7 +143,8 @@ def sd3_cond(batch: int, seed: int = 1) -> dict[str, torch.Tensor]:
 
 def small_config(role: str, targets: LoraTargets = SD3_TARGETS):
     """A family's module lists (default: TSD-SR's on SD3) at rank 4, which keeps tests fast."""
-    return lora_config(targets.student if role == "student" else targets.fake, rank=4)
+    return lora_config(targets.student if role == "student" else targets.fake, rank=4,
+                       exclude=targets.exclude)
 
 
 @torch.no_grad()
