@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 METADATA_KEY = "lora_adapter_metadata"
 """diffusers' safetensors metadata key for the LoraConfig (``LORA_ADAPTER_METADATA_KEY``)."""
 
-_CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern",
-                  "use_rslora", "init_lora_weights")
+_CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern",
+                  "alpha_pattern", "use_rslora", "init_lora_weights")
 RELEASED_FILES = {"transformer": "transformer.safetensors", "vae": "vae.safetensors"}
 
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from families import FAMILIES
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import LATENT, sd3_cond, small_config, tiny_sd3_transformer, tiny_vae
@@ -158,3 +159,18 @@ def test_diffusers_reads_our_files(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(SD3ScoreModel(target)(x, t, cond),
                                    SD3ScoreModel(source)(x, t, cond))
+
+
+@pytest.mark.parametrize("family_name", sorted(FAMILIES))
+@pytest.mark.parametrize("adapter", ["student", "fake"])
+def test_each_family_round_trips_its_default_adapters(tmp_path, family_name, adapter):
+    # The file's config must rebuild the adapter on a fresh backbone: FLUX.2's needs its exclude.
+    family = FAMILIES[family_name]
+    roles = family.roles()
+    path = save_lora(tmp_path / "lora.safetensors", roles.backbone.module, adapter)
+    fresh = family.build().module
+    load_lora(path, fresh, adapter)
+    want, got = lora_state_dict(roles.backbone.module, adapter), lora_state_dict(fresh, adapter)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
