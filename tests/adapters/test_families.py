@@ -51,7 +51,7 @@ def grads(module, adapter):
             if p.grad is not None}
 
 
-TRAINED = ("sd3", "sd35", "flux-dev", "flux2-dev", "sdxl", "sd2")
+TRAINED = ("sd3", "sd35", "flux-dev", "flux2-dev", "flux2-klein", "sdxl", "sd2")
 CASES = [(f, loss, False) for f in TRAINED for loss in LOSSES]
 CASES += [(f, "tsd+dasm", True) for f in TRAINED]
 
