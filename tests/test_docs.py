@@ -2,8 +2,10 @@
 
 Convention: a ```python block directly preceded by a ``<!-- test -->`` line is runnable; the
 runnable blocks of one page run in order in one namespace (like a notebook), so a guide can build
-up its example. Every other ```python block must be marked ``<!-- sketch -->`` (an excerpt that
-needs real weights or files) and must at least compile. The README is checked like a page.
+up its example. ``<!-- test diffusers>=0.36 -->`` marks a runnable block that needs a newer package
+than the oldest tested one: with an older one it is left out with a warning (later blocks must not
+need it). Every other ```python block must be marked ``<!-- sketch -->`` (an excerpt that needs
+real weights or files) and must at least compile. The README is checked like a page.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import re
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 MARKER = "<!-- test -->"
 SKETCH = "<!-- sketch -->"
+REQUIRES = re.compile(r"<!-- test (?P<package>[\w-]+)>=(?P<version>[\d.]+) -->")
 README = ROOT / "README.md"
 # Pages that must show at least one runnable example.
 MUST_RUN = ("index.md", "guides/losses-in-your-loop.md", "guides/adapters.md", "../README.md")
@@ -47,8 +51,24 @@ def code_blocks(page: Path, langs: tuple[str, ...]) -> list[tuple[int, str, str]
 
 def python_blocks(page: Path) -> list[tuple[int, str, bool]]:
     """``(line, code, runnable)`` for each ```python block of a markdown page."""
-    return [(line, code, mark == MARKER) for line, code, mark in
+    return [(line, code, runnable(mark)) for line, code, mark in
             code_blocks(page, ("python", "py"))]
+
+
+def runnable(mark: str) -> bool:
+    return mark == MARKER or REQUIRES.fullmatch(mark) is not None
+
+
+def unmet_requirement(mark: str) -> str | None:
+    """What a ``<!-- test package>=version -->`` block needs that is not installed, or None."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    m = REQUIRES.fullmatch(mark)
+    if m is None or Version(have := version(m["package"])) >= Version(m["version"]):
+        return None
+    return f"{m['package']}>={m['version']} (installed: {have})"
 
 
 def pages() -> list[Path]:
@@ -68,7 +88,7 @@ def test_runnable_pages_have_examples():
 @pytest.mark.parametrize("page", pages(), ids=_id)
 def test_python_blocks_run_or_are_sketches(page: Path):
     for line, _, mark in code_blocks(page, ("python", "py")):
-        assert mark in (MARKER, SKETCH), (
+        assert runnable(mark) or mark == SKETCH, (
             f"{_id(page)}, python block at line {line}: mark it {MARKER} (it runs in this test) "
             f"or {SKETCH} (an excerpt that needs real weights or files)")
 
@@ -107,10 +127,14 @@ def test_runnable_blocks_execute(page: Path, tmp_path: Path, monkeypatch: pytest
     pytest.importorskip("torch")
     monkeypatch.chdir(tmp_path)  # anything a snippet writes lands in a temporary directory
     namespace: dict = {"__name__": f"docs_{page.stem}"}
-    for line, code, runnable in python_blocks(page):
-        if runnable:
-            with contextlib.redirect_stdout(io.StringIO()):
-                exec(compile(code, f"{_id(page)}:{line}", "exec"), namespace)
+    for line, code, mark in code_blocks(page, ("python", "py")):
+        if not runnable(mark):
+            continue
+        if missing := unmet_requirement(mark):
+            warnings.warn(f"{_id(page)}:{line} not run: it needs {missing}", stacklevel=1)
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(code, f"{_id(page)}:{line}", "exec"), namespace)
 
 
 def _config() -> dict:
