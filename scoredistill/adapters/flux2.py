@@ -103,7 +103,8 @@ class Flux2ScoreModel:
         dtype = weights_dtype(self.module)
         (embeds,), guidance = guided_cond(
             cast_cond(cond, dtype), {"prompt_embeds": "(B, L, D)"},
-            self.module.config.guidance_embeds, ("FLUX.2-dev", "FLUX.2-klein"))
+            # diffusers 0.36 has no guidance_embeds option: FLUX.2-dev's embedding always exists
+            self.module.config.get("guidance_embeds", True), ("FLUX.2-dev", "FLUX.2-klein"))
         height, width = x_t.shape[-2:]
         out = self.module(
             hidden_states=to_tokens(x_t.to(dtype)), timestep=t.float() / self.schedule.num_steps,
