@@ -207,7 +207,13 @@ class FullGaussianMixture(_MixtureScoreModel):
         noise = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype,
                             device=self.means.device)
         scaled = noise * self.evals[comp].sqrt()
-        return self.means[comp] + torch.einsum("nde,ne->nd", self.evecs[comp], scaled)
+        # Component by component: gathering a (D, D) rotation per sample would take n D^2 memory
+        # (29 GB for 200k colour patches).
+        out = self.means[comp]
+        for k in comp.unique().tolist():
+            rows = (comp == k).nonzero().squeeze(1)
+            out[rows] += scaled[rows] @ self.evecs[k].T
+        return out
 
 
 def _check_weights(weights: Tensor) -> None:
