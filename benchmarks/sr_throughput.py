@@ -57,8 +57,8 @@ STAGES = {"VAE encode s": ("VAE encode",), "transformer s": ("transformer",),
           "other s": ("upload + resize", "colour fix + resize", "empty_cache")}
 """The table's stage columns and the timer stages each sums: I/O is the time the loop spent
 on files (the pipeline reads and writes in threads, so only its waits count)."""
-COLUMNS = ["way", "workload", "images", "s", "images/s", "s/image", "peak GiB", "warm-up s",
-           *STAGES, "note"]
+COLUMNS = ["way", "workload", "images", "s", "images/s", "s/image", "x release", "peak GiB",
+           "warm-up s", *STAGES, "note"]
 TITLE = "TSD-SR super-resolution end to end"
 def measure(way: str, workload: str, run: Runner, timer: StageTimer, inputs: list[Path],
             out_dir: Path, device: str, warm_up: bool) -> dict[str, Any]:
@@ -120,8 +120,19 @@ def seam_row(model: SRModel, side: int, tiles: TileConfig, device: str,
             "PSNR dB": (10 * torch.log10(4 / diff.square().mean())).item()}
 
 
+def speedups(rows: list[dict[str, Any]]) -> None:
+    """``x release``: the release way's seconds on the same workload over the row's (the
+    issue's target is >= 5 on every large-image row), where both were measured."""
+    release = {r["workload"]: r["s"] for r in rows
+               if r["way"].startswith("release") and isinstance(r.get("s"), float)}
+    for r in rows:
+        if isinstance(r.get("s"), float) and r["workload"] in release:
+            r["x release"] = release[r["workload"]] / r["s"]
+
+
 def _report(rows: list[dict[str, Any]], seams: list[dict[str, Any]], notes: list[str],
             meta: dict[str, Any], out_dir: Path, command: str, final: bool) -> Path:
+    speedups(rows)
     text = [*notes]
     if seams:
         text.append("**Seams** (pipeline eager, tiled against untiled on the same input, output "

@@ -25,6 +25,8 @@ def test_quick_run_measures_every_row(tmp_path):
     for r in measured:
         assert "note" not in r, r  # every output file was written
         assert r["images/s"] == pytest.approx(r["images"] / r["s"])
+        release = rows[("release way (torch.float32)", r["workload"])]
+        assert r["x release"] == pytest.approx(release["s"] / r["s"])
     for r in measured:  # every stage timed, and together within the wall time
         stages = [r[k] for k in ("VAE encode s", "transformer s", "VAE decode s", "other s")]
         assert all(v > 0 for v in stages) and sum(stages) + r["I/O s"] <= r["s"]
