@@ -4,10 +4,12 @@
 
 Pre-fits (or loads from cache) the embedded tiny SD3-shaped backbone, trains the student on
 scikit-image's bundled photos, super-resolves the held-out photos (Real-ESRGAN-degraded, fixed
-seed) with the untrained and the trained student via infer.py, and writes ``metrics.md`` (PSNR/SSIM
-on Y, LPIPS with a RANDOM AlexNet backbone), the SR folders and ``grid_<name>.png`` (LQ bicubic |
-untrained | trained | HQ) under ``--out``. Exits 1 if the trained student is not better than the
-untrained one on both held-out PSNR and LPIPS.
+seed) with the untrained and the trained student via infer.py (AdaIN colour fix, the release's
+evaluation setting), and writes ``metrics.md`` (PSNR/SSIM on Y, LPIPS with a RANDOM AlexNet
+backbone), the SR folders and ``grid_<name>.png`` (LQ bicubic | untrained | trained | HQ) under
+``--out``. Exits 1 if the trained student is not better than the untrained one on both held-out
+PSNR and SSIM. LPIPS is reported, not checked: with random weights it is no perceptual metric
+(it ranks the untrained student's smooth output above bicubic).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from examples.tsdsr.train import main as train_main
 from examples.tsdsr.training.checkpoint import checkpoints
 from examples.tsdsr.training.models import make_lpips
 from scoredistill.sr.imageio import list_images, load_image, save_png, write_atomic
+
+# The release evaluates with AdaIN (its inference default is wavelet). Measured on the held-out
+# pair after 300 steps: AdaIN 21.59 dB / SSIM 0.529, wavelet 21.42 / 0.510, none 20.60 / 0.504.
+COLOR_FIX = "adain"
 
 
 def write_lq(hq_dir: Path, lq_dir: Path, seed: int = 0) -> None:
@@ -99,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                    / "checkpoints")[-1])):
         sr_dir = args.out / f"sr_{name}"
         cli = [str(lq_dir), "--out", str(sr_dir), "--embeds", str(embeds), "--process-size",
-               "128", "--no-progress", *(["--lora", str(lora)] if lora else [])]
+               "128", "--color-fix", COLOR_FIX, "--no-progress",
+               *(["--lora", str(lora)] if lora else [])]
         if infer.main(cli) != 0:
             return 1
         rows[name] = score(sr_dir, val_dir)
@@ -114,10 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{time.perf_counter() - start:.0f} s.\n")
     write_atomic(args.out / "metrics.md", text.encode())
     print(text)
-    before, after = rows["untrained"], rows["trained"]
-    print(f"held-out PSNR {before[0]:.3f} -> {after[0]:.3f} dB, LPIPS {before[2]:.4f} -> "
-          f"{after[2]:.4f}")
-    if not (after[0] > before[0] and after[2] < before[2]):
+    before, after, bicubic = rows["untrained"], rows["trained"], rows["bicubic (no model)"]
+    print(f"held-out PSNR {before[0]:.3f} -> {after[0]:.3f} dB (bicubic {bicubic[0]:.3f}), "
+          f"SSIM {before[1]:.4f} -> {after[1]:.4f} (bicubic {bicubic[1]:.4f})")
+    if not (after[0] > before[0] and after[1] > before[1]):
         print("FAILED: the trained student did not improve on the untrained one", file=sys.stderr)
         return 1
     return 0

@@ -9,8 +9,12 @@ import torch
 
 from scoredistill.sr.imageio import save_png
 
-TRAIN = ("astronaut", "coffee", "chelsea", "camera", "immunohistochemistry", "colorwheel")
-HELD_OUT = ("rocket", "cat")
+# Every photo scikit-image bundles (no download), grey ones as RGB. skimage's `cat` is `chelsea`
+# and the two motorcycle photos are a stereo pair: the held-out ones appear in no other form.
+TRAIN = ("astronaut", "coffee", "chelsea", "immunohistochemistry", "colorwheel",
+         "hubble_deep_field", "retina", "camera", "brick", "grass", "gravel", "coins", "moon")
+HELD_OUT = ("rocket", "motorcycle")
+_LOADERS = {"motorcycle": lambda data: data.stereo_motorcycle()[0]}  # the left view
 CAPTIONS = {"astronaut": "an astronaut in a white space suit with a flag",
             "coffee": "a cup of coffee on a saucer"}  # the others use the default prompt
 
@@ -19,7 +23,7 @@ def photo(name: str, side: int) -> torch.Tensor:
     import skimage.data
     from skimage.color import gray2rgb
 
-    array = getattr(skimage.data, name)()
+    array = _LOADERS[name](skimage.data) if name in _LOADERS else getattr(skimage.data, name)()
     array = gray2rgb(array) if array.ndim == 2 else array[..., :3]
     image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 255
     # Short side to `side` (antialiased), then a centre crop to a multiple of 16.

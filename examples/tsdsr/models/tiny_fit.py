@@ -31,7 +31,7 @@ from scoredistill.sr.imageio import write_atomic
 from scoredistill.sr.latents import decode, encode
 
 log = logging.getLogger("tsdsr.tiny_fit")
-FORMAT = 1  # bump when the fitting code changes what a given hash produces
+FORMAT = 2  # bump when the fitting code changes what a given hash produces
 MANIFEST = "manifest.json"
 FILES = ("vae.safetensors", "transformer.safetensors")
 
@@ -40,7 +40,10 @@ FILES = ("vae.safetensors", "transformer.safetensors")
 class FitSettings:
     """Adam steps, learning rates and crops of the two fits (all in the cache hash)."""
 
-    vae_steps: int = 200
+    # The decoder bounds what any student can reach: after 200 steps it reconstructed the
+    # held-out photos (rocket, motorcycle) at 19.9 / 21.5 dB, no better than their x4 bicubic
+    # (21.4 on average), after 800 with a cosine decay at 23.2 / 23.7.
+    vae_steps: int = 800
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6  # keeps the posterior a posterior; reconstruction dominates
     teacher_steps: int = 200
@@ -75,6 +78,8 @@ def fit_vae(vae: nn.Module, images: list[Tensor], settings: FitSettings,
             g: torch.Generator) -> None:
     """L1 + MSE reconstruction (+ tiny KL) of random crops, through SD3's latent shift/scale."""
     opt = torch.optim.Adam(vae.parameters(), lr=settings.vae_lr)
+    # Decayed to 0: at a constant rate the held-out reconstruction swings by 3 dB between steps.
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.vae_steps)
     vae.train()
     for step in range(settings.vae_steps):
         x = random_crops(images, settings.batch, settings.crop, g)
@@ -85,6 +90,7 @@ def fit_vae(vae: nn.Module, images: list[Tensor], settings: FitSettings,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        schedule.step()
         if step % 100 == 0:
             log.info("vae step %d: loss %.4f", step, loss.item())
     vae.eval()
