@@ -114,8 +114,8 @@ CASES = [
          (*TRAIN, "--output-dir", "{ws}/new", "--max-steps", "1"), 0, (),
          setup=files.write_text("hq/a.txt", "\ufeffa red cat\n", "utf-8")),
     # Resume semantics.
-    Case("train resume with a changed lr", "train", (*TRAIN, "--resume", "latest", "--lr", "1e-3"),
-         2, ("--lr 0.0003 -> 0.001", "another --output-dir"), unchanged=UNCHANGED_RUN),
+    Case("train resume with a changed lr", "train", (*TRAIN, "--resume", "latest", "--lr", "5e-4"),
+         2, ("--lr 0.001 -> 0.0005", "another --output-dir"), unchanged=UNCHANGED_RUN),
     Case("train fresh run into a folder with checkpoints", "train", TRAIN, 2,
          ("already holds checkpoints", "--resume latest"), unchanged=UNCHANGED_RUN),
     Case("train missing resume path", "train", (*TRAIN, "--resume", "{ws}/nope"), 2,
