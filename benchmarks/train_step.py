@@ -268,23 +268,30 @@ def run(config: str, device: str, dtype: torch.dtype, batch: int, side: int, war
                         notes=notes, out_dir=out_dir, command=command)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+def train_step_parser(description: str, configs: list[str], batch: int, grad_tol: float | None,
+                      grad_tol_help: str) -> argparse.ArgumentParser:
+    """The command line the train-step benchmarks share (SD3 here, FLUX in train_step_flux)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", choices=configs, default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights' dtype (default: fp32 on CPU, bf16 on CUDA)")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--latent", type=int, default=None, help="latent side (default per config)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--grad-tol", type=float, default=1e-4,
-                        help="max relative L2 error of each term, fp32 check (default 1e-4)")
-    parser.add_argument("--quick", action="store_true",
-                        help="CI smoke run: 1 warm-up, 3 steps, 8x8 latents")
+    parser.add_argument("--grad-tol", type=float, default=grad_tol, help=grad_tol_help)
+    parser.add_argument("--quick", action="store_true", help="CI smoke run: 1 warm-up, 3 steps")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default: benchmarks/results; --quick: a temp folder)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = train_step_parser(__doc__.splitlines()[0], sorted(CONFIGS), batch=2, grad_tol=1e-4,
+                               grad_tol_help="max relative L2 error of each term, fp32 check "
+                                             "(default 1e-4); --quick also uses 8x8 latents")
     args = parser.parse_args(argv)
     from diffusers.utils import logging
 

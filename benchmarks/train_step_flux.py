@@ -15,7 +15,6 @@ meta device), backbone calls, median step time and the step's peak memory on CUD
 
 from __future__ import annotations
 
-import argparse
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.report import command_line, markdown_table, results_dir, write_report
-from benchmarks.train_step import count_calls, module_bytes, time_path
+from benchmarks.train_step import count_calls, module_bytes, time_path, train_step_parser
 from benchmarks.train_step_paths import DTYPES
 from scoredistill import DASMSampler, DiffusionLoss, TSDLoss
 from scoredistill.adapters import (
@@ -214,21 +213,9 @@ def run(config: str, device: str, dtype: torch.dtype, batch: int, side: int, war
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="weights' dtype (default: fp32 on CPU, bf16 on CUDA)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--latent", type=int, default=None, help="latent side (default per config)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--grad-tol", type=float, default=None,
-                        help="max relative L2 gradient error (default 1e-3 fp32, 5e-2 half)")
-    parser.add_argument("--quick", action="store_true", help="CI smoke run: 1 warm-up, 3 steps")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output directory (default: benchmarks/results; --quick: a temp one)")
+    parser = train_step_parser(__doc__.splitlines()[0], sorted(CONFIGS), batch=1, grad_tol=None,
+                               grad_tol_help="max relative L2 gradient error (default 1e-3 fp32, "
+                                             "5e-2 half)")
     args = parser.parse_args(argv)
     from diffusers.utils import logging
 
