@@ -58,7 +58,7 @@ from scoredistill import (
     TSMLoss,
     VSDLoss,
 )
-from scoredistill.toy import ToyPosterior, ToySR, ToyTrainer, evaluate
+from scoredistill.toy import ToySR, ToyTrainer, evaluate
 
 LOSSES: dict[str, ScoreDistillationLoss | None] = {
     "recon only": None,
@@ -72,7 +72,7 @@ LOSSES: dict[str, ScoreDistillationLoss | None] = {
     "+ TSD+DASM (eps)": TSDLoss(space="epsilon", dasm=DASMSampler()),
     "+ DMD": DMDLoss(),
 }
-# Losses that need the exact conditional teacher (`ToyPosterior`): run with the exact teacher only.
+# Losses that need the exact conditional teacher (`ToySR.conditional_teacher`): exact teacher only.
 CONDITIONAL_LOSSES: dict[str, ScoreDistillationLoss] = {"+ CSD": CSDLoss()}
 METRICS = ("nll", "sliced_w2", "mse")
 DOCS_ASSETS = Path(__file__).resolve().parents[1] / "docs" / "assets" / "benchmarks"
@@ -110,10 +110,10 @@ def run_one(warm: ToyTrainer, loss: ScoreDistillationLoss | None, teacher: Score
     """
     role: dict[str, Any] = {"teacher": teacher}
     if isinstance(loss, CSDLoss):
-        # CSD distills the exact conditional teacher's classifier score (CFG scale 1, Yu et al.;
-        # ToySR only); the probes keep measuring the unconditional teacher.
-        null = torch.zeros(1, warm.problem.lq_dim + 1)
-        role = {"teacher": CFG(ToyPosterior(warm.problem), 1.0, null),
+        # CSD distills the exact conditional teacher's classifier score (CFG scale 1, Yu et al.);
+        # the probes keep measuring the unconditional teacher.
+        null = torch.zeros(1, warm.problem.operator.shape[0] + 1)
+        role = {"teacher": CFG(warm.problem.conditional_teacher(), 1.0, null),
                 "condition": warm.problem.cond}
     tr = ToyTrainer(warm.problem, loss, recon_weight=budget.recon_weight if loss else 1.0,
                  reg_weight=budget.reg_weight, batch=budget.batch, lr=budget.lr,

@@ -166,40 +166,30 @@ class FullGaussianMixture(_MixtureScoreModel):
         evals, evecs = evals.to(self.means.dtype), evecs.to(self.means.dtype)
         object.__setattr__(self, "evals", evals)
         object.__setattr__(self, "evecs", evecs)
-        # [:, k D + e] = U_k[:, e]: every component's rotation in one (D, K D) matrix.
-        object.__setattr__(self, "_evecs_flat", evecs.permute(1, 0, 2).reshape(d, k * d))
+        object.__setattr__(self, "_evecs_flat", flat_eigenvectors(evecs))
         object.__setattr__(self, "_rot_means", torch.einsum("kd,kde->ke", self.means, evecs))
-
-    def _rotated(self, x: Tensor, alpha: Tensor) -> Tensor:
-        """``U_k^T (x - alpha mu_k)`` (B, K, D) for x (B, D): one GEMM for all components."""
-        k, d = self.means.shape
-        return (x @ self._evecs_flat).reshape(-1, k, d) - alpha[:, None, None] * self._rot_means
-
-    def _log_joint(self, x: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``log pi_k N(x; alpha mu_k, C_k)`` (B, K), rotated residuals and variances (B, K, D)."""
-        rot = self._rotated(x, alpha)
-        var = alpha[:, None, None] ** 2 * self.evals + sigma[:, None, None] ** 2
-        log_n = -0.5 * ((rot.square() / var).sum(-1) + var.log().sum(-1) + self.dim * LOG_2PI)
-        return self.weights.log() + log_n, rot, var
 
     def denoise(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
         x = self._flat(x_t)
-        alpha, sigma = alpha.to(x.dtype), sigma.to(x.dtype)
-        log_joint, rot, var = self._log_joint(x, alpha, sigma)
-        resp = log_joint.softmax(dim=1)  # (B, K)
-        # Wiener gain per eigen-direction, weighted by the responsibility, rotated back.
-        coef = resp[..., None] * (alpha[:, None, None] * self.evals / var) * rot
-        x0 = resp @ self.means + coef.flatten(1) @ self._evecs_flat.T
+        x0 = rotated_mixture_denoise(x, alpha.to(x.dtype), sigma.to(x.dtype), self.weights.log(),
+                                     self.means, self._rot_means, self.evals, self._evecs_flat)
         return x0.reshape(x_t.shape).to(x_t.dtype)
 
-    def log_prob(self, x: Tensor, alpha: Tensor | None = None, sigma: Tensor | None = None
-                 ) -> Tensor:
-        """Exact ``log p_t(x)`` (B,): of clean samples by default, else of the noisy marginal."""
+    def component_log_joint(self, x: Tensor, alpha: Tensor | None = None,
+                            sigma: Tensor | None = None) -> Tensor:
+        """``log pi_k p_t(x | k)`` (B, K): of clean samples by default, else of the noisy
+        marginal at per-sample ``alpha``, ``sigma`` (B,). Its softmax is EM's responsibility."""
         flat = self._flat(x)
         one = torch.ones(flat.shape[0], dtype=flat.dtype, device=flat.device)
         alpha = one if alpha is None else alpha.to(flat.dtype)
         sigma = 0 * one if sigma is None else sigma.to(flat.dtype)
-        return self._log_joint(flat, alpha, sigma)[0].logsumexp(dim=1)
+        return _rotated_log_joint(flat, alpha, sigma, self.weights.log(), self._rot_means,
+                                  self.evals, self._evecs_flat)[0]
+
+    def log_prob(self, x: Tensor, alpha: Tensor | None = None, sigma: Tensor | None = None
+                 ) -> Tensor:
+        """Exact ``log p_t(x)`` (B,): of clean samples by default, else of the noisy marginal."""
+        return self.component_log_joint(x, alpha, sigma).logsumexp(dim=1)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` clean samples (n, D)."""
@@ -214,6 +204,46 @@ class FullGaussianMixture(_MixtureScoreModel):
             rows = (comp == k).nonzero().squeeze(1)
             out[rows] += scaled[rows] @ self.evecs[k].T
         return out
+
+
+def _rotated_log_joint(x: Tensor, alpha: Tensor, sigma: Tensor, log_weights: Tensor,
+                       rot_means: Tensor, evals: Tensor, evecs_flat: Tensor
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """``log w_k N(x; alpha m_k, U_k diag(alpha^2 lam_k + sigma^2) U_k^T)`` (B, K), the rotated
+    residuals ``U_k^T (x - alpha m_k)`` and the variances (B, K, D).
+
+    ``rot_means`` ``U_k^T m_k`` (K, D) or per-sample (B, K, D); ``log_weights`` (K,) or (B, K);
+    ``evecs_flat`` (D, K D) holds every ``U_k`` side by side, so all rotations are one GEMM.
+    """
+    b, (k, d) = x.shape[0], evals.shape
+    rot = (x @ evecs_flat).reshape(b, k, d) - alpha[:, None, None] * rot_means
+    var = alpha[:, None, None] ** 2 * evals + sigma[:, None, None] ** 2
+    log_n = -0.5 * ((rot.square() / var).sum(-1) + var.log().sum(-1) + d * LOG_2PI)
+    return log_weights + log_n, rot, var
+
+
+def rotated_mixture_denoise(x: Tensor, alpha: Tensor, sigma: Tensor, log_weights: Tensor,
+                            means: Tensor, rot_means: Tensor, evals: Tensor, evecs_flat: Tensor
+                            ) -> Tensor:
+    """Exact ``E[x0 | x_t = x]`` (B, D) for ``x0 ~ sum_k w_k N(m_k, U_k diag(lam_k) U_k^T)``.
+
+    The responsibility-weighted Wiener estimates ``m_k + U_k diag(alpha lam_k / (alpha^2 lam_k
+    + sigma^2)) U_k^T (x - alpha m_k)``. ``means`` (K, D) or per-sample (B, K, D) (a posterior
+    mixture), ``rot_means`` their rotations, ``log_weights`` (K,) or (B, K); ``alpha``,
+    ``sigma`` (B,); ``evals`` (K, D); ``evecs_flat`` (D, K D) as in `_rotated_log_joint`.
+    """
+    log_joint, rot, var = _rotated_log_joint(x, alpha, sigma, log_weights, rot_means, evals,
+                                             evecs_flat)
+    resp = log_joint.softmax(dim=1)  # (B, K)
+    coef = resp[..., None] * (alpha[:, None, None] * evals / var) * rot
+    mean = resp @ means if means.ndim == 2 else torch.einsum("bk,bkd->bd", resp, means)
+    return mean + coef.flatten(1) @ evecs_flat.T
+
+
+def flat_eigenvectors(evecs: Tensor) -> Tensor:
+    """Eigenvector matrices (K, D, D) side by side: (D, K D) with ``[:, k D + e] = U_k[:, e]``."""
+    k, d, _ = evecs.shape
+    return evecs.permute(1, 0, 2).reshape(d, k * d)
 
 
 def _check_weights(weights: Tensor) -> None:

@@ -59,10 +59,9 @@ def fit_full_mixture(x: Tensor, components: int, *, iters: int = 40, reg: float 
         fit = _m_step(*stats, reg)
         gm = FullGaussianMixture(fit.means.to(x.dtype), fit.covs.to(x.dtype),
                                  fit.weights.to(x.dtype))
-        one = torch.ones(chunk, dtype=x.dtype)
         loglik, parts = 0.0, []
         for c in x.split(chunk):
-            log_joint = gm._log_joint(c, one[: len(c)], 0 * one[: len(c)])[0]
+            log_joint = gm.component_log_joint(c)
             loglik += float(log_joint.logsumexp(1).sum())
             parts.append(_moments(c, log_joint.softmax(dim=1)))
         stats = [torch.stack(s).sum(0) for s in zip(*parts, strict=True)]

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from .analytic import FullGaussianMixture
 from .em import fit_full_mixture
-from .posterior import LinearGaussianPosterior
+from .posterior import LinearGaussianPosterior, PosteriorTeacher, lq_condition
+from .protocols import Prediction
 
 # Photographs shipped inside scikit-image's wheel (skimage/data/), read from disk, never fetched.
 COLOUR_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
@@ -83,7 +84,8 @@ class PatchSR:
     Patches are standardised (one scalar mean and std over all pixels). ``teacher`` is the
     exact float32 ScoreModel (flow prediction, rectified flow), ``prior`` the same mixture in
     float64 and ``posterior`` the exact ``p(x | y)``. Same interface as
-    :class:`~scoredistill.toy.ToySR`: ``dim``, ``operator``, ``teacher``, ``sample``.
+    :class:`~scoredistill.toy.ToySR`: ``dim``, ``operator``, ``teacher``, ``sample``, ``cond``,
+    ``conditional_teacher``.
     """
 
     colour: bool = False
@@ -153,6 +155,15 @@ class PatchSR:
         lq = hq @ self.operator.T + self.noise_std * torch.randn(
             n, self.operator.shape[0], generator=generator)
         return hq, lq
+
+    def cond(self, lq: Tensor) -> Tensor:
+        """The condition ``(lq, 1)`` (B, d + 1) of `conditional_teacher`; the null one is zeros."""
+        return lq_condition(lq)
+
+    def conditional_teacher(self, prediction: Prediction = "flow") -> PosteriorTeacher:
+        """The exact float32 teacher of ``p(x_HQ | y_LQ)`` (CSD's conditional teacher)."""
+        return PosteriorTeacher(LinearGaussianPosterior(self.teacher, self.operator,
+                                                        self.noise_std), prediction=prediction)
 
     def to_images(self, x: Tensor) -> Tensor:
         """Standardised patches (n, D) to pixel values (n, C, size, size), clipped to [0, 1]."""

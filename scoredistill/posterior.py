@@ -5,7 +5,9 @@ With ``x ~ sum_k pi_k N(mu_k, Sigma_k)`` and ``y = A x + s n``, ``n ~ N(0, I)``,
 ``pi_k N(y; A mu_k, S_k) / p(y)`` with ``S_k = A Sigma_k A^T + s^2 I``, mean
 ``mu_k + G_k (y - A mu_k)`` with gain ``G_k = Sigma_k A^T S_k^{-1}``, and covariance
 ``P_k = Sigma_k - G_k A Sigma_k``, which does not depend on ``y``: everything but the weights
-and means is computed once. The exact denoiser is the case ``A = alpha I``, ``s = sigma``.
+and means is computed once. The exact denoiser is the case ``A = alpha I``, ``s = sigma``;
+:class:`PosteriorTeacher` is the exact denoiser of the posterior itself, ``E[x0 | x_t, y]``: the
+teacher conditioned on the LQ.
 """
 
 from __future__ import annotations
@@ -15,7 +17,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .analytic import LOG_2PI, FullGaussianMixture, mixture_log_prob
+from .analytic import (
+    LOG_2PI,
+    FullGaussianMixture,
+    flat_eigenvectors,
+    mixture_log_prob,
+    rotated_mixture_denoise,
+)
+from .parametrization import check_prediction, expand_like, from_x0_eps
+from .protocols import Cond, NoiseSchedule, Prediction
+from .schedules import RectifiedFlow
+
+
+def lq_condition(lq: Tensor) -> Tensor:
+    """The condition ``(lq, 1)`` (B, d + 1) of the exact LQ-conditional teachers
+    (:class:`PosteriorTeacher`); zeros are the null condition."""
+    return torch.cat([lq, lq.new_ones(lq.shape[0], 1)], dim=1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,3 +131,66 @@ class LinearGaussianPosterior:
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
         scaled = noise * self.post_evals[comp].clamp_min(0).sqrt()
         return mean + torch.einsum("nde,ne->nd", self.post_evecs[comp], scaled)
+
+
+@dataclass(frozen=True, eq=False)
+class PosteriorTeacher:
+    """The exact LQ-conditional teacher: ``E[x0 | x_t, y]`` for ``x0 ~ p(x | y)`` of ``posterior``.
+
+    ``p(x | y)`` is a mixture with per-sample means and weights and fixed covariances
+    ``P_k = V_k diag(p_k) V_k^T`` (see :class:`LinearGaussianPosterior`), so the denoiser is the
+    prior's closed form (`scoredistill.analytic.rotated_mixture_denoise`) with those components.
+    It plays the prompt-conditional teacher of CSD (Yu et al. 2023) with the LQ as the prompt:
+    ``cond`` (B, d + 1) is :func:`lq_condition`; rows whose last entry is 0 (the null condition)
+    or ``cond=None`` get the prior's exact teacher, so ``CFG``'s null branch is exact too.
+    Inputs (B, *event_shape) with D features; computed in the prior's dtype.
+    """
+
+    posterior: LinearGaussianPosterior
+    schedule: NoiseSchedule = field(default_factory=RectifiedFlow)
+    prediction: Prediction = "flow"
+    _evecs_flat: Tensor = field(init=False, repr=False)  # (D, K D): every V_k
+    _rot_prior_means: Tensor = field(init=False, repr=False)  # (K, D): V_k^T mu_k
+    _rot_gains: Tensor = field(init=False, repr=False)  # (K, D, d): V_k^T G_k
+
+    def __post_init__(self) -> None:
+        check_prediction(self.prediction)
+        post = self.posterior
+        evecs = post.post_evecs
+        object.__setattr__(self, "_evecs_flat", flat_eigenvectors(evecs))
+        object.__setattr__(self, "_rot_prior_means",
+                           torch.einsum("kd,kde->ke", post.prior.means, evecs))
+        object.__setattr__(self, "_rot_gains", evecs.transpose(1, 2) @ post.gains)
+
+    def denoise(self, x_t: Tensor, alpha: Tensor, sigma: Tensor, y: Tensor) -> Tensor:
+        """Exact ``E[x0 | x_t, y]`` (B, D) for x_t (B, D), y (B, d), ``alpha``, ``sigma`` (B,)."""
+        post, dtype = self.posterior, self.posterior.prior.means.dtype
+        y = post._y(y)
+        resid = y[:, None] - post._lq_means  # (B, K, d)
+        means = post.component_means(y)
+        rot_means = self._rot_prior_means + torch.einsum("kDd,bkd->bkD", self._rot_gains, resid)
+        return rotated_mixture_denoise(x_t.to(dtype), alpha.to(dtype), sigma.to(dtype),
+                                       post.log_weights(y), means, rot_means, post.post_evals,
+                                       self._evecs_flat)
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
+        """The exact prediction of kind ``self.prediction`` at ``(x_t, t)`` given ``cond``."""
+        prior, d = self.posterior.prior, self.posterior.operator.shape[0]
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        x = prior._flat(x_t)
+        if cond is None:
+            on = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        elif not isinstance(cond, Tensor) or cond.shape != (x.shape[0], d + 1):
+            shape = tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
+            raise ValueError(f"cond must be lq_condition(lq), shape ({x.shape[0]}, {d + 1}); "
+                             f"got {shape}")
+        else:
+            on = cond[:, -1] > 0
+        x0 = torch.empty_like(x)
+        if bool(on.any()):  # a host sync; this teacher is for CPU benchmarks and tests
+            x0[on] = self.denoise(x[on], alpha[on], sigma[on], cond[on, :-1]).to(x.dtype)
+        if not bool(on.all()):
+            x0[~on] = prior.denoise(x[~on], alpha[~on], sigma[~on])
+        x0 = x0.reshape(x_t.shape).to(x_t.dtype)
+        a, s = expand_like(alpha, x_t).to(x_t.dtype), expand_like(sigma, x_t).to(x_t.dtype)
+        return from_x0_eps(x0, (x_t - a * x0) / s, self.prediction, a, s)

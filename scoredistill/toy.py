@@ -15,10 +15,10 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from .analytic import GaussianMixture
+from .analytic import FullGaussianMixture, GaussianMixture
 from .losses.diffusion import DiffusionLoss
 from .losses.distill import ScoreDistillationLoss
-from .parametrization import expand_like, from_x0_eps
+from .posterior import LinearGaussianPosterior, PosteriorTeacher, lq_condition
 from .protocols import Cond, NoiseSchedule, Prediction, ScoreModel
 from .schedules import RectifiedFlow
 
@@ -59,59 +59,24 @@ class ToySR:
         return hq, lq
 
     def cond(self, lq: Tensor) -> Tensor:
-        """The condition ``(lq, 1)`` (B, d + 1) of `ToyPosterior`; its null condition is zeros."""
-        return torch.cat([lq, lq.new_ones(lq.shape[0], 1)], dim=1)
+        """The condition ``(lq, 1)`` (B, d + 1) of `conditional_teacher`; the null one is zeros."""
+        return lq_condition(lq)
 
-
-@dataclass(frozen=True, eq=False)
-class ToyPosterior:
-    """The exact conditional teacher ``p(x0 | lq)`` of `ToySR` (the prompt's role in CSD).
-
-    Given ``lq = x[:d] + n eps``, each component's seen dims get the Gaussian posterior
-    ``N((n^2 mu + s^2 lq) / (s^2 + n^2), s^2 n^2 / (s^2 + n^2))`` and weight
-    ``pi_k N(lq; mu_seen, s^2 + n^2)``; lost dims keep the prior. ``cond`` (B, d + 1) is
-    ``ToySR.cond(lq)``; rows whose last entry is 0 (the null condition) or ``cond=None`` get
-    the unconditional teacher, so CFG's null branch is exact too. Inputs (B, D).
-    """
-
-    problem: ToySR
-    schedule: NoiseSchedule = field(default_factory=RectifiedFlow)
-    prediction: Prediction = "flow"
-
-    def _components(self, cond: Tensor | None, b: int) -> tuple[Tensor, Tensor, Tensor]:
-        gmm, d, n2 = self.problem.teacher, self.problem.lq_dim, self.problem.noise_std**2
-        mean = gmm.means[None].expand(b, -1, -1)
-        var = (gmm.stds[None, :, None] ** 2).expand(b, -1, gmm.dim)
-        logw = gmm.weights.log()[None].expand(b, -1)
-        if cond is None:
-            return mean, var, logw
-        lq, on = cond[:, None, :d], cond[:, None, d:] > 0  # (B, 1, d), (B, 1, 1)
-        s2 = var[..., :d]
-        post_mean = torch.cat([(n2 * mean[..., :d] + s2 * lq) / (s2 + n2), mean[..., d:]], -1)
-        post_var = torch.cat([s2 * n2 / (s2 + n2), var[..., d:]], -1)
-        lik = -0.5 * ((lq - mean[..., :d]).square() / (s2 + n2)
-                      + torch.log(2 * math.pi * (s2 + n2))).sum(-1)
-        return (torch.where(on, post_mean, mean), torch.where(on, post_var, var),
-                torch.where(on[..., 0], logw + lik, logw))
-
-    def __call__(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
-        """The exact prediction of kind ``self.prediction`` at ``(x_t, t)`` given ``cond``."""
-        alpha, sigma = self.schedule.alpha_sigma(t)
-        a3, s3 = alpha[:, None, None], sigma[:, None, None]
-        mean, var, logw = self._components(cond, x_t.shape[0])  # type: ignore[arg-type]
-        marg = a3**2 * var + s3**2  # (B, K, D) per-dim marginal variance
-        resid = x_t[:, None] - a3 * mean
-        log_r = logw - 0.5 * (resid.square() / marg + torch.log(2 * math.pi * marg)).sum(-1)
-        x0 = (log_r.softmax(1)[..., None] * (mean + a3 * var / marg * resid)).sum(1)
-        a, s = expand_like(alpha, x_t), expand_like(sigma, x_t)
-        return from_x0_eps(x0, (x_t - a * x0) / s, self.prediction, a, s)
+    def conditional_teacher(self, prediction: Prediction = "flow") -> PosteriorTeacher:
+        """The exact teacher of ``p(x0 | lq)`` (the prompt's role in CSD), given ``cond(lq)``."""
+        gmm = self.teacher
+        covs = torch.diag_embed(gmm.stds[:, None].square().expand(-1, gmm.dim))
+        prior = FullGaussianMixture(gmm.means, covs, gmm.weights)
+        return PosteriorTeacher(LinearGaussianPosterior(prior, self.operator, self.noise_std),
+                                prediction=prediction)
 
 
 class SRProblem(Protocol):
     """What the trainer needs from a problem: :class:`ToySR` and ``scoredistill.patches.PatchSR``.
 
     ``teacher`` the exact ScoreModel of HQ, ``operator`` (d, D) the linear part of the
-    degradation, ``sample(n, generator) -> (hq (n, D), lq (n, d))``.
+    degradation, ``sample(n, generator) -> (hq (n, D), lq (n, d))``; for conditional losses
+    (CSD) ``conditional_teacher()`` the exact teacher of ``p(x0 | lq)`` given ``cond(lq)``.
     """
 
     teacher: ScoreModel
@@ -122,6 +87,10 @@ class SRProblem(Protocol):
 
     def sample(self, n: int, generator: torch.Generator | None = None
                ) -> tuple[Tensor, Tensor]: ...
+
+    def cond(self, lq: Tensor) -> Tensor: ...
+
+    def conditional_teacher(self, prediction: Prediction = "flow") -> ScoreModel: ...
 
 
 def _time_features(t: Tensor, num_steps: int) -> Tensor:
@@ -188,7 +157,7 @@ class ToyTrainer:
     ``teacher`` defaults to the problem's exact one; pass a learned ScoreModel to study an
     imperfect teacher. ``hidden`` is the width of the generator's and the fake score's MLPs.
     ``condition`` maps the LQ batch to the loss's ``cond`` (e.g. ``ToySR.cond`` for CSD with
-    `ToyPosterior`); None: unconditional.
+    ``ToySR.conditional_teacher()``); None: unconditional.
     """
 
     problem: SRProblem

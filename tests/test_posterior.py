@@ -1,9 +1,12 @@
-"""LinearGaussianPosterior: Bayes' rule, the exact denoiser, Monte-Carlo."""
+"""LinearGaussianPosterior: Bayes' rule, the exact denoiser, Monte-Carlo; PosteriorTeacher."""
 
+import pytest
 import torch
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
-from scoredistill.posterior import LinearGaussianPosterior
+from scoredistill import RectifiedFlow, VariancePreserving
+from scoredistill.parametrization import to_x0_eps
+from scoredistill.posterior import LinearGaussianPosterior, PosteriorTeacher, lq_condition
 from tests.test_analytic_full import mixture
 
 F64 = torch.float64
@@ -56,3 +59,53 @@ def test_mean_samples_and_spread_match_monte_carlo():
     torch.testing.assert_close(samples.mean(0), exact, atol=0.01, rtol=0)
     spread = (samples - exact).square().sum(1).mean()
     torch.testing.assert_close(spread, post.expected_sq_dev(y[None])[0], atol=0.01, rtol=0.01)
+
+
+def joint_reference(gm, post, x_t, y, alpha, sigma):
+    """E[x0 | x_t, y] by conditioning on both observations at once: whitened, they are one
+    linear observation ``[x_t / sigma; y / s] = [alpha / sigma I; A / s] x0 + N(0, I)``."""
+    op = torch.cat([alpha / sigma * torch.eye(gm.dim, dtype=F64), post.operator / post.noise_std])
+    joint = LinearGaussianPosterior(gm, op, 1.0)
+    return joint.mean(torch.cat([x_t / sigma, y / post.noise_std])[None])[0]
+
+
+@pytest.mark.parametrize("schedule", [RectifiedFlow(), VariancePreserving()],
+                         ids=["flow", "vp"])
+def test_posterior_teacher_conditions_on_x_t_and_y_jointly(schedule):
+    gm, post = problem()
+    teacher = PosteriorTeacher(post, schedule=schedule, prediction="x0")
+    g = torch.Generator().manual_seed(4)
+    x0 = gm.sample(4, g)
+    y = x0 @ post.operator.T + 0.2 * torch.randn(4, 2, generator=g, dtype=F64)
+    t = schedule.timesteps(torch.tensor([50, 300, 600, 950]))
+    alpha, sigma = schedule.alpha_sigma(t)
+    x_t = alpha[:, None] * x0 + sigma[:, None] * torch.randn(4, 3, generator=g, dtype=F64)
+    got = teacher(x_t, t, lq_condition(y))
+    for b in range(4):
+        want = joint_reference(gm, post, x_t[b], y[b], float(alpha[b]), float(sigma[b]))
+        torch.testing.assert_close(got[b], want)
+    # In pure noise x_t says nothing: the denoiser is the posterior mean E[x0 | y].
+    zero, one = torch.zeros(4, dtype=F64), torch.ones(4, dtype=F64)
+    torch.testing.assert_close(teacher.denoise(x_t, zero, one, y), post.mean(y))
+    # The null condition, in any rows, and cond=None are the prior's exact teacher.
+    uncond = gm.denoise(x_t, alpha, sigma)
+    torch.testing.assert_close(teacher(x_t, t, None), uncond)
+    mixed = lq_condition(y) * torch.tensor([[1.0], [0.0], [1.0], [0.0]], dtype=F64)
+    out = teacher(x_t, t, mixed)
+    torch.testing.assert_close(out[1::2], uncond[1::2])
+    torch.testing.assert_close(out[0::2], got[0::2])
+    assert (got - uncond).abs().max() > 0.05  # the condition matters
+
+
+def test_posterior_teacher_flow_prediction_and_bad_cond():
+    post = problem()[1]
+    teacher = PosteriorTeacher(post)  # flow prediction, rectified flow
+    g = torch.Generator().manual_seed(5)
+    x_t, y = torch.randn(3, 3, generator=g, dtype=F64), torch.randn(3, 2, generator=g, dtype=F64)
+    t = RectifiedFlow().timesteps(torch.tensor([200, 500, 800]))
+    x0, _ = to_x0_eps(teacher(x_t, t, lq_condition(y)), "flow", x_t,
+                      *(v[:, None] for v in RectifiedFlow().alpha_sigma(t)))
+    alpha, sigma = RectifiedFlow().alpha_sigma(t)
+    torch.testing.assert_close(x0, teacher.denoise(x_t, alpha, sigma, y))
+    with pytest.raises(ValueError, match=r"lq_condition\(lq\), shape \(3, 3\); got \(3, 2\)"):
+        teacher(x_t, t, y)

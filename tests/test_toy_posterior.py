@@ -1,10 +1,10 @@
-"""The toy's exact conditional teacher against joint-Gaussian conditioning with full matrices."""
+"""ToySR's exact conditional teacher against joint-Gaussian conditioning with full matrices."""
 
 import torch
 from torch.distributions import MultivariateNormal
 
 from scoredistill import RectifiedFlow
-from scoredistill.toy import ToyPosterior, ToySR
+from scoredistill.toy import ToySR
 
 
 def reference_x0(problem: ToySR, x_t, lq, alpha, sigma):
@@ -27,7 +27,7 @@ def reference_x0(problem: ToySR, x_t, lq, alpha, sigma):
 
 def test_posterior_denoiser_equals_joint_gaussian_conditioning_and_null_is_the_prior():
     problem = ToySR()
-    teacher = ToyPosterior(problem, prediction="x0")
+    teacher = problem.conditional_teacher(prediction="x0")
     g = torch.Generator().manual_seed(0)
     _, lq = problem.sample(3, g)
     t = RectifiedFlow().timesteps(torch.tensor([100, 500, 900]))
