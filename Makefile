@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 
 $(OLD_STAMP): pyproject.toml Makefile constraints-oldest.txt
 	test -x $(OLD)/bin/python || $(PYTHON) -m venv $(OLD)
-	$(OLD)/bin/pip install -q -c constraints-oldest.txt -e '.[diffusers,test]'
+	$(OLD)/bin/pip install -q -c constraints-oldest.txt -e '.[sr,test]'
 	touch $(OLD_STAMP)
 
 install: $(STAMP)
@@ -48,10 +48,11 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.compare_losses --quick --no-docs-assets --out $$out && \
 	$(BIN)/python -m benchmarks.natural_patches --quick --no-docs-assets --out $$out
 
-# The core library's tests (not the SR pipeline's, the recipe's or the benchmarks') on the oldest
-# tested versions, in a lean venv without the sr/train extras (the bad-input table drives the CLIs).
+# The library's tests (the core and the SR pipeline; not the recipe's or the benchmarks') on the
+# oldest tested versions, in a lean venv without the train extra (the bad-input table drives the
+# training CLI).
 test-oldest: $(OLD_STAMP)
-	$(OLD)/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/tsdsr --ignore=tests/sr \
+	$(OLD)/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/tsdsr \
 		--ignore=tests/benchmarks --ignore=tests/test_bad_inputs.py
 
 # On a GPU machine: the train step on SD3-medium (random weights) against the release's call

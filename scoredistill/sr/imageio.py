@@ -1,6 +1,6 @@
 """Image files <-> float32 tensors (C,H,W) in [0, 1], the layout the TSD-SR scripts work in.
 
-Every decoder path (Pillow, 16-bit PNGs through torchvision, deep TIFFs through tifffile) gets
+Every decoder path (Pillow, 16-bit PNGs and deep TIFFs through imagecodecs/tifffile) gets
 the same guards: the pixel count is checked from the file's header before anything is decoded
 (decompression bombs), the EXIF / TIFF orientation is applied so images are read upright (and
 written without a tag, so viewers agree), and files with several frames or pages are warned
@@ -13,7 +13,6 @@ import io
 import logging
 import os
 import tempfile
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -246,25 +245,15 @@ def _is_16bit_png_pillow_reduces(path: Path) -> bool:
 
 def _read_16bit_png(path: Path) -> np.ndarray:
     """(H,W,C) float32 in [0, 1], C in {2, 3, 4}, from a 16-bit PNG, scaled by 65535."""
-    # torchvision's decoder keeps the 16 bits; its io module warns that it is deprecated in
-    # favour of torchcodec, which is not a dependency here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_png, read_file
+    import imagecodecs  # libpng keeps the 16 bits (Pillow has no 48/64-bit modes)
 
-        decoded = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
-    array = decoded.to(torch.float32).numpy() / 65535.0
-    return array.transpose(1, 2, 0)
+    decoded = imagecodecs.png_decode(path.read_bytes())
+    return decoded.astype(np.float32) / 65535.0
 
 
 def _encode_png16(array: np.ndarray) -> bytes:
     """A 16-bit PNG file of an (H,W,C) uint16 array, C in {1, 3, 4}."""
-    # Neither Pillow (no 48/64-bit modes) nor torchvision's encode_png (uint8 only) writes 16-bit
-    # colour; pypng does.
-    import png
+    import imagecodecs  # Pillow cannot write 16-bit colour
 
-    height, width, channels = array.shape
-    buffer = io.BytesIO()
-    png.Writer(width, height, greyscale=channels == 1, alpha=channels == 4,
-               bitdepth=16).write(buffer, array.reshape(height, width * channels))
-    return buffer.getvalue()
+    planes = array[..., 0] if array.shape[2] == 1 else array
+    return bytes(imagecodecs.png_encode(np.ascontiguousarray(planes)))

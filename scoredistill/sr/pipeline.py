@@ -69,7 +69,7 @@ class TSDSRPipeline:
         vae_batch_size: VAE inputs (whole images of one size, or tiles) per call (default
             ``batch_size``).
         compile: torch.compile the transformer and both VAE halves (static shapes; each new
-            shape compiles once on first use).
+            shape compiles once on first use); the tiled VAE's norms with dynamic shapes.
         cuda_graphs: with ``compile``, capture the transformer in CUDA graphs (None: on CUDA
             when ``batch_size`` <= :data:`~scoredistill.sr.fast.CUDA_GRAPH_MAX_BATCH`).
         channels_last: run the VAE's convolutions in channels-last memory order.
@@ -220,14 +220,15 @@ class TSDSRPipeline:
         if tiles is None or max(x.shape[-2:]) <= tiles.encoder:
             return self._encoder(self._memory_format(x))
         return tiled_encode(self.model.vae, x, tile=tiles.encoder, overlap=tiles.encoder_overlap,
-                            posterior="mode", batch_size=self.vae_batch_size)
+                            posterior="mode", batch_size=self.vae_batch_size,
+                            compile=self.compiled)
 
     def _decode(self, z: Tensor) -> Tensor:
         tiles = self.tiles
         if tiles is None or max(z.shape[-2:]) <= tiles.decoder:
             return self._decoder(self._memory_format(z))
         return tiled_decode(self.model.vae, z, tile=tiles.decoder, overlap=tiles.decoder_overlap,
-                            batch_size=self.vae_batch_size)
+                            batch_size=self.vae_batch_size, compile=self.compiled)
 
     def _memory_format(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

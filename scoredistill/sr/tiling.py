@@ -164,14 +164,14 @@ def vae_factor(vae: AutoencoderKL) -> int:
 
 def tiled_encode(vae: AutoencoderKL, image: Tensor, *, tile: int = 1024, overlap: int = 64,
                  posterior: Posterior = "mode", generator: torch.Generator | None = None,
-                 offload: bool = True, batch_size: int = 1) -> Tensor:
+                 offload: bool = True, batch_size: int = 1, compile: bool = False) -> Tensor:
     """:func:`~scoredistill.sr.latents.encode` of (B, 3, H, W) in [-1, 1] by image tiles.
 
     Cores of side <= ``tile`` px, each run with ``overlap`` px of context around it (rounded up
     to the VAE factor; the sides must be multiples of it) and whole-image GroupNorm statistics
     (:func:`~scoredistill.sr.vae_tiling.run_tiled`, ``batch_size`` tiles per call); ``offload``
-    keeps the waiting tiles on the CPU (a no-op there). The posterior and SD3's shift and scale
-    apply to the assembled moments.
+    keeps the waiting tiles on the CPU (a no-op there); ``compile`` compiles the norms (see
+    ``run_tiled``). The posterior and SD3's shift and scale apply to the assembled moments.
     """
     if max(image.shape[-2:]) <= tile:
         return encode(vae, image, posterior=posterior, generator=generator)
@@ -179,21 +179,23 @@ def tiled_encode(vae: AutoencoderKL, image: Tensor, *, tile: int = 1024, overlap
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     moments = run_tiled(encoder_network(vae), image.to(weights_dtype(vae)), tile=tile,
-                        margin=overlap, offload=offload, batch_size=batch_size)
+                        margin=overlap, offload=offload, batch_size=batch_size,
+                        compile=compile)
     return posterior_latent(vae, DiagonalGaussianDistribution(moments), posterior, generator)
 
 
 def tiled_decode(vae: AutoencoderKL, latent: Tensor, *, tile: int = 224, overlap: int = 16,
-                 offload: bool = True, batch_size: int = 1) -> Tensor:
+                 offload: bool = True, batch_size: int = 1, compile: bool = False) -> Tensor:
     """:func:`~scoredistill.sr.latents.decode` of (B, 16, h, w) by latent tiles, in [-1, 1].
 
     Cores of side <= ``tile`` latent px, each run with ``overlap`` latent px of context and
-    whole-image GroupNorm statistics; ``offload`` and ``batch_size`` as in :func:`tiled_encode`.
+    whole-image GroupNorm statistics; ``offload``, ``batch_size`` and ``compile`` as in
+    :func:`tiled_encode`.
     """
     if max(latent.shape[-2:]) <= tile:
         return decode(vae, latent)
     image = run_tiled(decoder_network(vae), decoder_input(vae, latent), tile=tile,
-                      margin=overlap, offload=offload, batch_size=batch_size)
+                      margin=overlap, offload=offload, batch_size=batch_size, compile=compile)
     return image.float().clamp(-1.0, 1.0)
 
 

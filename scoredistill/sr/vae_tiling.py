@@ -18,7 +18,9 @@ give the untiled result to rounding.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from itertools import pairwise
@@ -90,13 +92,15 @@ def _batches(tiles: list[Tile], batch_size: int) -> list[list[Tile]]:
 
 
 def run_tiled(net: Network, x: Tensor, *, tile: int, margin: int,
-              offload: bool = False, batch_size: int = 1) -> Tensor:
+              offload: bool = False, batch_size: int = 1, compile: bool = False) -> Tensor:
     """``net`` on (B, C, H, W) by core tiles of side <= ``tile`` with ``margin`` px of context
     (input px, rounded up to ``net.grid``) -> (B, C', H * net.scale, W * net.scale).
 
     ``x`` has the network's dtype; the tiles run on its device, up to ``batch_size`` of equal
     shape per call, and wait on the CPU between GroupNorms if ``offload``. One tile covering
-    ``x`` gives the untiled network.
+    ``x`` gives the untiled network. ``compile``: each GroupNorm (with the whole image's
+    statistics) and the SiLU after it run as one torch.compile'd kernel with dynamic shapes,
+    so every norm, tile shape and image size shares a few graphs; the convolutions stay cuDNN's.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -104,20 +108,24 @@ def run_tiled(net: Network, x: Tensor, *, tile: int, margin: int,
     store = torch.device("cpu") if offload else x.device
     states = [_TileState(group, torch.cat([x[(..., *t.window)] for t in group]))
               for group in _batches(tiles, batch_size)]
-    pending: tuple[nn.GroupNorm, Tensor, Tensor] | None = None
+    normalise = _compiled_normalise() if compile else _normalise
+    pending: tuple[Tensor, Tensor, nn.GroupNorm] | None = None
     for steps, norm, px in _segments(net):
         moments = []
+        silu = pending is not None and bool(steps) and _is_silu(steps[0])
         for state in states:
             h = state.h.to(x.device)
             if pending is not None:
-                h = _normalise(h, *pending)
-            for step in steps:
+                mean, var, last = pending
+                h = normalise(h, mean, var, last.weight, last.bias, last.num_groups, last.eps,
+                              silu)
+            for step in steps[1:] if silu else steps:
                 h = _run(step, h, state, store)
             if norm is not None:
                 moments.append(_moments(h[(..., *_within(state.tiles[0], px))],
                                         norm.num_groups, len(state.tiles)))
             state.h = h.to(store)
-        pending = None if norm is None else (norm, *_pool(moments))
+        pending = None if norm is None else (*_pool(moments), norm)
     return _assemble(states, net.px[-1], x)
 
 
@@ -186,19 +194,30 @@ def _pool(moments: list[tuple[Tensor, Tensor, int]]) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def _normalise(h: Tensor, norm: nn.GroupNorm, mean: Tensor, var: Tensor) -> Tensor:
-    """``norm`` of (k * B, C, h, w) (k tiles of B samples) with the given (B, G) statistics, in
-    h's dtype."""
+def _normalise(h: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+               bias: Tensor | None, groups: int, eps: float, silu: bool = False) -> Tensor:
+    """A GroupNorm of ``groups`` groups of (k * B, C, h, w) (k tiles of B samples) with the given
+    (B, G) statistics, then SiLU if ``silu``, in h's dtype."""
     b, c = h.shape[:2]
-    per_group, tiles = c // norm.num_groups, b // mean.shape[0]
-    # One fused pass: batch_norm over B*C "channels" with the group statistics as its running
+    per_group, tiles = c // groups, b // mean.shape[0]
+    # One pass: batch_norm over B*C "channels" with the group statistics as its running
     # statistics (its mixed-precision form for a half-precision h: parameters in float32).
     stats = [s.repeat(tiles, 1).repeat_interleave(per_group, dim=1).flatten()
              for s in (mean, var)]
-    affine = [None if p is None else p.to(_accumulate(h)).repeat(b)
-              for p in (norm.weight, norm.bias)]
-    out = F.batch_norm(h.reshape(1, b * c, -1), *stats, *affine, training=False, eps=norm.eps)
-    return out.view_as(h)
+    affine = [None if p is None else p.to(_accumulate(h)).repeat(b) for p in (weight, bias)]
+    out = F.batch_norm(h.reshape(1, b * c, -1), *stats, *affine, training=False, eps=eps)
+    return F.silu(out).view_as(h) if silu else out.view_as(h)
+
+
+@functools.cache
+def _compiled_normalise() -> Callable[..., Tensor]:
+    # Dynamic shapes: the channels, tile sides and image sizes vary from norm to norm, and
+    # static shapes would compile a graph for each (and hit dynamo's recompile limit).
+    return torch.compile(_normalise, dynamic=True)
+
+
+def _is_silu(step: _Op) -> bool:
+    return isinstance(step, Local) and type(step.fn) is nn.SiLU
 
 
 def _assemble(states: list[_TileState], px: Fraction, x: Tensor) -> Tensor:
