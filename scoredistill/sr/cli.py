@@ -69,7 +69,8 @@ def build_parser(description: str, *, pretrained_required: bool,
                        help="VAE images or tiles per call (default: --batch-size)")
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the transformer and VAE (static shapes; the first "
-                            "image of each size compiles, then runs fast)")
+                            "image of each size compiles, then runs fast; a tiled VAE compiles "
+                            "its norms once, for every size)")
     speed.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="with --compile: capture the transformer in CUDA graphs (default: "
                             "on for --batch-size <= 2 on CUDA)")
