@@ -196,14 +196,7 @@ class FullGaussianMixture(_MixtureScoreModel):
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         noise = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype,
                             device=self.means.device)
-        scaled = noise * self.evals[comp].sqrt()
-        # Component by component: gathering a (D, D) rotation per sample would take n D^2 memory
-        # (29 GB for 200k colour patches).
-        out = self.means[comp]
-        for k in comp.unique().tolist():
-            rows = (comp == k).nonzero().squeeze(1)
-            out[rows] += scaled[rows] @ self.evecs[k].T
-        return out
+        return component_draws(self.means[comp], comp, self.evals, self.evecs, noise)
 
 
 def _rotated_log_joint(x: Tensor, alpha: Tensor, sigma: Tensor, log_weights: Tensor,
@@ -238,6 +231,21 @@ def rotated_mixture_denoise(x: Tensor, alpha: Tensor, sigma: Tensor, log_weights
     coef = resp[..., None] * (alpha[:, None, None] * evals / var) * rot
     mean = resp @ means if means.ndim == 2 else torch.einsum("bk,bkd->bd", resp, means)
     return mean + coef.flatten(1) @ evecs_flat.T
+
+
+def component_draws(means: Tensor, comp: Tensor, evals: Tensor, evecs: Tensor,
+                    noise: Tensor) -> Tensor:
+    """``means_n + U_c diag(sqrt(lam_c)) noise_n`` with ``c = comp[n]``: Gaussian draws (n, D)
+    from per-sample means (n, D), components ``comp`` (n,) of eigenvalues (K, D) and
+    eigenvectors (K, D, D) (columns), standard normal ``noise`` (n, D)."""
+    scaled = noise * evals[comp].sqrt()
+    # Component by component: gathering a (D, D) rotation per sample would take n D^2 memory
+    # (29 GB for 200k colour patches).
+    out = means.clone()
+    for k in comp.unique().tolist():
+        rows = (comp == k).nonzero().squeeze(1)
+        out[rows] += scaled[rows] @ evecs[k].T
+    return out
 
 
 def flat_eigenvectors(evecs: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ from torch import Tensor
 from .analytic import (
     LOG_2PI,
     FullGaussianMixture,
+    component_draws,
     flat_eigenvectors,
     mixture_log_prob,
     rotated_mixture_denoise,
@@ -129,8 +130,7 @@ class LinearGaussianPosterior:
         comp = torch.multinomial(w, 1, generator=generator)[:, 0]
         mean = self.component_means(y)[torch.arange(w.shape[0]), comp]
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-        scaled = noise * self.post_evals[comp].clamp_min(0).sqrt()
-        return mean + torch.einsum("nde,ne->nd", self.post_evecs[comp], scaled)
+        return component_draws(mean, comp, self.post_evals, self.post_evecs, noise)
 
 
 @dataclass(frozen=True, eq=False)
