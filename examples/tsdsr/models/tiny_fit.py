@@ -1,11 +1,12 @@
 """Pre-fit the embedded tiny backbone so it is a real miniature of SD3: a VAE that reconstructs
 and a rectified-flow teacher that denoises those latents, on scikit-image's bundled photos.
 
-Seeded and deterministic; the result is cached as safetensors under
-``$SCOREDISTILL_CACHE`` (default ``~/.cache/scoredistill``) in ``tiny-<hash>/``, the hash
-covering the architecture, seed and fit settings. Every file is written atomically and listed
-with its SHA-256 in ``manifest.json`` (written last): a missing, partial or altered file makes
-the cache rebuild, never load.
+Seeded and deterministic for a given number of CPU threads: torch splits float reductions by
+thread, so fits on 1 and 2 threads differ, and the difference grows over the fit's Adam steps.
+The result is cached as safetensors under ``$SCOREDISTILL_CACHE`` (default
+``~/.cache/scoredistill``) in ``tiny-<hash>/``, the hash covering the architecture, seed and fit
+settings. Every file is written atomically and listed with its SHA-256 in ``manifest.json``
+(written last): a missing, partial or altered file makes the cache rebuild, never load.
 """
 
 from __future__ import annotations
