@@ -128,8 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_grids(args.out, val_dir, ("sr_bicubic", "sr_untrained", "sr_trained"))
     table = ["| held-out SR | PSNR (Y) ↑ | SSIM (Y) ↑ | LPIPS (random AlexNet) ↓ |",
              "|---|---:|---:|---:|"]
-    table += [f"| {n} | {r['psnr']:.3f} | {r['ssim']:.4f} | {r['lpips_random_alexnet']:.4f} |"
-              for n, r in ((n, rep["average"]) for n, rep in rows.items())]
+    for name, report in rows.items():
+        mean = report["average"]
+        table.append(f"| {name} | {mean['psnr']:.3f} | {mean['ssim']:.4f} | "
+                     f"{mean['lpips_random_alexnet']:.4f} |")
     text = "\n".join(table) + (
         f"\n\n{len(HELD_OUT)} held-out photos ({', '.join(HELD_OUT)}), {DRAWS} x4 Real-ESRGAN "
         f"LQ each; grids: LQ bicubic | untrained | trained | HQ. Tiny backbone pre-fit "
@@ -138,8 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_atomic(args.out / "metrics.md", text.encode())
     write_atomic(args.out / "metrics.json", (json.dumps(rows, indent=1) + "\n").encode())
     print(text)
-    before, after, bicubic = ((r["average"]["psnr"], r["average"]["ssim"]) for r in
-                              (rows["untrained"], rows["trained"], rows["bicubic (no model)"]))
+    before, after, bicubic = ((rows[n]["average"]["psnr"], rows[n]["average"]["ssim"])
+                              for n in ("untrained", "trained", "bicubic (no model)"))
     print(f"held-out PSNR {before[0]:.3f} -> {after[0]:.3f} dB (bicubic {bicubic[0]:.3f}), "
           f"SSIM {before[1]:.4f} -> {after[1]:.4f} (bicubic {bicubic[1]:.4f})")
     if not (after[0] > before[0] and after[1] > before[1]):
