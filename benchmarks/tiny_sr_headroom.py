@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from benchmarks.report import command_line, results_dir, write_report
 from examples.tsdsr.data import DegradationConfig, degrade, upsample_lq
@@ -81,7 +82,7 @@ def train_and_score(side: int, steps: int, every: int, pairs: list[tuple[Tensor,
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     bicubic = scores(None, pairs)
     rows, spent = [], 0.0
-    for step in range(1, steps + 1):
+    for step in tqdm(range(1, steps + 1), desc=f"CNN, {side} px photos", unit="step"):
         start = time.perf_counter()
         hq = (random_crops(images, 8, 64, g) + 1) / 2
         lq = upsample_lq(degrade(hq, DegradationConfig(), g).lq, size=(64, 64))
