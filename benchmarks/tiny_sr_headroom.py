@@ -5,8 +5,8 @@ level with bicubic on held-out PSNR. This asks whether any model could do clearl
 a residual CNN (pixel L1, Adam) trained on the demo's training photos, with a fresh Real-ESRGAN
 degradation of every crop at every step, scored with bicubic on the demo's own held-out pairs
 (``run_tiny.write_pairs``: the same LQ images) every ``--every`` steps, PSNR and SSIM on Y.
-One row per training-photo side and checkpoint; 8 crops of 64 px a step, four times the samples
-the student sees in its 300 steps at batch 2.
+One row per training-photo side and checkpoint; 8 crops of 64 px a step (the student's batch is
+2), so by step 400 it has seen over 5x the crops the student sees in its 300 steps.
 
     python -m benchmarks.tiny_sr_headroom --quick    # CPU smoke run, seconds
     python -m benchmarks.tiny_sr_headroom            # CPU, one thread, ~15 min
