@@ -27,11 +27,11 @@ from tqdm import tqdm
 
 from benchmarks.report import command_line, results_dir, write_report
 from examples.tsdsr.data import DegradationConfig, degrade, upsample_lq
-from examples.tsdsr.data.tiny_data import HELD_OUT, TRAIN, photo
+from examples.tsdsr.data.tiny_data import HELD_OUT, TRAIN, photo, write_tiny_data
 from examples.tsdsr.evaluation.metrics import psnr_y, ssim_y
 from examples.tsdsr.models.tiny_fit import random_crops
 from examples.tsdsr.run_tiny import write_pairs
-from scoredistill.sr.imageio import list_images, load_image, save_png
+from scoredistill.sr.imageio import list_images, load_image
 
 COLUMNS = ["training photos", "step", "bicubic PSNR", "CNN PSNR", "CNN - bicubic dB",
            "bicubic SSIM", "CNN SSIM", "train s"]
@@ -48,10 +48,8 @@ def residual_cnn(width: int = 32, depth: int = 5) -> nn.Module:
 def held_out_pairs(seed: int) -> list[tuple[Tensor, Tensor]]:
     """The demo's held-out (bicubic-upsampled LQ, HQ) pairs, each (1, 3, H, W) in [0, 1]."""
     with tempfile.TemporaryDirectory() as tmp:
-        photos, hq_dir, lq_dir = (Path(tmp) / name for name in ("photos", "hq", "lq"))
-        photos.mkdir()
-        for name in HELD_OUT:
-            save_png(photo(name, 128), photos / f"{name}.png")
+        _, photos = write_tiny_data(tmp)  # as run_tiny writes them
+        hq_dir, lq_dir = Path(tmp) / "pairs_hq", Path(tmp) / "pairs_lq"
         write_pairs(photos, hq_dir, lq_dir, seed=seed)
         pairs = []
         for path in list_images(hq_dir):

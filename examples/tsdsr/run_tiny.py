@@ -43,7 +43,7 @@ COLOR_FIX = "adain"
 # Degradations per held-out photo. Real-ESRGAN's draws range from mild to destroying (bicubic
 # of rocket: 23.96 to 25.88 dB over these four), so with one draw per photo whether the student
 # beat bicubic was up to the seeds (trained minus bicubic: +0.17 dB on one draw each, -0.08 on
-# these four, -0.36 on four others).
+# these four).
 DRAWS = 4
 
 

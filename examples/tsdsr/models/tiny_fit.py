@@ -2,7 +2,7 @@
 and a rectified-flow teacher that denoises those latents, on scikit-image's bundled photos.
 
 Seeded and deterministic for a given number of CPU threads: torch splits float reductions by
-thread, so fits on 1 and 2 threads differ, and the difference grows over the fit's Adam steps.
+thread, so fits on 1 and 2 threads give different weights under the same cache hash.
 The result is cached as safetensors under ``$SCOREDISTILL_CACHE`` (default
 ``~/.cache/scoredistill``) in ``tiny-<hash>/``, the hash covering the architecture, seed and fit
 settings. Every file is written atomically and listed with its SHA-256 in ``manifest.json``
