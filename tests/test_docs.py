@@ -34,9 +34,28 @@ FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=
 SNIPPET = re.compile(r"""^[ \t]*-{1,}8<-{1,}[ \t]+["']([^"';]+)["']""", re.M)
 
 
+def section(path: Path, name: str) -> str:
+    """The lines of ``path`` between its ``--8<-- [start:name]`` and ``[end:name]`` markers."""
+    text = path.read_text()
+    m = re.search(rf"^[^\n]*-8<-+ \[start:{name}\][^\n]*\n(?P<body>.*?)^[^\n]*-8<-+ "
+                  rf"\[end:{name}\]", text, re.M | re.S)
+    assert m, f"{path.name} has no snippet section {name!r}"
+    return m["body"]
+
+
+def page_text(page: Path) -> str:
+    """``page`` with its ``--8<-- "file:section"`` includes expanded, as mkdocs renders it (a
+    block shared with the README, such as the quick start, is checked on both pages)."""
+    def include(m: re.Match) -> str:
+        target, _, name = m[1].partition(":")
+        return section(ROOT / target, name) if name else m[0]
+
+    return SNIPPET.sub(include, page.read_text())
+
+
 def code_blocks(page: Path, langs: tuple[str, ...]) -> list[tuple[int, str, str]]:
     """``(line, code, marker)`` for each fenced block in ``langs``; marker: the line before."""
-    text = page.read_text()
+    text = page_text(page)
     blocks = []
     for m in FENCE.finditer(text):
         lang = m["info"].strip().split()[0] if m["info"].strip() else ""
@@ -170,7 +189,14 @@ def _snippet_targets() -> list[str]:
 
 
 def missing_snippets() -> list[str]:
-    return [t for t in _snippet_targets() if not (ROOT / t).exists()]
+    return [t for t in _snippet_targets() if not (ROOT / t.partition(":")[0]).exists()]
+
+
+def test_quick_start_is_one_source():
+    """The docs' home page shows the README's quick start itself (one seeded copy, no drift)."""
+    assert '--8<-- "README.md:quickstart"' in (DOCS / "index.md").read_text()
+    code = section(README, "quickstart")
+    assert "torch.manual_seed(0)" in code and "<!-- test -->" in code
 
 
 def test_benchmark_results_present():
