@@ -62,24 +62,54 @@ def _lower(call: Call) -> tuple[list[Call], Finish]:
     return [leaf for leaf_calls, _ in lowered for leaf in leaf_calls], finish
 
 
-def _concatenated(model: ScoreModel, calls: Sequence[Call]) -> list[Tensor]:
+def check_output(pred: object, x_t: Tensor, role: str) -> Tensor:
+    """``pred`` if it is what a ScoreModel must return for ``x_t``: a floating tensor of ``x_t``'s
+    shape, else a ``ValueError`` naming the model's ``role`` (teacher, fake, ...) and both shapes.
+
+    No broadcasting: a (B, 1, ...) or batch-1 output would otherwise give a finite, wrong loss.
+    No host sync (shapes and dtypes live on the host).
+    """
+    if not isinstance(pred, Tensor):
+        raise ValueError(f"the {role} returned a {type(pred).__name__}, not a tensor (a diffusers "
+                         "model's output object? wrap the model with scoredistill.adapters)")
+    if pred.shape != x_t.shape:
+        raise ValueError(f"the {role} returned a prediction of shape {tuple(pred.shape)} for "
+                         f"x_t of shape {tuple(x_t.shape)}: a ScoreModel's output must have its "
+                         "input's shape (nothing is broadcast)")
+    if not pred.is_floating_point():
+        raise ValueError(f"the {role} returned a {pred.dtype} prediction; it must be floating")
+    return pred
+
+
+def _concatenated(model: ScoreModel, calls: Sequence[Call], roles: Sequence[str]) -> list[Tensor]:
     if len(calls) == 1:
         _, x, t, c = calls[0]
-        return [model(x, t, c)]
+        return [check_output(model(x, t, c), x, roles[0])]
     xs, ts, cs = zip(*(c[1:] for c in calls), strict=True)
-    pred = model(torch.cat(xs), torch.cat(ts), cat_cond(cs))
+    x_cat = torch.cat(xs)
+    role = " and ".join(dict.fromkeys(roles))
+    pred = check_output(model(x_cat, torch.cat(ts), cat_cond(cs)), x_cat,
+                        f"{role} (one call for {len(calls)} evaluations)")
     return list(pred.split([x.shape[0] for x in xs]))
 
 
-def predict_batched(calls: Sequence[Call]) -> list[Tensor]:
+def predict_batched(calls: Sequence[Call], roles: Sequence[str] | None = None) -> list[Tensor]:
     """Run ``calls`` with as few backbone calls as possible; predictions in the order of ``calls``.
 
     Calls on the same model are concatenated along the batch into one call. Calls on
     `Fusable` models with one ``fuse_key``, directly or through `Plannable` wrappers
-    such as CFG, are fused into one ``predict_fused`` call. Each prediction has its ``x_t``'s shape.
+    such as CFG, are fused into one ``predict_fused`` call. Each prediction has its ``x_t``'s shape:
+    every backbone output is checked (`check_output`), and a wrong one raises a ``ValueError``
+    naming the call's entry in ``roles`` (e.g. "teacher", "fake"; default "model of call i").
     """
+    if roles is None:
+        roles = [f"model of call {i}" for i in range(len(calls))]
+    if len(roles) != len(calls):
+        raise ValueError(f"{len(calls)} calls but {len(roles)} roles")
     plans = [_lower(call) for call in calls]
     leaves = [leaf for leaf_calls, _ in plans for leaf in leaf_calls]
+    leaf_roles = [role for role, (leaf_calls, _) in zip(roles, plans, strict=True)
+                  for _ in leaf_calls]
     groups: dict[Hashable, list[int]] = {}
     for i, (model, *_) in enumerate(leaves):
         key = ("fuse", model.fuse_key) if isinstance(model, Fusable) else ("model", id(model))
@@ -88,7 +118,16 @@ def predict_batched(calls: Sequence[Call]) -> list[Tensor]:
     for (kind, _), members in groups.items():
         model = leaves[members[0]][0]
         group = [leaves[i] for i in members]
-        outs = model.predict_fused(group) if kind == "fuse" else _concatenated(model, group)
+        group_roles = [leaf_roles[i] for i in members]
+        if kind == "fuse":
+            outs = model.predict_fused(group)
+            if len(outs) != len(group):
+                raise ValueError(f"{type(model).__name__}.predict_fused returned {len(outs)} "
+                                 f"predictions for {len(group)} calls")
+            outs = [check_output(out, call[1], role)
+                    for out, call, role in zip(outs, group, group_roles, strict=True)]
+        else:
+            outs = _concatenated(model, group, group_roles)
         for i, out in zip(members, outs, strict=True):
             preds[i] = out
     results, start = [], 0

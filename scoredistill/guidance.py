@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .batching import check_output
 from .conditioning import cat_cond, expand_cond
 from .messages import brief
 from .protocols import Call, Cond, NoiseSchedule, Prediction, ScoreModel
@@ -68,4 +69,5 @@ class CFG:
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Guided prediction; ``x_t`` (B, ...), ``t`` (B,), ``cond`` batch B."""
         calls, combine = self.plan(x_t, t, cond)
-        return combine([model(x, tt, c) for model, x, tt, c in calls])
+        return combine([check_output(model(x, tt, c), x, "CFG's model")
+                        for model, x, tt, c in calls])

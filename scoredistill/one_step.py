@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .batching import check_output
 from .parametrization import check_prediction, to_x0_eps
 from .protocols import Cond, ScoreModel
 from .schedules import index_alpha_sigma
@@ -27,7 +28,8 @@ def one_step(student: ScoreModel, x: Tensor, cond: Cond = None, *, index: int = 
     - ``x0``: the prediction itself.
 
     The schedule is read on the CPU and enters as Python scalars: no device-to-host sync, so the
-    call can be captured in a CUDA graph. Shapes: ``x`` (B, ...) -> (B, ...) float32.
+    call can be captured in a CUDA graph. Shapes: ``x`` (B, ...) -> (B, ...) float32; a student
+    output of another shape, or not floating, is a ``ValueError`` (`check_output`).
 
     Example:
         >>> z_hat = one_step(SD3ScoreModel(transformer), z_lq, cond)  # doctest: +SKIP
@@ -42,7 +44,8 @@ def one_step(student: ScoreModel, x: Tensor, cond: Cond = None, *, index: int = 
         raise ValueError(f"an epsilon prediction at alpha = 0 (schedule index {index}: zero "
                          "terminal SNR) determines no clean sample (x0 = (x - sigma eps) / alpha): "
                          "start at index >= 1, or use a v- or x0-prediction student")
-    pred = student(x, torch.full((x.shape[0],), t, device=x.device), cond).float()
+    pred = check_output(student(x, torch.full((x.shape[0],), t, device=x.device), cond), x,
+                        "student").float()
     if kind == "x0":
         return pred
     # Python floats broadcast like the (B, 1, ...) tensors the conversions usually get.

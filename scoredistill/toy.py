@@ -201,8 +201,8 @@ class ToyTrainer:
         logs: dict[str, Tensor] = {}
         if self.loss is not None:
             cond = None if self.condition is None else self.condition(lq)
-            out = self.loss(z_hat, cond, teacher=self.teacher, fake=self.fake, z=hq,
-                            generator=self.g)
+            out = self.loss(z_hat, cond, generator=self.g, **self.loss.select_inputs(
+                teacher=self.teacher, fake=self.fake, z=hq))
             loss = loss + self.reg_weight * out.loss
             logs = {f"norm/{k}": v.mean() for k, v in out.norms.items()}
         self.opt.zero_grad()

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..batching import check_output
+from ..conditioning import leaves
+from ..messages import brief
 from ..parametrization import (
     check_alpha_nonzero,
     check_prediction,
@@ -17,7 +20,7 @@ from ..parametrization import (
 from ..protocols import Cond, Prediction, ScoreModel
 from ..samplers.timesteps import IndexSampler, UniformIndex
 from ..schedules import index_alpha_sigma
-from .validation import check_all_finite, check_inputs
+from .validation import FiniteChecks, check_inputs, check_option
 from .weighting import sd3_loss_weight
 
 
@@ -43,13 +46,26 @@ class DiffusionLoss:
 
     Called like every loss here: samples first, the model by keyword,
     ``DiffusionLoss()(z_hat.detach(), cond, model=fake)``. ``check_finite``: raise on
-    non-finite inputs (ValueError) or predictions (FloatingPointError), one host sync per call.
+    non-finite inputs (ValueError naming x0, noise or cond) or predictions (FloatingPointError
+    naming the model), one host sync per call. A prediction of another shape than ``x_t``, or not
+    floating, is a ``ValueError`` (never broadcast). Options are checked at construction.
     """
 
     space: Prediction = "x0"
     loss_weighting: str = "none"
     index_sampler: IndexSampler = field(default_factory=UniformIndex)
     check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        check_option("DiffusionLoss", "space", lambda: check_prediction(self.space))
+        check_option("DiffusionLoss", "loss_weighting",
+                     lambda: sd3_loss_weight(self.loss_weighting, torch.ones(1)))
+        if not callable(self.index_sampler):
+            raise ValueError("DiffusionLoss(index_sampler=...): expected an IndexSampler such as "
+                             f"UniformIndex(50, 950), got {brief(self.index_sampler)}")
+        if not isinstance(self.check_finite, bool):
+            raise ValueError("DiffusionLoss(check_finite=...): expected True or False, got "
+                             f"{brief(self.check_finite)}")
 
     def __call__(self, x0: Tensor, cond: Cond = None, *, model: ScoreModel,
                  index: Tensor | None = None, noise: Tensor | None = None,
@@ -71,10 +87,18 @@ class DiffusionLoss:
         a, s = expand_like(alpha, x0), expand_like(sigma, x0)
         x0f, noise = x0.float(), noise.float()
         x_t = a * x0f + s * noise
-        pred = convert(model(x_t, t, cond).float(), model.prediction, space, x_t, a, s)
+        raw = check_output(model(x_t, t, cond), x_t, "model")
+        weight = sd3_loss_weight(self.loss_weighting, sigma)
         if self.check_finite:
-            check_all_finite({"x0": x0, "noise": noise}, {"the prediction": pred}, "model")
+            checks = FiniteChecks()
+            checks.note_input("x0", x0)
+            checks.note_input("noise", noise)
+            checks.note_input("cond", leaves(cond))
+            checks.note(weight, ValueError, "non-finite values in the loss weighting "
+                        f"{self.loss_weighting!r} at the drawn levels")
+            checks.note_model("model", raw)
+            checks.raise_first()
+        pred = convert(raw.float(), model.prediction, space, x_t, a, s)
         target = from_x0_eps(x0f, noise, space, a, s)
-        per_sample = 0.5 * sd3_loss_weight(self.loss_weighting, sigma) * (
-            (pred - target).square().flatten(1).mean(1))
+        per_sample = 0.5 * weight * (pred - target).square().flatten(1).mean(1)
         return DiffusionOutput(per_sample.mean(), per_sample, index, t)

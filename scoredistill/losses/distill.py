@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -9,8 +10,9 @@ import torch
 from torch import Tensor
 
 from ..batching import predict_batched
-from ..conditioning import expand_cond
+from ..conditioning import expand_cond, leaves
 from ..guidance import CFG
+from ..messages import brief
 from ..parametrization import (
     check_alpha_nonzero,
     check_prediction,
@@ -24,9 +26,15 @@ from ..protocols import Call, Cond, Prediction, ScoreModel
 from ..samplers.dasm import DASMSampler
 from ..samplers.timesteps import IndexSampler, UniformIndex
 from ..schedules import index_alpha_sigma
-from .surrogate import surrogate_loss
-from .validation import check_all_finite, check_inputs
-from .weighting import SampleWeighting, Weighting, distill_weighting, sample_weighting
+from .surrogate import Surrogate, check_surrogate, surrogate_loss
+from .validation import FiniteChecks, check_inputs, check_option
+from .weighting import (
+    SampleWeighting,
+    Weighting,
+    distill_weighting,
+    dmd_normalizer,
+    sample_weighting,
+)
 
 Term = Literal["sds", "vsd", "tsm", "csd"]
 
@@ -59,11 +67,19 @@ def _teacher_calls(teacher: ScoreModel, x_t: Tensor, t: Tensor, cond: Cond, null
     return [(teacher.model, x_t, t, cond), (teacher.model, x_t, t, null)]  # type: ignore[attr-defined]
 
 
+def _weight_message(per_sample: SampleWeighting) -> str:
+    if per_sample is dmd_normalizer:
+        return ("non-finite values in DMD's normaliser 1 / mean|z_hat - teacher_x0| "
+                "(dmd_normalizer): z_hat equals the teacher's x0 for a sample, a division by zero")
+    return "non-finite values in the sample_weighting's output (z_hat, teacher_x0) -> (B,)"
+
+
 @torch.no_grad()
 def trajectory_directions(
     teacher: ScoreModel, fake: ScoreModel | None, z_hat: Tensor, z: Tensor | None, cond: Cond,
     noise: Tensor, points: Tensor, point_weights: Tensor, terms: tuple[Term, ...],
     space: Prediction, weighting: Weighting, per_sample: SampleWeighting | None = None,
+    checks: FiniteChecks | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor]:
     """Accumulate the direction terms along the DASM trajectory (TSD-SR Alg. 1, lines 11-23).
 
@@ -75,7 +91,10 @@ def trajectory_directions(
     parametrisation (sign-flipped in x0 space so descent moves toward the teacher) and multiplied
     by ``point_weight_k * w(t_k)`` and, if given, ``per_sample(z_hat, x0 of T(z_hat_t))`` (DMD).
     Between points ``z_hat_t`` moves along ``F`` and ``z_t`` along ``T`` (Eq. 6). All model calls
-    of a point are one batched call (`predict_batched`).
+    of a point are one batched call (`predict_batched`), whose outputs are checked for shape
+    (a ``ValueError`` naming the teacher or the fake). ``checks``, if given, queues the finiteness
+    checks of the time weights and, point by point, of the teacher's and fake's predictions and
+    the per-sample weight, in that (causal) order.
 
     Shapes: ``z_hat``, ``z``, ``noise`` (B, ...); ``points`` (B, N); ``point_weights`` (N,).
     Returns per-term gradients (B, ...), per-term norms (B, N), timesteps and sigmas (B, N).
@@ -87,6 +106,9 @@ def trajectory_directions(
             space != "epsilon" or n_points > 1):
         check_alpha_nonzero(a_all, "score distillation")
     w_all = weighting(a_all, s_all) * point_weights[None]
+    if checks is not None:
+        checks.note(w_all, ValueError, "non-finite values in the time weighting w(alpha, sigma) "
+                    "at the drawn levels (time_weighting)")
     sign = -1.0 if space == "x0" else 1.0
     csd = "csd" in terms
     null = expand_cond(teacher.null_cond, z_hat.shape[0], "null_cond") if csd else None  # type: ignore[attr-defined]
@@ -102,9 +124,15 @@ def trajectory_directions(
         calls = _teacher_calls(teacher, zh_t, t, cond, null, csd)
         if z_t is not None:
             calls.append((teacher, z_t, t, cond))
+        roles = ["teacher"] * len(calls)
         if fake is not None:
             calls.append((fake, zh_t, t, cond))
-        preds = [p.float() for p in predict_batched(calls)]
+            roles.append("fake")
+        preds = [p.float() for p in predict_batched(calls, roles)]
+        if checks is not None:
+            where = f" at DASM point {k}" if n_points > 1 else ""
+            for role, pred in zip(roles, preds, strict=True):
+                checks.note_model(role, pred, where)
         t_null = preds.pop(1) if csd else None
         t_hat = teacher.guide(preds[0], t_null) if csd else preds[0]  # type: ignore[attr-defined]
         f_hat = preds[-1] if fake is not None else None
@@ -125,7 +153,10 @@ def trajectory_directions(
             diffs["csd"] = teacher_hat - in_space(t_null, teacher, zh_t)
         w = w_all[:, k]
         if per_sample is not None:
-            w = w * per_sample(z_hat, to_x0_eps(t_hat, teacher.prediction, zh_t, a, s)[0])
+            factor = per_sample(z_hat, to_x0_eps(t_hat, teacher.prediction, zh_t, a, s)[0])
+            if checks is not None:
+                checks.note(factor, FloatingPointError, _weight_message(per_sample))
+            w = w * factor
         w = sign * expand_like(w, z_hat)
         for term, diff in diffs.items():
             contrib = w * diff
@@ -151,8 +182,16 @@ class ScoreDistillationLoss:
     SD3 gets the TSD-SR release's sigma^2-weighted velocity differences); ``sample_weighting``
     a per-sample factor that needs the sample, by name ("dmd": `dmd_normalizer`) or
     ``(z_hat, teacher_x0) -> (B,)``, None for none; ``index_sampler`` the per-sample start index;
-    ``dasm`` the trajectory (None: one point); ``check_finite`` raise on non-finite inputs
-    (ValueError) or model outputs (FloatingPointError), one host sync per call.
+    ``dasm`` the trajectory (None: one point); ``surrogate`` the scalar whose gradient is the
+    direction ``g`` (`surrogate_loss`): "half_mse" ``0.5 * mean(g^2)``, gradient ``g / numel``
+    (DreamFusion, ProlificDreamer, DMD2), or "mse" ``mean(g^2)``, gradient ``2 g / numel``
+    (OSEDiff, PiSA-SR); ``check_finite`` raise on non-finite inputs or weightings (ValueError)
+    or on what the teacher, the fake or DMD's normaliser returned (FloatingPointError), naming
+    which, one host sync per call.
+
+    Every option is checked at construction (a ``ValueError`` listing the allowed values), and
+    a call refuses a keyword input the loss does not use (`uses`): ``z`` without a TSM term,
+    ``fake`` without a VSD term or DASM trajectory, ``dasm_bias`` without ``dasm``.
     """
 
     time_weighting: str | Weighting = "sigma2"
@@ -160,11 +199,72 @@ class ScoreDistillationLoss:
     space: Prediction | None = None
     index_sampler: IndexSampler = field(default_factory=UniformIndex)
     dasm: DASMSampler | None = None
+    surrogate: Surrogate = "half_mse"
     check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_option(owner, "time_weighting", lambda: distill_weighting(self.time_weighting))
+        if self.sample_weighting is not None:
+            check_option(owner, "sample_weighting",
+                         lambda: sample_weighting(self.sample_weighting))  # type: ignore[arg-type]
+        if self.space is not None:
+            check_option(owner, "space", lambda: check_prediction(self.space))  # type: ignore[arg-type]
+        check_option(owner, "surrogate", lambda: check_surrogate(self.surrogate))
+        if not callable(self.index_sampler):
+            raise ValueError(f"{owner}(index_sampler=...): expected an IndexSampler such as "
+                             f"UniformIndex(50, 950), got {brief(self.index_sampler)}")
+        if self.dasm is not None and not isinstance(self.dasm, DASMSampler):
+            raise ValueError(f"{owner}(dasm=...): expected a DASMSampler or None, got "
+                             f"{brief(self.dasm)}")
+        if not isinstance(self.check_finite, bool):
+            raise ValueError(f"{owner}(check_finite=...): expected True or False, got "
+                             f"{brief(self.check_finite)}")
+        mix = self.mix()
+        if "sds" in mix and self.dasm is not None and self.dasm.num_points > 1:
+            raise ValueError(f"{owner}(dasm=...): SDS compares with the injected noise at one "
+                             "level; it has no DASM trajectory: use dasm=None")
+        for term, coef in mix.items():
+            if isinstance(coef, bool) or not isinstance(coef, int | float) or (
+                    not math.isfinite(coef)):
+                raise ValueError(f"{owner}: the {term} coefficient must be a finite number, got "
+                                 f"{brief(coef)}")
 
     def mix(self) -> dict[Term, float]:
         """The loss as ``{term: coefficient}``; the gradient is ``sum coef * grads[term]``."""
         raise NotImplementedError
+
+    @property
+    def uses(self) -> frozenset[str]:
+        """The optional keyword inputs a call reads, of "fake", "z" and "dasm_bias".
+
+        `select_inputs` keeps those of a dict, for a loop over several losses.
+        """
+        terms = self.mix()
+        along_dasm = self.dasm is not None and self.dasm.num_points > 1
+        used = {"fake"} if "vsd" in terms or along_dasm else set()
+        used |= {"z"} if "tsm" in terms else set()
+        used |= {"dasm_bias"} if self.dasm is not None else set()
+        return frozenset(used)
+
+    def select_inputs(self, **inputs: object) -> dict[str, object]:
+        """``inputs`` without the optional ones (fake, z, dasm_bias) this loss does not use.
+
+        Example:
+            >>> for loss in (SDSLoss(), TSDLoss()):
+            ...     loss(z_hat, cond, **loss.select_inputs(teacher=teacher, fake=fake, z=z))
+        """
+        unused = {"fake", "z", "dasm_bias"} - self.uses
+        return {k: v for k, v in inputs.items() if k not in unused}
+
+    def _check_keywords(self, given: dict[str, object]) -> None:
+        owner, uses = type(self).__name__, self.uses
+        why = {"z": "it has no TSM term, so no target latent enters it",
+               "fake": "it has no VSD term and no DASM trajectory (dasm=None or one point)",
+               "dasm_bias": "it has no DASM trajectory (dasm=None)"}
+        for name, value in given.items():
+            if value is not None and name not in uses:
+                raise ValueError(f"{owner} does not use {name}=: {why[name]}; drop the argument")
 
     def __call__(
         self, z_hat: Tensor, cond: Cond = None, *, teacher: ScoreModel,
@@ -176,15 +276,14 @@ class ScoreDistillationLoss:
 
         ``z`` (B, ...) the paired target latent (TSM/TSD); ``cond`` the condition pytree (batch B);
         ``index`` (B,) int64 start indices into ``teacher.schedule``, ``noise`` (B, ...),
-        ``dasm_bias`` (B,) int64: each drawn with ``generator`` when not given.
+        ``dasm_bias`` (B,) int64: each drawn with ``generator`` when not given. Returns the
+        ``surrogate``'s value (`DistillOutput.loss`); raises a ``ValueError`` for an input the
+        loss does not use (see `uses`) and for a teacher or fake output of the wrong shape.
         """
         mix = self.mix()
         terms = tuple(mix)
-        n_points = self.dasm.num_points if self.dasm is not None else 1
-        needs_fake = "vsd" in terms or n_points > 1
-        if "sds" in terms and n_points > 1:
-            raise ValueError("SDS compares with the injected noise at one level; it has no DASM "
-                             "trajectory: use dasm=None")
+        self._check_keywords({"fake": fake, "z": z, "dasm_bias": dasm_bias})
+        needs_fake = "fake" in self.uses
         if needs_fake and fake is None:
             raise ValueError(f"{type(self).__name__} needs a fake-score model `fake` "
                              + ("(VSD term)" if "vsd" in terms else "to move z_hat_t along DASM"))
@@ -214,18 +313,29 @@ class ScoreDistillationLoss:
             check_inputs(z_hat, z, noise, cond, index, None)
             points, point_weights = index[:, None], torch.ones(1, device=dev)
 
+        checks = FiniteChecks() if self.check_finite else None
+        if checks is not None:
+            for name, value in (("z_hat", z_hat), ("noise", noise), ("z", z)):
+                checks.note_input(name, value)
+            checks.note_input("cond", leaves(cond))
+            for role, model in (("teacher", teacher), ("fake", fake)):
+                if isinstance(model, CFG):
+                    checks.note_input(f"the {role}'s null_cond", leaves(model.null_cond))
         grads, norms, timesteps, sigmas = trajectory_directions(
             teacher, fake if needs_fake else None, z_hat.detach().float(),
             None if z is None else z.float(), cond, noise.float(), points, point_weights, terms,
             space, distill_weighting(self.time_weighting),
-            None if self.sample_weighting is None else sample_weighting(self.sample_weighting))
-        if self.check_finite:
-            check_all_finite({"z_hat": z_hat, "noise": noise, "z": z},
-                         {f"the {term} direction": grads[term] for term in terms},
-                         "teacher or fake score" if needs_fake else "teacher")
+            None if self.sample_weighting is None else sample_weighting(self.sample_weighting),
+            checks)
+        if checks is not None:
+            for term in terms:
+                checks.note(grads[term], FloatingPointError,
+                            f"non-finite values in the {term} direction although every input, "
+                            "weight and model output is finite (float32 overflow?)")
+            checks.raise_first()
         grad = sum(coef * grads[term] for term, coef in mix.items())
-        return DistillOutput(surrogate_loss(z_hat, grad), grad, grads, norms, points, timesteps,
-                             sigmas)
+        return DistillOutput(surrogate_loss(z_hat, grad, self.surrogate), grad, grads, norms,
+                             points, timesteps, sigmas)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,8 +378,11 @@ class TSDLoss(ScoreDistillationLoss):
     lam: float = 0.7
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"TSD lambda must be in [0, 1], got {self.lam}")
+        if isinstance(self.lam, bool) or not isinstance(self.lam, int | float) or not (
+                0.0 <= self.lam <= 1.0):
+            raise ValueError(f"TSDLoss(lam=...): TSD lambda must be in [0, 1], got "
+                             f"{brief(self.lam)}")
+        super().__post_init__()
 
     def mix(self) -> dict[Term, float]:
         return {"vsd": self.lam, "tsm": 1.0 - self.lam}

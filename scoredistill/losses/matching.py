@@ -23,8 +23,9 @@ class DMDLoss(ScoreDistillationLoss):
     VSD difference in x0 space (Eq. 7's ``s_fake - s_real`` times Eq. 8's ``w_t``, whose
     ``sigma_t^2 / alpha_t`` cancels the scores' ``alpha_t / sigma_t^2``), with DMD's per-sample
     normalisation (`dmd_normalizer`) and no time weighting. Indices are drawn in DMD2's
-    ``[0.02, 0.98) * N``. ``scale = 1`` is DMD2's ``0.5 * mse`` surrogate; `osediff` is OSEDiff's
-    exact "VSD" loss. Shapes: ``z_hat`` (B, ...).
+    ``[0.02, 0.98) * N``. The value returned is DMD2's ``0.5 * F.mse_loss(z_hat, (z_hat -
+    grad).detach()) = 0.5 * mean(grad^2)`` (``surrogate="half_mse"``); `osediff` is OSEDiff's
+    "VSD" loss, value and gradient. Shapes: ``z_hat`` (B, ...).
 
     Example:
         >>> out = DMDLoss()(z_hat, cond, teacher=CFG(roles.teacher, 7.5, null), fake=roles.fake)
@@ -38,13 +39,14 @@ class DMDLoss(ScoreDistillationLoss):
 
     @classmethod
     def osediff(cls) -> DMDLoss:
-        """OSEDiff's ``distribution_matching_loss`` (Wu et al., NeurIPS 2024), exactly.
+        """OSEDiff's ``distribution_matching_loss`` (Wu et al., NeurIPS 2024), value and gradient.
 
-        ``F.mse_loss(z_hat, (z_hat - grad).detach())`` with the DMD ``grad`` above: no 0.5, so
-        ``scale = 2``; DDPM steps ``U{20, ..., 979}``, i.e. indices 20..979. Their teacher is
+        Returns their ``F.mse_loss(z_hat, (z_hat - grad).detach()) = mean(grad^2)`` with the DMD
+        ``grad`` above (``surrogate="mse"``: no 0.5, so the gradient is ``2 grad / numel``);
+        DDPM steps ``U{20, ..., 979}``, i.e. indices 20..979. Their teacher is
         ``CFG(unet_fix, 7.5, null)``, their fake score the unguided ``unet_update``.
         """
-        return cls(scale=2.0, index_sampler=UniformIndex(20, 980))
+        return cls(surrogate="mse", index_sampler=UniformIndex(20, 980))
 
     def mix(self) -> dict[Term, float]:
         return {"vsd": self.scale}
@@ -58,7 +60,8 @@ class CSDLoss(ScoreDistillationLoss):
     giving both branches in one call: the classifier score CFG adds, ``w (T_cond - T_null)``, so
     ``w = 1`` is Yu et al.'s direction. No fake score; along DASM it needs one anyway, since the
     trajectory moves ``z_hat_t`` with the fake score (mix it with VSD/TSD for that).
-    `pisasr` is PiSA-SR's exact CSD loss. Shapes: ``z_hat`` (B, ...).
+    The value returned is ``0.5 * mean(grad^2)`` (``surrogate="half_mse"``); `pisasr` is
+    PiSA-SR's CSD loss, value and gradient. Shapes: ``z_hat`` (B, ...).
 
     Example:
         >>> out = CSDLoss()(z_hat, cond, teacher=CFG(roles.teacher, 1.0, null))
@@ -68,12 +71,14 @@ class CSDLoss(ScoreDistillationLoss):
 
     @classmethod
     def pisasr(cls) -> CSDLoss:
-        """PiSA-SR's ``cal_csd`` (Sun et al., CVPR 2025), exactly, with ``CFG(unet, 7.5, null)``.
+        """PiSA-SR's ``cal_csd`` (Sun et al., CVPR 2025), value and gradient, with
+        ``CFG(unet, 7.5, null)``.
 
-        ``(x0_null - x0_guided) / mean|z_hat - x0_guided|`` in ``F.mse_loss`` (``scale = 2``),
-        DMD's normalisation, DDPM steps ``U{20, ..., 499}``, i.e. indices 500..979.
+        ``grad = (x0_null - x0_guided) / mean|z_hat - x0_guided|`` (DMD's normalisation); returns
+        their ``F.mse_loss(z_hat, (z_hat - grad).detach()) = mean(grad^2)`` (``surrogate="mse"``,
+        gradient ``2 grad / numel``); DDPM steps ``U{20, ..., 499}``, i.e. indices 500..979.
         """
-        return cls(space="x0", time_weighting="uniform", sample_weighting="dmd", scale=2.0,
+        return cls(space="x0", time_weighting="uniform", sample_weighting="dmd", surrogate="mse",
                    index_sampler=UniformIndex(500, 980))
 
     def mix(self) -> dict[Term, float]:

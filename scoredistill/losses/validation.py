@@ -1,12 +1,23 @@
-"""Input checks shared by the losses: clear ``ValueError``s instead of silent broadcasting."""
+"""Checks shared by the losses: options, inputs and finiteness, one clear error each."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ..conditioning import check_cond
 from ..protocols import Cond
+
+
+def check_option(owner: str, name: str, check: Callable[[], object]) -> None:
+    """Run ``check()`` on a loss option at construction; re-raise its ``ValueError`` prefixed
+    with ``owner(name=...)``, so the message names the loss and the field."""
+    try:
+        check()
+    except ValueError as err:
+        raise ValueError(f"{owner}({name}=...): {err}") from None
 
 
 def _same_as(name: str, x: Tensor, ref: Tensor, ref_name: str, check_dtype: bool = True) -> None:
@@ -47,19 +58,43 @@ def check_inputs(x: Tensor, z: Tensor | None, noise: Tensor, cond: Cond, index: 
         _per_sample_int("dasm_bias", bias, b, x.device)
 
 
-def check_all_finite(inputs: dict[str, Tensor | None], outputs: dict[str, Tensor],
-                 models: str) -> None:
-    """One host sync for all of a loss call's checks: a ValueError naming the non-finite
-    ``inputs``, else a FloatingPointError naming the non-finite ``outputs`` (what ``models``
-    returned for finite inputs)."""
-    named = {k: v for k, v in {**inputs, **outputs}.items() if v is not None}
-    finite = torch.stack([torch.isfinite(v).all() for v in named.values()]).tolist()
-    bad = [n for n, ok in zip(named, finite, strict=True) if not ok]
-    bad_inputs = [n for n in bad if n in inputs]
-    if bad_inputs:
-        raise ValueError(f"non-finite values in {', '.join(bad_inputs)}")
-    if bad:
-        raise FloatingPointError(
-            f"non-finite values in {', '.join(bad)} although the inputs are finite: the "
-            f"{models} returned NaN or inf (check its weights and dtype: fp16 overflows above "
-            "65504); pass check_finite=False to skip such steps yourself")
+class FiniteChecks:
+    """A loss call's finiteness checks, read with one host sync at the end (`raise_first`).
+
+    Tensors are noted in causal order (inputs, then weights, then each point's model outputs and
+    the weights computed from them); the first non-finite one is the cause, and its error names
+    it: a ``ValueError`` for the caller's inputs and weightings, a ``FloatingPointError`` for what
+    a model (or a normaliser computed from it) returned although everything before it was finite.
+    """
+
+    def __init__(self) -> None:
+        self._flags: list[Tensor] = []
+        self._errors: list[tuple[type[Exception], str]] = []
+
+    def note(self, tensors: Tensor | list[Tensor] | None, error: type[Exception],
+             message: str) -> None:
+        """Queue a check (no host sync) that raises ``error(message)`` if ``tensors`` is not
+        all finite."""
+        for x in [tensors] if isinstance(tensors, Tensor) else tensors or []:
+            self._flags.append(torch.isfinite(x).all())
+            self._errors.append((error, message))
+
+    def note_input(self, name: str, tensors: Tensor | list[Tensor] | None) -> None:
+        """An argument of the loss call (``z_hat``, ``noise``, the ``cond`` leaves, ...)."""
+        self.note(tensors, ValueError, f"non-finite values in {name}")
+
+    def note_model(self, role: str, pred: Tensor, where: str = "") -> None:
+        """What the model in ``role`` (teacher, fake, model) returned, at ``where``."""
+        self.note(pred, FloatingPointError,
+                  f"non-finite values in the {role}'s prediction{where} although its inputs are "
+                  f"finite: the {role} returned NaN or inf (check its weights and dtype: fp16 "
+                  "overflows above 65504); pass check_finite=False to skip such steps yourself")
+
+    def raise_first(self) -> None:
+        """One host sync: raise the first queued check that failed, if any."""
+        if not self._flags:
+            return
+        ok = torch.stack([f.to(self._flags[0].device) for f in self._flags]).tolist()
+        for good, (error, message) in zip(ok, self._errors, strict=True):
+            if not good:
+                raise error(message)

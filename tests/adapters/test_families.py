@@ -36,8 +36,9 @@ def train_step(family: Family, loss_name: str, student, teacher, fake):
     t = student.schedule.timesteps(torch.zeros(B, dtype=torch.long))  # the noisiest level
     z_hat = z_lq - student(z_lq, t, cond)
     fake_model = None if fake_cfg is None else CFG(fake, SCALE, null) if fake_cfg else fake
-    out = build()(z_hat, cond, teacher=CFG(teacher, SCALE, null), fake=fake_model, z=z,
-                  generator=torch.Generator().manual_seed(0))
+    loss = build()
+    out = loss(z_hat, cond, generator=torch.Generator().manual_seed(0), **loss.select_inputs(
+        teacher=CFG(teacher, SCALE, null), fake=fake_model, z=z))
     (out.loss + F.mse_loss(z_hat, z)).backward()
     if fake_model is not None:
         # Backward after the other forwards: recomputation must not see their adapter selection.

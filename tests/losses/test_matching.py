@@ -133,9 +133,10 @@ def test_csd_and_dmd_weighting_compose_linearly_along_dasm(sample_weighting):
               noise=noise, dasm_bias=torch.tensor([-25, 3, 24]))
     common = dict(dasm=dasm, sample_weighting=sample_weighting)
     out = Mixed(**common)(z_hat, cond, **kw)
-    parts = (0.5 * VSDLoss(**common)(z_hat, cond, **kw).grad
-             + 0.3 * TSDLoss(lam=0.0, **common)(z_hat, cond, **kw).grad
-             + 0.2 * CSDLoss(**common)(z_hat, cond, **kw).grad)
+    vsd, tsm, csd = VSDLoss(**common), TSDLoss(lam=0.0, **common), CSDLoss(**common)
+    parts = (0.5 * vsd(z_hat, cond, **vsd.select_inputs(**kw)).grad
+             + 0.3 * tsm(z_hat, cond, **tsm.select_inputs(**kw)).grad
+             + 0.2 * csd(z_hat, cond, **csd.select_inputs(**kw)).grad)
     torch.testing.assert_close(out.grad, parts, rtol=1e-5, atol=1e-6)
     assert out.norms["csd"].shape == (B, dasm.num_points)
 

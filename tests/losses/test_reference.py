@@ -99,14 +99,14 @@ CASES = {
 @pytest.mark.parametrize("kind", ["flow", "vp"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_gradient_equals_explicit_reference(kind, case):
-    build, terms, use_dasm = CASES[case]
+    build, terms, _use_dasm = CASES[case]
     loss_fn = build()
     teacher, fake, z_hat, z, noise, cond, null = make(kind)
     # Per-sample start indices, one running into the end of the schedule (clamped to 999).
     index, bias = torch.tensor([60, 480, 930]), torch.tensor([-25, 3, 24])
     z_hat = z_hat.requires_grad_(True)
-    out = loss_fn(z_hat, cond, teacher=CFG(teacher, SCALE, null), fake=CFG(fake, SCALE, null),
-                  z=z, index=index, noise=noise, dasm_bias=bias if use_dasm else None)
+    out = loss_fn(z_hat, cond, index=index, noise=noise, **loss_fn.select_inputs(
+        teacher=CFG(teacher, SCALE, null), fake=CFG(fake, SCALE, null), z=z, dasm_bias=bias))
     out.loss.backward()
 
     dasm = loss_fn.dasm or DASMSampler(num_points=1, weights=(1.0,))
@@ -124,8 +124,8 @@ def test_gradient_equals_explicit_reference(kind, case):
 
 
 def test_x0_space_flips_the_sign_so_descent_moves_toward_the_teacher():
-    teacher, fake, z_hat, z, noise, cond, _null = make("flow")
-    kw = dict(teacher=teacher, fake=fake, z=z, index=torch.tensor([100, 400, 800]), noise=noise)
+    teacher, fake, z_hat, _z, noise, cond, _null = make("flow")
+    kw = dict(teacher=teacher, fake=fake, index=torch.tensor([100, 400, 800]), noise=noise)
     v = VSDLoss(time_weighting="uniform")(z_hat, cond, **kw)
     x0 = VSDLoss(time_weighting="uniform", space="x0")(z_hat, cond, **kw)
     # u = eps - x0 at fixed x_t: delta x0 = -sigma * delta u; the x0 form negates that difference.
