@@ -28,12 +28,20 @@ def x0_of(kind, pred, x_t, alpha, sigma):
     return x_t - sigma * pred if kind == "flow" else (x_t - sigma * pred) / alpha
 
 
-def authors_grad(kind, z_hat, per_sample_grad, index):
-    """d/dz_hat of ``F.mse_loss(z_hat, (z_hat - grad).detach())`` with the per-sample grads."""
+def authors_loss(z_hat, per_sample_grad, index):
+    """The value of ``F.mse_loss(z_hat, (z_hat - grad).detach())`` with the per-sample grads,
+    and its gradient w.r.t. z_hat by autograd (OSEDiff / PiSA-SR)."""
     latents = z_hat.detach().clone().requires_grad_(True)
     grads = torch.stack([per_sample_grad(b, latents[b].detach()) for b in range(len(index))])
-    F.mse_loss(latents, (latents - grads).detach()).backward()
-    return latents.grad
+    value = F.mse_loss(latents, (latents - grads).detach())
+    value.backward()
+    return value.detach(), latents.grad
+
+
+def assert_authors_value_and_grad(out, z, want):
+    value, grad = want
+    torch.testing.assert_close(out.loss.detach(), value, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(z.grad, grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["vp", "flow"])
@@ -51,8 +59,7 @@ def test_osediff_form_equals_their_loss(kind):
     out = DMDLoss.osediff()(z, cond, teacher=CFG(teacher, SCALE, null), fake=fake, index=INDEX,
                             noise=noise)
     out.loss.backward()
-    torch.testing.assert_close(z.grad, authors_grad(kind, z_hat, per_sample, INDEX),
-                               rtol=1e-5, atol=1e-7)
+    assert_authors_value_and_grad(out, z, authors_loss(z_hat, per_sample, INDEX))
 
 
 def test_osediff_noise_levels_are_diffusers_add_noise():
@@ -67,6 +74,11 @@ def test_osediff_noise_levels_are_diffusers_add_noise():
     torch.testing.assert_close(alpha[:, None] * x + sigma[:, None] * eps, want)
     # OSEDiff draws timesteps U{20..979}: the loss's indices cover exactly those steps.
     assert DMDLoss.osediff().index_sampler.low == 20 and DMDLoss.osediff().index_sampler.high == 980
+    # PiSA-SR's cal_csd draws U{20..499}: indices 500..979 (DDPM step t = 999 - index).
+    pisasr = CSDLoss.pisasr().index_sampler
+    assert (pisasr.low, pisasr.high) == (500, 980)
+    steps = teacher.schedule.timesteps(torch.tensor([pisasr.low, pisasr.high - 1]))
+    assert steps.tolist() == [499.0, 20.0]
 
 
 @pytest.mark.parametrize("kind", ["vp", "flow"])
@@ -82,10 +94,19 @@ def test_pisasr_form_equals_their_loss(kind):
         return (x0_null - x0_real) / (latent - x0_real).abs().mean()
 
     z = z_hat.clone().requires_grad_(True)
-    CSDLoss.pisasr()(z, cond, teacher=CFG(teacher, SCALE, null), index=index,
-                     noise=noise).loss.backward()
-    torch.testing.assert_close(z.grad, authors_grad(kind, z_hat, per_sample, index),
-                               rtol=1e-5, atol=1e-7)
+    out = CSDLoss.pisasr()(z, cond, teacher=CFG(teacher, SCALE, null), index=index, noise=noise)
+    out.loss.backward()
+    assert_authors_value_and_grad(out, z, authors_loss(z_hat, per_sample, index))
+
+
+def test_dmd2_value_is_half_the_mse_and_the_forms_share_directions():
+    # DMD2's 0.5 * mse and OSEDiff's mse: the same direction g, values 0.5 and 1 times mean(g^2).
+    teacher, fake, z_hat, _, noise, cond, null = make("flow")
+    kw = dict(teacher=CFG(teacher, SCALE, null), fake=fake, index=INDEX, noise=noise)
+    half, full = DMDLoss()(z_hat, cond, **kw), DMDLoss.osediff()(z_hat, cond, **kw)
+    torch.testing.assert_close(half.grad, full.grad)
+    torch.testing.assert_close(half.loss, 0.5 * full.grad.square().mean())
+    torch.testing.assert_close(full.loss, full.grad.square().mean())
 
 
 @pytest.mark.parametrize("kind", ["vp", "flow"])
