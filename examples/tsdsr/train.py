@@ -6,8 +6,9 @@
     ... --resume latest                                     # continue from the last checkpoint
 
 Exit status: 0 trained to --max-steps; 2 a usage or data error (one line names the flag or
-file; nothing was trained); 75 stopped by SIGTERM/SIGINT after a step, with a checkpoint
-written (rerun with --resume latest).
+file; nothing was trained), or a checkpoint that could not be written (a full disk: the earlier
+ones are intact); 75 stopped by SIGTERM/SIGINT after a step, with a checkpoint written (rerun
+with --resume latest). One run at a time writes into an --output-dir (a lock, held for the run).
 
 Prompt embeddings (and optionally HQ latents) come from ``precompute.py``; text encoders never
 load here. Checkpoints (``<output-dir>/checkpoints/step-N``) hold the student's
@@ -37,8 +38,8 @@ from examples.tsdsr.training.checkpoint import gather_lora, load_checkpoint, sav
 from examples.tsdsr.training.config import TrainConfig, parse_config, save_config
 from examples.tsdsr.training.data import CaptionedCrops, StepBatches, derive_seed, make_loader
 from examples.tsdsr.training.models import build_models
-from examples.tsdsr.training.preemption import Preempted, StopOnSignal
-from examples.tsdsr.training.preflight import check_paths, check_tracker
+from examples.tsdsr.training.preemption import Preempted, StopOnSignal, any_process
+from examples.tsdsr.training.preflight import check_paths, check_tracker, one_run
 from examples.tsdsr.training.resume import resume_point
 from examples.tsdsr.training.scan import scan_training_data
 from examples.tsdsr.training.sharding import (
@@ -150,7 +151,6 @@ def train(config: TrainConfig) -> Path:
     """Run (or resume) training; return the output folder. Raises UserError for usage and data
     errors (before any model loads where it can) and Preempted after a SIGTERM/SIGINT stop."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     if config.pretrained is None and not config.tiny:
         raise UserError("give --pretrained /path/to/sd3 (a local diffusers folder) or --tiny")
@@ -160,6 +160,15 @@ def train(config: TrainConfig) -> Path:
     accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=str(out),
                               log_with=None if config.report_to == "none" else config.report_to)
     check_parallelism(config, accelerator)
+    with one_run(out, accelerator):  # before anything is written into --output-dir
+        return _train(config, accelerator)
+
+
+def _train(config: TrainConfig, accelerator: Any) -> Path:
+    """:func:`train` after its checks, with the output folder locked for this run."""
+    from accelerate.utils import set_seed
+
+    out = Path(config.output_dir)
     if config.tiny:
         config = prepare_tiny_data(config, write=accelerator.is_main_process)
         accelerator.wait_for_everyone()
@@ -215,12 +224,18 @@ def train(config: TrainConfig) -> Path:
                  for n, o in (("student", student), ("fake", fake))
                  for part in ("optimizer", "scheduler")}
         lora = gather_lora(models) if sharded else None
+        failed = None
         if accelerator.is_main_process:
             state["scaler"] = accelerator.scaler.state_dict() if accelerator.scaler else None
-            save_checkpoint(ckpt_root, step, models, {**state, "skipped": dict(skipped),
-                                                      "config": dataclasses.asdict(config)},
-                            config.checkpoints_keep, lora=lora)
-        accelerator.wait_for_everyone()
+            try:
+                save_checkpoint(ckpt_root, step, models, {**state, "skipped": dict(skipped),
+                                                          "config": dataclasses.asdict(config)},
+                                config.checkpoints_keep, lora=lora)
+            except UserError as exc:  # a full disk: every process stops, none waits for it
+                failed = exc
+        if any_process(accelerator, failed is not None):
+            raise failed or UserError(f"process 0 could not write checkpoint step {step} (see "
+                                      "its message)")
         return ckpt_root / f"step-{step:08d}"
 
     def run_validation(step: int) -> None:

@@ -1,5 +1,8 @@
 """Checkpoint state as JSON + safetensors: optimizer state dicts round-trip, nothing is pickled."""
 
+import errno
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -11,6 +14,7 @@ from examples.tsdsr.training.checkpoint import (
     checkpoints,
     read_state,
     resolve,
+    write_error,
     write_state,
 )
 from scoredistill.cli import UserError
@@ -45,14 +49,21 @@ def test_unstorable_values_are_refused(tmp_path):
         write_state({"x": object()}, tmp_path)
 
 
+def fake_checkpoint(root, step, complete=True, **state):
+    """A checkpoint folder with every file (small tensors, ``state`` added to the step);
+    ``complete=False``: no state."""
+    folder = root / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    if complete:
+        write_state({"step": step, **state}, folder)
+        for name in (*LORA_FILES, VAE_FILE):
+            save_file({"w": torch.zeros(4)}, str(folder / name))
+    return folder
+
+
 def test_resume_latest_is_the_newest_complete_checkpoint(tmp_path):
     for step in (10, 2, 40, 4):  # created out of order; step 40 is unfinished (no state file)
-        folder = tmp_path / f"step-{step:08d}"
-        folder.mkdir()
-        if step != 40:
-            write_state({"step": step}, folder)
-            for name in (*LORA_FILES, VAE_FILE):
-                save_file({"w": torch.zeros(1)}, str(folder / name))
+        fake_checkpoint(tmp_path, step, complete=step != 40)
     (tmp_path / ".tmp-step-00000050-7").mkdir()  # a save killed midway
     assert [p.name for p in checkpoints(tmp_path)] == [
         "step-00000002", "step-00000004", "step-00000010"]
@@ -61,3 +72,41 @@ def test_resume_latest_is_the_newest_complete_checkpoint(tmp_path):
     assert resolve(str(tmp_path / "step-00000004"), tmp_path) == tmp_path / "step-00000004"
     with pytest.raises(UserError, match="not a complete checkpoint"):
         resolve(str(tmp_path / "step-00000040"), tmp_path)
+
+
+CHECKPOINT_FILES = sorted((*LORA_FILES, VAE_FILE, *STATE_FILES))
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+def test_a_damaged_file_makes_latest_fall_back(name, tmp_path, caplog):
+    """Whichever file of the newest checkpoint was cut short (a full disk, a copy interrupted),
+    --resume latest takes the one before and names the file."""
+    assert len(CHECKPOINT_FILES) == 5  # the student's two LoRAs, the fake's, the state's two
+    fake_checkpoint(tmp_path, 1)
+    newest = fake_checkpoint(tmp_path, 2)
+    data = (newest / name).read_bytes()
+    (newest / name).write_bytes(data[:len(data) // 2])
+    assert resolve("latest", tmp_path) == tmp_path / "step-00000001"
+    assert f"skipping damaged checkpoint step-00000002 ({newest / name}" in caplog.text
+
+
+def test_every_checkpoint_damaged_is_refused(tmp_path):
+    for step, name in ((1, VAE_FILE), (2, STATE_FILES[0])):
+        folder = fake_checkpoint(tmp_path, step)
+        (folder / name).write_bytes(b"cut")
+    with pytest.raises(UserError, match="every checkpoint in .* is damaged "
+                                        r"\(step-00000002, step-00000001;"):
+        resolve("latest", tmp_path)
+
+
+def test_write_errors_are_recognised_from_os_and_safetensors():
+    from safetensors import SafetensorError
+
+    assert write_error(OSError(errno.ENOSPC, "No space left on device")) == (
+        "No space left on device")
+    # What safetensors 0.8 raised when a 64 KiB tmpfs filled up.
+    full = SafetensorError("Error while serializing: I/O error: No space left on device "
+                           "(os error 28)")
+    assert write_error(full) == os.strerror(errno.ENOSPC)
+    assert write_error(SafetensorError("Error while serializing: invalid dtype")) is None
+    assert write_error(RuntimeError("a bug")) is None

@@ -4,9 +4,14 @@ is ignored, and a non-finite loss never reaches the weights.
 These check the loop's mechanics, not learning, so they run on the instant random tiny backbone
 instead of the pre-fitted default (run_tiny.py checks learning)."""
 
+import contextlib
+import io
+import json
+import multiprocessing
 import os
 import shutil
 import signal
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +26,8 @@ from examples.tsdsr.training import models
 from examples.tsdsr.training.checkpoint import checkpoints
 from examples.tsdsr.training.config import parse_config
 from examples.tsdsr.training.preemption import StopOnSignal
-from scoredistill.cli import EXIT_PREEMPTED
+from examples.tsdsr.training.preflight import lock_output_dir
+from scoredistill.cli import EXIT_PREEMPTED, UserError
 from scoredistill.sr.imageio import save_png
 from scoredistill.sr.loading import load_prompts
 
@@ -141,6 +147,67 @@ def test_a_second_signal_stops_at_once():
                 os.kill(os.getpid(), signal.SIGINT)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_two_runs_started_together_into_one_folder_one_is_refused(data, tmp_path,
+                                                                  monkeypatch):
+    """Two processes start train.py into the same --output-dir and reach its lock together
+    (seeds 43 and 44): exactly one trains, the other exits 2 with one line naming the folder,
+    and the run's config and checkpoint are the same run's."""
+    context = multiprocessing.get_context("fork")  # the patched backbone comes along
+    barrier, out = context.Barrier(2), tmp_path / "run"
+    real = train_module.check_paths
+
+    def check_then_meet(config):  # the last step before the lock: both runs wait here
+        real(config)
+        barrier.wait(timeout=120)
+
+    def one_run(seed):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            status = run(data, out, "--seed", seed, "--max-steps", "1")
+        (tmp_path / f"{seed}.json").write_text(json.dumps([status, err.getvalue()]))
+
+    monkeypatch.setattr(train_module, "check_paths", check_then_meet)
+    runs = [context.Process(target=one_run, args=(seed,)) for seed in ("43", "44")]
+    for process in runs:
+        process.start()
+    for process in runs:
+        process.join(timeout=300)
+    ended = {seed: json.loads((tmp_path / f"{seed}.json").read_text()) for seed in ("43", "44")}
+    assert sorted(status for status, _ in ended.values()) == [0, 2], ended
+    winner = next(seed for seed, (status, _) in ended.items() if status == 0)
+    refused = next(err for status, err in ended.values() if status == 2)
+    assert refused.strip().splitlines() == [
+        f"train: error: --output-dir {out} is in use by another training run (pid "
+        f"{runs[int(winner) - 43].pid}): wait for it to end, or give another --output-dir"]
+    state = json.loads((out / "checkpoints" / "step-00000001" / "state.json").read_text())
+    assert state["config"]["seed"] == json.loads((out / "config.json").read_text())["seed"]
+    assert state["config"]["seed"] == int(winner)
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path):
+    """The lock lives as long as its process: refused while the holder runs, free as soon as it
+    is killed with SIGKILL (nothing to clean up before --resume latest)."""
+    context = multiprocessing.get_context("fork")
+    locked = context.Event()
+
+    def hold():
+        lock_output_dir(tmp_path)
+        locked.set()
+        time.sleep(300)
+
+    holder = context.Process(target=hold)
+    holder.start()
+    try:
+        assert locked.wait(timeout=60)
+        with pytest.raises(UserError, match=f"in use by another training run \\(pid "
+                                            f"{holder.pid}\\)"):
+            lock_output_dir(tmp_path)
+    finally:
+        holder.kill()
+        holder.join()
+    os.close(lock_output_dir(tmp_path))
 
 
 def test_non_finite_loss_skips_the_update(data, tmp_path):

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from examples.tsdsr.precompute import precompute
+from scoredistill.cli import EXIT_PREEMPTED
 from scoredistill.sr.imageio import save_png
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
@@ -29,8 +30,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(data: Path, out: Path, *extra: str) -> None:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+def launch(data: Path, out: Path, *extra: str, status: int = 0, **env: str) -> None:
+    """Train with two processes; each must end with exit status ``status``."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **env}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
            "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(WORKER),
            "--tiny", "--hq-dir", str(data / "hq"), "--embeds-dir", str(data / "embeds"),
@@ -39,11 +41,15 @@ def launch(data: Path, out: Path, *extra: str) -> None:
            "--fake-rank", "2", "--vae-rank", "2", "--batch-size", "1", *extra]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    for rank in (0, 1):
+        found = json.loads((out / f"rank-{rank}.json").read_text())["status"]
+        assert found == status, (rank, found, done.stderr[-4000:])
 
 
 def rank_file(out: Path, rank: int) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+    fed = json.loads((out / f"rank-{rank}.json").read_text())["fed"]
     with safe_open(str(out / f"rank-{rank}.safetensors"), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["fed"])  # noqa: SIM118
+        return {k: f.get_tensor(k) for k in f.keys()}, fed  # noqa: SIM118
 
 
 def checkpoint(out: Path, step: int) -> dict[str, torch.Tensor]:
@@ -107,6 +113,35 @@ def test_fsdp_resume_matches_the_uninterrupted_run(runs, tmp_path):
     reference = load_file(runs / "fsdp" / "checkpoints" / "step-00000004" / "state.safetensors")
     for k, v in reference.items():  # Adam's moments were re-sharded and kept
         torch.testing.assert_close(state[k], v, rtol=0, atol=1e-6)
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(runs, tmp_path):
+    """SIGTERM reaches only rank 1, during step 3: both ranks finish step 3, stop with status 75
+    and leave one checkpoint of step 3 (rank 0 writes it), equal on both ranks' weights."""
+    out = tmp_path / "preempted"
+    launch(runs, out, status=EXIT_PREEMPTED, SIGTERM_AT="1:3")
+    (w0, fed0), (w1, fed1) = (rank_file(out, r) for r in (0, 1))
+    assert len(fed0) == len(fed1) == 3
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-00000002", "step-00000003"]
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    state = json.loads((out / "checkpoints" / "step-00000003" / "state.json").read_text())
+    assert state["step"] == 3
+
+
+def test_a_locked_output_dir_stops_every_process(runs, tmp_path):
+    """Another run holds the folder: process 0 is refused, and process 1, which takes no lock
+    itself, stops with it instead of waiting for process 0 forever."""
+    from examples.tsdsr.training.preflight import lock_output_dir
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    fd = lock_output_dir(out)
+    try:
+        launch(runs, out, status=2)
+    finally:
+        os.close(fd)
+    assert not (out / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(("env", "argv", "message"), [

@@ -31,6 +31,7 @@ from examples.tsdsr.training.sharding import is_sharded
 from scoredistill.adapters import load_lora, lora_state_dict, save_lora
 from scoredistill.cli import UserError
 from scoredistill.messages import brief
+from scoredistill.sr.imageio import new_file_mode
 
 log = logging.getLogger("tsdsr.train")
 PATTERN = re.compile(r"step-(\d{8})")
@@ -75,16 +76,23 @@ def damaged_file(checkpoint: str | Path) -> str | None:
 
 def resolve(resume: str | None, root: str | Path) -> Path | None:
     """``"latest"`` -> the newest checkpoint that loads (None if there is none), skipping damaged
-    ones with a warning naming the file; a path -> itself, or a UserError if it cannot load."""
+    ones with a warning naming the file, a UserError if every one is damaged; a path -> itself,
+    or a UserError if it cannot load."""
     if resume is None:
         return None
     if resume == "latest":
+        damaged = []
         for found in reversed(checkpoints(root)):
             problem = damaged_file(found)
             if problem is None:
                 return found
             log.warning("skipping damaged checkpoint %s (%s); trying the one before", found.name,
                         problem)
+            damaged.append(found.name)
+        if damaged:  # starting over would silently throw the run away
+            raise UserError(f"--resume latest: every checkpoint in {root} is damaged "
+                            f"({brief(', '.join(damaged), 200)}; each listed above): restore one, "
+                            "or move them out of the folder to start a new run")
         return None
     path = Path(resume)
     if not path.is_dir():
@@ -132,22 +140,45 @@ def save_checkpoint(root: str | Path, step: int, models: TSDSRModels, state: dic
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
-    transformer = models.roles.backbone.module
-    for name, adapter in LORA_FILES.items():
-        save_lora(tmp / name, transformer, adapter, state=(lora or {}).get(adapter))
-    save_lora(tmp / VAE_FILE, models.vae, VAE_ADAPTER)
-    write_state({**state, "step": step}, tmp)
-    _fsync_dir(tmp)
-    if final.exists():  # a re-save of the same step (resumed run): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    try:
+        tmp.mkdir()
+        transformer = models.roles.backbone.module
+        for name, adapter in LORA_FILES.items():
+            save_lora(tmp / name, transformer, adapter, state=(lora or {}).get(adapter))
+        save_lora(tmp / VAE_FILE, models.vae, VAE_ADAPTER)
+        write_state({**state, "step": step}, tmp)
+        mode = new_file_mode()
+        for file in tmp.iterdir():  # safetensors writes through a 0600 temp file
+            os.chmod(file, mode)
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (resumed run): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        problem = write_error(exc)
+        if problem is None:
+            raise
+        raise UserError(f"cannot write checkpoint {final} ({problem}): make room or fix the "
+                        "folder, then rerun with --resume latest (the checkpoints before it are "
+                        "intact)") from None
     # Only older steps are removed: never the folder just written, nor anything after it.
     older = [c for c in checkpoints(root) if step_of(c) < step]
     for old in older[:max(len(older) - keep + 1, 0)] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_error(exc: BaseException) -> str | None:
+    """What the file system said when a write failed (a full disk or quota, a read-only or lost
+    folder), or None when ``exc`` is no such failure (a bug: it keeps its traceback)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    # safetensors reports its own as SafetensorError("Error while serializing: I/O error: No
+    # space left on device (os error 28)").
+    found = re.search(r"I/O error: .*\(os error (\d+)\)", str(exc))
+    return os.strerror(int(found.group(1))) if found else None
 
 
 def gather_lora(models: TSDSRModels) -> dict[str, dict[str, Tensor]]:

@@ -64,7 +64,13 @@ class StopOnSignal:
 
     def requested(self, accelerator: Any) -> bool:
         """Whether any process received a signal (a collective: every process calls it)."""
-        if accelerator.num_processes == 1:
-            return self.received is not None
-        flag = torch.tensor([float(self.received is not None)], device=accelerator.device)
-        return bool(accelerator.gather(flag).max() > 0)
+        return any_process(accelerator, self.received is not None)
+
+
+def any_process(accelerator: Any, flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (a collective: every process calls it, so all
+    take the same branch after it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    gathered = accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))
+    return bool(gathered.max() > 0)

@@ -1,15 +1,23 @@
-"""What train.py checks before any model loads: every path it was given, the output folder and
-the experiment tracker. Each problem is a UserError naming the flag."""
+"""What train.py checks before any model loads: every path it was given, the output folder (and
+that no other run writes into it) and the experiment tracker. Each problem is a UserError naming
+the flag."""
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from examples.tsdsr.training.config import TrainConfig
+from examples.tsdsr.training.preemption import any_process
 from scoredistill.cli import UserError, writable_dir
 from scoredistill.sr.loading import PROMPTS_FILE, check_sd3_folder
 
+LOCK_FILE = ".train.lock"  # in --output-dir; holds the pid of the run that has it locked
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
 
@@ -46,3 +54,47 @@ def check_tracker(report_to: str) -> None:
     if modules and not any(importlib.util.find_spec(m) for m in modules):
         raise UserError(f"--report-to {report_to}: {modules[0]} is not installed; pip install "
                         f"{modules[0]}, or pass --report-to none (or another tracker)")
+
+
+def lock_output_dir(output_dir: str | Path) -> int:
+    """Take ``output_dir``'s run lock (``flock`` on its ``.train.lock``, checked and taken in one
+    system call, so two runs started together cannot both get it); return the file descriptor
+    that holds it until closed. A UserError naming the folder if another run holds it.
+
+    flock rather than an ``O_EXCL`` marker file: the kernel drops the lock when its process ends,
+    however it ends, so a run killed with ``kill -9`` leaves no stale lock and resumes as is.
+    """
+    fd = os.open(Path(output_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise UserError(f"--output-dir {output_dir} is in use by another training run"
+                        f"{f' (pid {holder})' if holder.isdigit() else ''}: wait for it to end, "
+                        "or give another --output-dir") from None
+    # The file stays after the run: unlinking it while another run opens it would let the two
+    # lock two different files.
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+@contextmanager
+def one_run(output_dir: str | Path, accelerator: Any) -> Iterator[None]:
+    """Hold ``output_dir``'s run lock for the ``with`` block: the main process takes it (the
+    others share its run), and every process stops with the same UserError if it cannot."""
+    fd, refused = None, None
+    if accelerator.is_main_process:
+        try:
+            fd = lock_output_dir(output_dir)
+        except UserError as exc:
+            refused = exc
+    try:
+        if any_process(accelerator, refused is not None):  # a collective: no rank waits alone
+            raise refused or UserError(f"--output-dir {output_dir} is in use by another "
+                                       "training run (see process 0's message)")
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)

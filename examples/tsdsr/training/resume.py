@@ -6,7 +6,8 @@ checkpoint folder that holds one line of steps.
   the checkpoint, so a silent mix would train neither setting. Bookkeeping (paths, intervals,
   ``--max-steps``, workers, trackers) may change; each change is logged.
 - Resuming from an older step sets the later checkpoints aside (see ``set_aside_newer``).
-- A fresh run refuses a folder that already holds checkpoints.
+- A fresh run refuses a folder that already holds checkpoints; ``--resume latest`` in a folder
+  without any starts a new run, with a warning; with every checkpoint damaged it is refused.
 """
 
 from __future__ import annotations
@@ -63,11 +64,12 @@ def resume_point(config: TrainConfig, root: Path, set_aside: bool = True) -> Pat
     found = checkpoints(root)
     checkpoint = resolve(config.resume, root)
     if checkpoint is None:
-        if found and config.resume is None:
+        if found:  # so no --resume: with "latest", resolve returned one or raised
             raise UserError(f"{root} already holds checkpoints (up to {found[-1].name}): pass "
                             "--resume latest to continue that run, or another --output-dir")
-        if found and set_aside:  # --resume latest, none of them loads: keep them, start over
-            set_aside_newer(root, -1)
+        if config.resume is not None:  # so one command serves the first launch and requeues
+            log.warning("--resume latest: no checkpoint in %s, so this is a new run, starting "
+                        "at step 0", root)
         return None
     if found and checkpoint.parent.resolve() != root.resolve():
         raise UserError(f"--resume {checkpoint} is another run's checkpoint, but {root} holds "
