@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .messages import brief
 from .parametrization import check_prediction, expand_like, from_x0_eps
 from .protocols import Cond, NoiseSchedule, Prediction
 from .schedules import RectifiedFlow
@@ -255,5 +256,8 @@ def flat_eigenvectors(evecs: Tensor) -> Tensor:
 
 
 def _check_weights(weights: Tensor) -> None:
+    # A negative or NaN weight would give NaN log-weights and a NaN denoiser at every call.
+    if not bool(torch.isfinite(weights).all() and (weights >= 0).all()):
+        raise ValueError(f"mixture weights must be finite and >= 0, got {brief(weights.tolist())}")
     if not torch.isclose(weights.sum(), torch.tensor(1.0, dtype=weights.dtype)):
         raise ValueError(f"mixture weights must sum to 1, got {float(weights.sum())}")

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+
+
+def check_shift(shift: object, what: str = "shift") -> float:
+    """``shift`` as a float if it is a finite number > 0, else a ``ValueError`` naming ``what``.
+
+    SD3's ``sigma = shift s / (1 + (shift - 1) s)`` is a schedule only for ``shift > 0``: at
+    ``shift = -1`` sigma is 1.5 at a quarter of the table and -inf at its middle.
+    """
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not (
+            math.isfinite(shift) and shift > 0):
+        raise ValueError(f"{what} must be a finite number > 0, got {shift!r} (SD3's "
+                         "sigma = shift s / (1 + (shift - 1) s) leaves [0, 1] otherwise)")
+    return float(shift)
 
 
 def _check_index(index: Tensor, num_steps: int) -> Tensor:
@@ -31,6 +45,13 @@ class RectifiedFlow:
 
     shift: float = 3.0
     num_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        check_shift(self.shift, "RectifiedFlow shift")
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, numbers.Integral) or (
+                self.num_steps < 1):
+            raise ValueError(f"RectifiedFlow num_steps must be an integer >= 1, got "
+                             f"{self.num_steps!r}")
 
     def sigmas(self, index: Tensor) -> Tensor:
         """Shifted sigma at schedule indices (float32, shape of ``index``)."""
@@ -62,7 +83,15 @@ def resolution_shift(image_seq_len: int, *, base_seq_len: int = 256, max_seq_len
         raise ValueError(f"need image_seq_len >= 1 and max_seq_len > base_seq_len, got "
                          f"{image_seq_len}, {base_seq_len}, {max_seq_len}")
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return math.exp(base_shift + slope * (image_seq_len - base_seq_len))
+    return _exp_shift(base_shift + slope * (image_seq_len - base_seq_len),
+                      f"resolution_shift({image_seq_len}, base_shift={base_shift!r}, "
+                      f"max_shift={max_shift!r})")
+
+
+def _exp_shift(mu: float, what: str) -> float:
+    # math.exp raises OverflowError above mu ~ 709 (and gives 0.0 below ~ -745): report inf.
+    shift = mu if math.isnan(mu) else math.exp(mu) if mu < 709 else math.inf
+    return check_shift(shift, f"{what}'s shift exp(mu)")
 
 
 def empirical_shift(image_seq_len: int, num_steps: int) -> float:
@@ -80,10 +109,11 @@ def empirical_shift(image_seq_len: int, num_steps: int) -> float:
         raise ValueError(f"need image_seq_len >= 1 and num_steps >= 1, got {image_seq_len}, "
                          f"{num_steps}")
     mu_200 = 0.00016927 * image_seq_len + 0.45666666
+    what = f"empirical_shift({image_seq_len}, {num_steps})"
     if image_seq_len > 4300:
-        return math.exp(mu_200)
+        return _exp_shift(mu_200, what)
     mu_10 = 8.73809524e-05 * image_seq_len + 1.89833333
-    return math.exp(mu_10 + (mu_200 - mu_10) * (num_steps - 10) / 190.0)
+    return _exp_shift(mu_10 + (mu_200 - mu_10) * (num_steps - 10) / 190.0, what)
 
 
 def _scaled_linear_betas(n: int) -> Tensor:
@@ -114,6 +144,12 @@ class VariancePreserving:
     @property
     def num_steps(self) -> int:
         return self.alphas_cumprod.shape[0]
+
+    def __repr__(self) -> str:
+        # The table's ends, not its 1000 entries: abar at the least and the most noisy step.
+        a = self.alphas_cumprod
+        return (f"VariancePreserving(num_steps={self.num_steps}, alphas_cumprod "
+                f"{float(a[0]):.6g}..{float(a[-1]):.6g})")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, VariancePreserving) and torch.equal(

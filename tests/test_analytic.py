@@ -57,6 +57,10 @@ def test_log_prob_is_normalised_and_sample_stats():
 def test_bad_mixture_parameters_are_rejected():
     with pytest.raises(ValueError, match="sum to 1"):
         GaussianMixture(torch.zeros(2, 2), torch.ones(2), torch.tensor([0.5, 0.6]))
+    # Negative or NaN weights gave a NaN denoiser at every call.
+    for bad in ([1.5, -0.5], [math.nan, 1.0]):
+        with pytest.raises(ValueError, match=r"mixture weights must be finite and >= 0, got \["):
+            GaussianMixture(torch.zeros(2, 2), torch.ones(2), torch.tensor(bad))
     with pytest.raises(ValueError, match="expected means"):
         GaussianMixture(torch.zeros(2, 2), torch.ones(3), torch.tensor([0.5, 0.5]))
     gm = GaussianMixture(torch.zeros(2, 2), torch.ones(2), torch.tensor([0.5, 0.5]))

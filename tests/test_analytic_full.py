@@ -104,6 +104,8 @@ def test_bad_parameters_are_rejected():
         FullGaussianMixture(torch.zeros(2, 2), torch.eye(3).expand(2, 3, 3), w)
     with pytest.raises(ValueError, match="sum to 1"):
         FullGaussianMixture(torch.zeros(2, 2), eye, torch.tensor([0.5, 0.6]))
+    with pytest.raises(ValueError, match="mixture weights must be finite and >= 0"):
+        FullGaussianMixture(torch.zeros(2, 2), eye, torch.tensor([1.5, -0.5]))
     with pytest.raises(ValueError, match="symmetric"):
         FullGaussianMixture(torch.zeros(2, 2), eye + torch.tensor([[0.0, 0.5], [0.0, 0.0]]), w)
     with pytest.raises(ValueError, match="covariance 1 is not positive definite"):

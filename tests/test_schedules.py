@@ -1,11 +1,19 @@
 import inspect
+import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scoredistill.schedules import RectifiedFlow, VariancePreserving, index_alpha_sigma
+from scoredistill.schedules import (
+    RectifiedFlow,
+    VariancePreserving,
+    empirical_shift,
+    index_alpha_sigma,
+    resolution_shift,
+)
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
@@ -111,3 +119,35 @@ def test_vp_rejects_fractional_timesteps_and_bad_tables():
         VariancePreserving(alphas_cumprod=torch.tensor([1.0, 0.5]))
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         VariancePreserving(alphas_cumprod=torch.tensor([0.5, -0.1]))
+
+
+@pytest.mark.parametrize("shift", [-1.0, 0.0, 0, math.nan, math.inf, -math.inf, True, "3"])
+def test_rectified_flow_refuses_a_shift_that_is_not_finite_and_positive(shift):
+    # shift -1 gave sigma 1.5 at index 250 and -inf at index 500.
+    with pytest.raises(ValueError, match="RectifiedFlow shift must be a finite number > 0"):
+        RectifiedFlow(shift=shift)
+
+
+def test_numpy_shifts_and_steps_are_accepted_and_bad_step_counts_refused():
+    assert RectifiedFlow(shift=np.float32(3.0), num_steps=np.int64(1000)).num_steps == 1000
+    for steps in (0, 1000.0, True):
+        with pytest.raises(ValueError, match="num_steps must be an integer >= 1"):
+            RectifiedFlow(num_steps=steps)
+
+
+@pytest.mark.parametrize(("call", "words"), [
+    (lambda: resolution_shift(4096, max_shift=math.nan), "resolution_shift(4096"),
+    (lambda: resolution_shift(10**9), "resolution_shift(1000000000"),
+    (lambda: resolution_shift(4096, base_shift=-2000.0, max_shift=-2000.0), "got 0.0"),
+    (lambda: empirical_shift(10**9, 50), "empirical_shift(1000000000, 50)"),
+])
+def test_computed_shifts_are_checked(call, words):
+    with pytest.raises(ValueError, match="must be a finite number > 0") as info:
+        call()
+    assert words in str(info.value)
+
+
+def test_schedule_reprs_are_short():
+    text = repr(VariancePreserving())
+    assert text == "VariancePreserving(num_steps=1000, alphas_cumprod 0.99915..0.0046601)"
+    assert repr(RectifiedFlow()) == "RectifiedFlow(shift=3.0, num_steps=1000)"

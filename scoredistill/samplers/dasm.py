@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..messages import brief
+from .timesteps import check_number
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class DASMSampler:
     being squeezed into the remaining range. Even clamped, ``N`` points need ``N`` distinct
     indices: a start within about ``N`` of the last index raises, so keep the index sampler's
     upper end well below it (the paper draws 50..949; mind the tails of ``LogitNormalIndex``).
+    Every field is checked at construction: integers ``num_points``, ``step`` and bias ends,
+    finite weights >= 0.
     """
 
     num_points: int = 4
@@ -33,15 +36,28 @@ class DASMSampler:
     clamp: bool = True
 
     def __post_init__(self) -> None:
+        check_number(self.num_points, "DASM num_points", integer=True)
+        check_number(self.step, "DASM step", integer=True)
         if self.num_points < 1 or self.step < 1:
             raise ValueError(f"DASM needs num_points >= 1 and step >= 1, got "
                              f"{self.num_points} and {self.step}")
         if len(self.weights) != self.num_points:
             raise ValueError(f"DASM has {self.num_points} points but {len(self.weights)} weights: "
                              f"{brief(self.weights)}")
-        if len(self.bias) != 2 or self.bias[0] >= self.bias[1]:
+        for k, w in enumerate(self.weights):
+            check_number(w, f"DASM weight {k}")
+            if w < 0:
+                raise ValueError(f"DASM weight {k} is {w!r}: point weights must be >= 0 (a "
+                                 "negative one ascends the loss at that point)")
+        if len(self.bias) != 2:
+            raise ValueError(f"DASM bias must be a range (low, high), got {brief(self.bias)}")
+        for end, b in zip(("low", "high"), self.bias, strict=True):
+            check_number(b, f"DASM bias {end}", integer=True)
+        if self.bias[0] >= self.bias[1]:
             raise ValueError(f"DASM bias range {brief(self.bias)} is empty (half-open "
                              "[low, high))")
+        if not isinstance(self.clamp, bool):
+            raise ValueError(f"DASM clamp must be True or False, got {brief(self.clamp)}")
 
     def point_weights(self, device: torch.device | str | None = None) -> Tensor:
         """Per-point weights (N,) float32."""

@@ -36,6 +36,13 @@ def test_bias_draws_are_seeded_and_in_range():
     (dict(num_points=0), "num_points >= 1"),
     (dict(num_points=3), "3 points but 4 weights"),
     (dict(bias=(5, 5)), "is empty"),
+    (dict(weights=(1.0, math.nan, 0.3, 0.3)), "DASM weight 1 must be a finite number"),
+    (dict(weights=(1.0, 0.3, -0.3, 0.3)), "DASM weight 2 is -0.3"),
+    (dict(step=50.0), "DASM step must be a finite integer"),
+    (dict(num_points=math.inf), "DASM num_points must be a finite integer"),
+    (dict(bias=(-25.5, 25)), "DASM bias low must be a finite integer"),
+    (dict(bias=(-25,)), "must be a range"),
+    (dict(clamp="no"), "clamp must be True or False"),
 ])
 def test_bad_configuration(kwargs, match):
     with pytest.raises(ValueError, match=match):
