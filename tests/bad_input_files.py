@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 
 from examples.tsdsr.training.checkpoint import checkpoints
 from scoredistill.sr import files as sr_files
@@ -170,6 +171,41 @@ def mode_follows_umask(ws: Path) -> None:
     os.umask(umask)
     for p in (ws / "out").iterdir():
         assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+
+
+def checkpoint_mode_follows_umask(ws: Path) -> None:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    found = list((ws / "new" / "checkpoints").rglob("*"))
+    assert any(p.suffix == ".safetensors" for p in found)
+    for p in found:
+        if p.is_file():
+            assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+
+
+# What safetensors 0.8 raised when a 64 KiB tmpfs filled up during save_file.
+SAFETENSORS_DISK_FULL = SafetensorError(
+    "Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def disk_full_at_save(error: Exception) -> Setup:
+    """The disk fills up while a checkpoint's state is written (its LoRA files are in the temp
+    folder already, the state file half written)."""
+    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
+        from examples.tsdsr.training import checkpoint
+
+        def write_state(state, folder):
+            (folder / "state.safetensors").write_bytes(b"half")
+            raise error
+        mp.setattr(checkpoint, "write_state", write_state)
+    return setup
+
+
+def no_checkpoint(run: str) -> Check:
+    """Nothing under ``run``/checkpoints: no checkpoint, no temp folder."""
+    def check(ws: Path) -> None:
+        assert list((ws / run / "checkpoints").iterdir()) == []
+    return check
 
 
 def same_embeddings(ws: Path) -> None:
