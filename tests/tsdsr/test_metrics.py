@@ -145,6 +145,8 @@ def test_registry_covers_the_paper_metrics_and_rejects_others():
         "musiq",
         "maniqa",
         "clipiqa",
+        "grid",
+        "seam",
     }
     with pytest.raises(ValueError, match="unknown"):
         metrics.check_metric_names(["psnr", "brisque"])

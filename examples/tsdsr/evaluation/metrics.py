@@ -2,6 +2,7 @@
 
 PSNR and SSIM are computed here, on the Y channel of YCbCr exactly as pyiqa 0.1.x does (its
 numbers are the ones papers report); the learned and distribution metrics are delegated to pyiqa.
+The grid and seam artifact measures come from :mod:`scoredistill.sr.artifacts`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from scoredistill.messages import brief
+from scoredistill.sr.artifacts import MIN_PERIODS, grid_score, seam_gradient_excess, seam_lines
 
 # ITU-R BT.601 luma on the 0-255 scale, as in MATLAB's rgb2ycbcr.
 _Y_WEIGHTS = (65.481, 128.553, 24.966)
@@ -106,6 +108,8 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo("musiq", "nr", True),
         MetricInfo("maniqa", "nr", True),
         MetricInfo("clipiqa", "nr", True),
+        MetricInfo("grid", "nr", False),
+        MetricInfo("seam", "nr", False),
     )
 }
 
@@ -114,7 +118,36 @@ BUILTIN_METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
     "ssim": ssim_y,
 }
 
-PYIQA_METRICS = tuple(name for name in METRICS if name not in BUILTIN_METRICS)
+GRID_PERIOD = 16
+"""SD3's grid period in px: the VAE's 8 px latent grid x the transformer's 2 x 2 patches."""
+
+
+def grid_db(sr: torch.Tensor, period: int = GRID_PERIOD) -> float | None:
+    """:func:`~scoredistill.sr.artifacts.grid_score` (dB) of one image (1, 3, H, W) in [0, 1];
+    None when a side holds fewer than MIN_PERIODS periods (too few to tell a grid)."""
+    if min(sr.shape[-2:]) < MIN_PERIODS * period:
+        return None
+    return float(grid_score(sr, period)[0])
+
+
+def seam_excess(sr: torch.Tensor) -> float | None:
+    """:func:`~scoredistill.sr.artifacts.seam_gradient_excess` of one image (1, 3, H, W) in
+    [0, 1] along the borders of ``scoredistill-sr``'s default tiles, for an image at the size
+    the model worked at (padded to a multiple of 16 as the pipeline pads it); None when it fits
+    one tile."""
+    height, width = sr.shape[-2:]
+    rows, cols = seam_lines(-(-height // 16) * 16, -(-width // 16) * 16)
+    rows, cols = [r for r in rows if r < height], [c for c in cols if c < width]
+    if not rows and not cols:
+        return None
+    return float(seam_gradient_excess(sr, rows, cols)[0])
+
+
+ARTIFACT_METRICS = ("grid", "seam")
+"""Computed here per image, without a reference; None where they do not apply."""
+
+PYIQA_METRICS = tuple(name for name in METRICS
+                      if name not in BUILTIN_METRICS and name not in ARTIFACT_METRICS)
 
 
 def create_pyiqa_metric(

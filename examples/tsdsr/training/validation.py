@@ -1,4 +1,5 @@
-"""Validation during TSD-SR training: the one-step student on fixed LQ/HQ pairs, PNG grids, PSNR."""
+"""Validation during TSD-SR training: the one-step student on fixed LQ/HQ pairs, PNG grids, PSNR,
+SSIM and the grid-artifact measure."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor
 
 from examples.tsdsr.data import DegradationConfig, degrade, upsample_lq
-from examples.tsdsr.evaluation.metrics import psnr_y, ssim_y
+from examples.tsdsr.evaluation.metrics import GRID_PERIOD, grid_db, psnr_y, ssim_y
 from examples.tsdsr.training.models import TSDSRModels
 from examples.tsdsr.training.step import student_forward
 from scoredistill.sr.imageio import list_images, load_image, save_png
@@ -63,11 +64,15 @@ def super_resolve(models: TSDSRModels, lq: Tensor, default: dict[str, Tensor]) -
 
 
 def validate(models: TSDSRModels, pairs: list[ValPair], default: dict[str, Tensor],
-             out_dir: str | Path, step: int, device: torch.device, write: bool = True
-             ) -> dict[str, float]:
-    """Mean PSNR/SSIM (Y channel) of the student on ``pairs``; with ``write``, also save
-    LQ | SR | HQ side by side per image."""
-    psnr, ssim = [], []
+             out_dir: str | Path, step: int, device: torch.device, write: bool = True,
+             grid_period: int = GRID_PERIOD) -> dict[str, float]:
+    """Mean PSNR/SSIM (Y channel) and grid-artifact measure of the student on ``pairs``; with
+    ``write``, also save LQ | SR | HQ side by side per image.
+
+    ``val/grid``: :func:`~scoredistill.sr.artifacts.grid_score` (dB) at ``grid_period`` px,
+    averaged over the images of at least 4 periods a side (absent if there is none).
+    """
+    psnr, ssim, grid = [], [], []
     if write:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     for pair in pairs:
@@ -77,4 +82,9 @@ def validate(models: TSDSRModels, pairs: list[ValPair], default: dict[str, Tenso
                      Path(out_dir) / f"step-{step:08d}_{pair.name}.png")
         psnr.append(float(psnr_y(sr[None], pair.hq[None])))
         ssim.append(float(ssim_y(sr[None], pair.hq[None])))
-    return {"val/psnr": sum(psnr) / len(psnr), "val/ssim": sum(ssim) / len(ssim)}
+        grid.append(grid_db(sr[None], grid_period))
+    metrics = {"val/psnr": sum(psnr) / len(psnr), "val/ssim": sum(ssim) / len(ssim)}
+    grid = [g for g in grid if g is not None]
+    if grid:
+        metrics["val/grid"] = sum(grid) / len(grid)
+    return metrics
