@@ -40,7 +40,9 @@ class RectifiedFlow:
 
     The discrete table equals diffusers' ``FlowMatchEulerDiscreteScheduler(shift)``:
     ``s_i = (N - i) / N``, ``sigma_i = shift s_i / (1 + (shift - 1) s_i)``, ``t_i = N sigma_i``
-    (Esser et al. 2024, SD3, Eq. 23). Index 0 is ``t = N`` (pure noise).
+    (Esser et al. 2024, SD3, Eq. 23). Index 0 is ``t = N`` (pure noise). ``shift`` must be a
+    finite number > 0 and ``num_steps`` an integer >= 1 (a ``ValueError`` otherwise: at
+    ``shift = -1`` sigma would be 1.5 at index N/4 and -inf at N/2).
     """
 
     shift: float = 3.0
@@ -77,7 +79,8 @@ def resolution_shift(image_seq_len: int, *, base_seq_len: int = 256, max_seq_len
     scheduler config). The scheduler's exponential ``time_shift(mu, 1, s)`` is
     ``e^mu s / (1 + (e^mu - 1) s)``, SD3's shift formula with ``shift = e^mu``, so
     ``RectifiedFlow(shift=resolution_shift(n))`` is FLUX's table for ``n`` image tokens
-    (1024 px FLUX.1: 4096 tokens, shift ``e^1.15 = 3.16``).
+    (1024 px FLUX.1: 4096 tokens, shift ``e^1.15 = 3.16``). A result that is not a finite
+    number > 0 (NaN inputs, overflow) is a ``ValueError`` naming the inputs.
     """
     if image_seq_len < 1 or max_seq_len <= base_seq_len:
         raise ValueError(f"need image_seq_len >= 1 and max_seq_len > base_seq_len, got "
@@ -103,7 +106,8 @@ def empirical_shift(image_seq_len: int, num_steps: int) -> float:
     any step count (``compute_empirical_mu`` in BFL's ``flux2/sampling.py`` and in diffusers'
     ``Flux2Pipeline``, which passes ``mu`` to ``FlowMatchEulerDiscreteScheduler.set_timesteps``).
     Like `resolution_shift` it is SD3's shift formula with ``shift = e^mu``: FLUX.2 at 1024 px
-    (4096 tokens) and 50 steps has ``mu = 2.02``, shift 7.56.
+    (4096 tokens) and 50 steps has ``mu = 2.02``, shift 7.56. A shift that overflows is a
+    ``ValueError`` naming the inputs.
     """
     if image_seq_len < 1 or num_steps < 1:
         raise ValueError(f"need image_seq_len >= 1 and num_steps >= 1, got {image_seq_len}, "

@@ -340,7 +340,11 @@ class ScoreDistillationLoss:
 
 @dataclass(frozen=True, kw_only=True)
 class SDSLoss(ScoreDistillationLoss):
-    """Score Distillation Sampling: ``w(t) (teacher(z_hat_t) - noise)`` (DreamFusion, Eq. 3)."""
+    """Score Distillation Sampling: ``w(t) (teacher(z_hat_t) - noise)`` (DreamFusion, Eq. 3).
+
+    Takes neither ``fake=`` nor ``z=``, and no DASM trajectory. The value returned is
+    ``0.5 * mean(grad^2)`` (``surrogate="half_mse"``).
+    """
 
     def mix(self) -> dict[Term, float]:
         return {"sds": 1.0}
@@ -348,7 +352,11 @@ class SDSLoss(ScoreDistillationLoss):
 
 @dataclass(frozen=True, kw_only=True)
 class VSDLoss(ScoreDistillationLoss):
-    """Variational Score Distillation ``w(t) (teacher(z_hat_t) - fake(z_hat_t))`` (TSD-SR Eq. 3)."""
+    """Variational Score Distillation ``w(t) (teacher(z_hat_t) - fake(z_hat_t))`` (TSD-SR Eq. 3).
+
+    Needs ``fake=``; takes no ``z=``. The value returned is ``0.5 * mean(grad^2)``
+    (``surrogate="half_mse"``).
+    """
 
     def mix(self) -> dict[Term, float]:
         return {"vsd": 1.0}
@@ -356,7 +364,22 @@ class VSDLoss(ScoreDistillationLoss):
 
 @dataclass(frozen=True, kw_only=True)
 class TSMLoss(ScoreDistillationLoss):
-    """Target Score Matching: ``w(t) (teacher(z_hat_t) - teacher(z_t))`` (TSD-SR Eq. 4)."""
+    """Target Score Matching: ``w(t) (teacher(z_hat_t) - teacher(z_t))`` (TSD-SR Eq. 4).
+
+    Needs ``z=`` (B, ...), the paired target latent; ``fake=`` only along DASM. The value
+    returned is ``0.5 * mean(grad^2)`` (``surrogate="half_mse"``).
+
+    Warning:
+        The direction depends on ``space``, not only its length. With shared noise and the
+        default ``sigma^2`` weighting, flow space gives ``sigma [(1 - sigma)(z_hat - z) -
+        (x0(z_hat_t) - x0(z_t))]``, which at low noise (where the teacher's ``x0`` difference is
+        nearly ``z_hat - z``) pushes ``z_hat`` away from ``z``; epsilon space gives ``sigma (1 -
+        sigma) [(z_hat - z) - (x0(z_hat_t) - x0(z_t))]``, whose parts cancel there. In the
+        natural-patch benchmark flow-space TSM diverges in 5 of 5 seeds with both teachers and
+        epsilon space in none. The default stays the teacher's own space (velocity for SD3), as
+        in the TSD-SR release, whose Eq. 6 "epsilon" is the network's velocity; pass
+        ``space="epsilon"`` to follow the benchmark. See the guide's "Which space for TSM/TSD".
+    """
 
     def mix(self) -> dict[Term, float]:
         return {"tsm": 1.0}
@@ -367,7 +390,15 @@ class TSDLoss(ScoreDistillationLoss):
     """Target Score Distillation ``lam * VSD + (1 - lam) * TSM`` (TSD-SR Eq. 5, lam = 0.7).
 
     Eq. 5's ``psi_hat - psi + lam (psi - phi_hat)`` rearranged; with ``dasm=DASMSampler()`` it is
-    accumulated over the DASM trajectory (Alg. 1).
+    accumulated over the DASM trajectory (Alg. 1). Needs ``fake=`` and ``z=``. The value returned
+    is ``0.5 * mean(grad^2)`` (``surrogate="half_mse"``).
+
+    Warning:
+        Its TSM part depends on ``space`` (see `TSMLoss`): flow space, the default for SD3 as in
+        the TSD-SR release, pushes ``z_hat`` away from ``z`` at low noise, where epsilon space's
+        two parts cancel; in the natural-patch benchmark TSD diverges in flow space in colour
+        with the exact teacher, and TSD + DASM in flow space, while epsilon space does not. The
+        default stays the release's; pass ``space="epsilon"`` to follow the benchmark.
 
     Example:
         >>> loss_fn = TSDLoss(lam=0.7, dasm=DASMSampler())
