@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from scoredistill import CFG, RectifiedFlow, predict_batched
@@ -106,3 +107,48 @@ def test_wrapper_calling_its_model_twice_is_evaluated_as_it_is():
     out = predict_batched([(Twice(view), x, t, c), (view, x, t, c)])
     torch.testing.assert_close(out[0], 2 * out[1])
     assert backbone.calls == 3  # Twice's own two calls, then the view's
+
+
+class FirstRow(Plain):
+    """Returns only its first sample's prediction: a batch-1 output for any batch."""
+
+    def __call__(self, x, t, cond):
+        return super().__call__(x, t, cond)[:1]
+
+
+def test_a_concatenated_call_with_a_wrong_batch_names_its_roles_before_the_split():
+    # It used to die inside torch.split ("split_with_sizes expects split_sizes to sum ...").
+    model = FirstRow()
+    x, t, c = inputs()
+    with pytest.raises(ValueError) as info:
+        predict_batched([(model, x, t, c), (model, x, t, c)], ["teacher", "teacher"])
+    assert str(info.value).startswith(
+        "the teacher (one call for 2 evaluations) returned a prediction of shape (1, 4) for x_t "
+        "of shape (6, 4)")
+    with pytest.raises(ValueError, match=r"the model of call 0 returned a prediction of shape"):
+        predict_batched([(model, x, t, c)])
+    with pytest.raises(ValueError, match="2 calls but 1 roles"):
+        predict_batched([(model, x, t, c), (model, x, t, c)], ["teacher"])
+
+
+def test_fused_outputs_are_checked_per_call():
+    class Short(View):
+        def predict_fused(self, calls):
+            return self.backbone.run(calls)[:-1]
+
+    class Cut(View):
+        def predict_fused(self, calls):
+            return [p[:, :1] for p in self.backbone.run(calls)]
+
+    x, t, c = inputs()
+    short, cut = Short(ToyBackbone(), 1.0), Cut(ToyBackbone(), 1.0)
+    with pytest.raises(ValueError, match=r"Short.predict_fused returned 1 predictions for 2"):
+        predict_batched([(short, x, t, c), (short, x, t, c)], ["teacher", "fake"])
+    with pytest.raises(ValueError, match=r"the fake returned a prediction of shape \(3, 1\)"):
+        predict_batched([(cut, x, t, c)], ["fake"])
+    # Through CFG the inner call is named by the outer call's role.
+    with pytest.raises(ValueError, match=r"the teacher returned a prediction of shape \(6, 1\)"):
+        predict_batched([(CFG(cut, 2.0, torch.zeros(1, 4)), x, t, c)], ["teacher"])
+    # Called directly, CFG checks its model's output too.
+    with pytest.raises(ValueError, match="the CFG's model returned a prediction of shape"):
+        CFG(FirstRow(), 2.0, torch.zeros(1, 4))(x, t, c)
