@@ -25,10 +25,26 @@ pytest.importorskip("peft")
 from examples.tsdsr import evaluate, infer, precompute, train
 from examples.tsdsr.models.tiny import random_backbone
 from examples.tsdsr.training import models
-from scoredistill import CFG, DASMSampler, DiffusionLoss, RectifiedFlow, TSDLoss
+from scoredistill import (
+    CFG,
+    DASMSampler,
+    DiffusionLoss,
+    DMDLoss,
+    GaussianMixture,
+    LogitNormalIndex,
+    ModeIndex,
+    RectifiedFlow,
+    SDSLoss,
+    TSDLoss,
+    UniformIndex,
+    VSDLoss,
+    one_step,
+    resolution_shift,
+)
 from tests import bad_input_files as files
 from tests.bad_input_files import EVAL, INFER, TRAIN
 from tests.helpers import TinyNet
+from tests.losses.test_boundary import Bent, Constant
 
 CLIS = {"train": train.main, "infer": infer.main, "evaluate": evaluate.main,
         "precompute": precompute.main}
@@ -321,11 +337,11 @@ LIBRARY = [  # (id, call, exception, words)
     ("diffusion names x0 for noise", lambda d: _diffusion(d, noise=torch.zeros(4, 5)), ValueError,
      "noise has shape (4, 5) but x0 has (4, 6)"),
     ("teacher returns nan", lambda d: _tsd(d, teacher=_nan_model(d["teacher"])),
-     FloatingPointError, "teacher or fake score returned nan"),
+     FloatingPointError, "the teacher returned nan"),
     ("fake returns nan", lambda d: _tsd(d, fake=_nan_model(d["fake"])), FloatingPointError,
-     "the vsd direction"),
+     "the fake returned nan"),
     ("diffusion model returns nan", lambda d: _diffusion(d, model=_nan_model(d["fake"])),
-     FloatingPointError, "the prediction"),
+     FloatingPointError, "the model returned nan"),
     ("long dasm trajectory message", lambda d: DASMSampler(2000, 1, (1.0,) * 2000).indices(
         torch.tensor([50]), 1000, torch.tensor([0])), ValueError, "2000 items"),
     ("cfg null_cond None", lambda d: CFG(d["teacher"], 7.5, None)(d["z"], d["index"], d["cond"]),
@@ -334,6 +350,64 @@ LIBRARY = [  # (id, call, exception, words)
      "finite number"),
     ("cfg null_cond of another structure", lambda d: CFG(d["teacher"], 2.0, {"a": d["cond"]})(
         d["z"], d["index"], {"b": d["cond"]}), ValueError, "keys ['b'] vs ['a']"),
+    # issue 21 (library): model outputs of another shape were broadcast (bad case 5)
+    ("diffusion model returns (B, 1)", lambda d: _diffusion(d, model=Bent(d["fake"],
+                                                                       lambda x: x[:, :1])),
+     ValueError, "the model returned a prediction of shape (4, 1) for x_t of shape (4, 6)"),
+    ("diffusion model returns batch 1", lambda d: _diffusion(d, model=Bent(d["fake"],
+                                                                        lambda x: x[:1])),
+     ValueError, "the model returned a prediction of shape (1, 6) for x_t of shape (4, 6)"),
+    ("vsd fake returns batch 1", lambda d: VSDLoss()(
+        d["z_hat"], d["cond"], teacher=d["teacher"], fake=Bent(d["fake"], lambda x: x[:1]),
+        index=d["index"]), ValueError, "the fake returned a prediction of shape (1, 6)"),
+    ("tsd teacher returns 1 channel", lambda d: _tsd(d, teacher=Bent(d["teacher"],
+                                                                     lambda x: x[:, :1])),
+     ValueError, "the teacher (one call for 2 evaluations) returned a prediction of shape (8, 1)"),
+    ("one_step student returns batch 1", lambda d: one_step(Bent(d["teacher"], lambda x: x[:1]),
+                                                            d["z_hat"], d["cond"]),
+     ValueError, "the student returned a prediction of shape (1, 6)"),
+    # issue 21 (library): bad shifts and sampler parameters (bad cases 3, 4)
+    ("negative shift", lambda d: RectifiedFlow(shift=-1.0), ValueError,
+     "RectifiedFlow shift must be a finite number > 0, got -1.0"),
+    ("nan shift", lambda d: RectifiedFlow(shift=math.nan), ValueError, "shift must be a finite"),
+    ("nan resolution shift", lambda d: resolution_shift(4096, max_shift=math.nan), ValueError,
+     "resolution_shift(4096"),
+    ("logit-normal mean nan", lambda d: LogitNormalIndex(mean=math.nan), ValueError,
+     "LogitNormalIndex mean must be a finite number"),
+    ("mode scale nan", lambda d: ModeIndex(scale=math.nan), ValueError,
+     "ModeIndex scale must be a finite number"),
+    ("uniform bound nan", lambda d: UniformIndex(low=math.nan), ValueError,
+     "UniformIndex low must be a finite integer"),
+    ("dasm weight nan", lambda d: DASMSampler(weights=(1.0, math.nan, 0.3, 0.3)), ValueError,
+     "DASM weight 1 must be a finite number"),
+    # issue 21 (library): each non-finite cause named
+    ("nan cond", lambda d: _tsd(d, cond=d["cond"] * math.nan), ValueError,
+     "non-finite values in cond"),
+    ("nan null_cond", lambda d: _tsd(d, teacher=CFG(d["teacher"], 2.0, d["cond"][:1] * math.nan)),
+     ValueError, "non-finite values in the teacher's null_cond"),
+    ("nan time weighting", lambda d: VSDLoss(time_weighting=lambda a, s: s * math.nan)(
+        d["z_hat"], d["cond"], teacher=d["teacher"], fake=d["fake"], index=d["index"]),
+     ValueError, "non-finite values in the time weighting"),
+    ("dmd normaliser divides by zero", lambda d: DMDLoss()(
+        d["z_hat"], teacher=Constant(d["z_hat"]), fake=Constant(d["z"]), index=d["index"]),
+     FloatingPointError, "DMD's normaliser"),
+    ("negative mixture weights", lambda d: GaussianMixture(
+        torch.zeros(2, 2), torch.ones(2), torch.tensor([1.5, -0.5])), ValueError,
+     "mixture weights must be finite and >= 0, got [1.5, -0.5]"),
+    # issue 21 (library) / issue 23: options checked at construction, unused inputs refused
+    ("tsd space eps", lambda d: TSDLoss(space="eps"), ValueError,
+     "TSDLoss(space=...): unknown prediction 'eps'; expected one of"),
+    ("tsd time_weighting sigma^2", lambda d: TSDLoss(time_weighting="sigma^2"), ValueError,
+     "TSDLoss(time_weighting=...): unknown weighting 'sigma^2'; expected one of ['sigma', "),
+    ("sample_weighting typo", lambda d: VSDLoss(sample_weighting="DMD"), ValueError,
+     "VSDLoss(sample_weighting=...): unknown sample weighting 'DMD'; expected one of ['dmd']"),
+    ("sds with dasm", lambda d: SDSLoss(dasm=DASMSampler()), ValueError,
+     "SDSLoss(dasm=...): SDS compares with the injected noise"),
+    ("z given to dmd", lambda d: DMDLoss()(d["z_hat"], d["cond"], teacher=d["teacher"],
+                                           fake=d["fake"], z=d["z"]), ValueError,
+     "DMDLoss does not use z="),
+    ("z given to sds", lambda d: SDSLoss()(d["z_hat"], d["cond"], teacher=d["teacher"],
+                                           z=d["z"]), ValueError, "SDSLoss does not use z="),
 ]
 
 
