@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
-from scoredistill import RectifiedFlow, VariancePreserving
+from scoredistill import FullGaussianMixture, RectifiedFlow, VariancePreserving
 from scoredistill.parametrization import to_x0_eps
 from scoredistill.posterior import LinearGaussianPosterior, PosteriorTeacher, lq_condition
 from tests.test_analytic_full import mixture
@@ -109,3 +109,50 @@ def test_posterior_teacher_flow_prediction_and_bad_cond():
     torch.testing.assert_close(x0, teacher.denoise(x_t, alpha, sigma, y))
     with pytest.raises(ValueError, match=r"lq_condition\(lq\), shape \(3, 3\); got \(3, 2\)"):
         teacher(x_t, t, y)
+
+
+def test_spread_at_two_comparable_components_is_the_total_covariance():
+    """At an observation two components explain about equally well, the posterior's spread
+    E||x - E[x|y]||^2 is the trace of the law of total covariance, sum_k w_k P_k (within) plus
+    sum_k w_k (m_k - m)(m_k - m)^T (between), and the between term is most of it. Checked
+    against Bayes' rule per component written out, and against Monte-Carlo from the prior."""
+    from tests.test_analytic_full import random_covs
+
+    g = torch.Generator().manual_seed(6)
+    # The components differ in the dimension the operator does not see, so y cannot tell them
+    # apart: comparable weights, means far apart.
+    means = torch.tensor([[0.3, -0.2, 2.0], [-0.1, 0.2, -2.0]], dtype=F64)
+    gm = FullGaussianMixture(means, random_covs(2, 3, g), torch.tensor([0.5, 0.5], dtype=F64))
+    operator = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=F64)
+    post = LinearGaussianPosterior(gm, operator, 0.2)
+    y = torch.tensor([0.1, 0.0], dtype=F64)
+
+    log_w, m_k, p_k = [], [], []
+    for mu, cov, pi in zip(gm.means, gm.covs, gm.weights, strict=True):
+        s = operator @ cov @ operator.T + 0.04 * torch.eye(2, dtype=F64)
+        gain = cov @ operator.T @ torch.linalg.inv(s)
+        log_w.append(pi.log() + MultivariateNormal(operator @ mu, s).log_prob(y))
+        m_k.append(mu + gain @ (y - operator @ mu))
+        p_k.append(cov - gain @ operator @ cov)
+    w = torch.stack(log_w).softmax(0)
+    m_k, p_k = torch.stack(m_k), torch.stack(p_k)
+    mean = w @ m_k
+    within = (w[:, None, None] * p_k).sum(0)
+    between = (w[:, None, None] * torch.einsum("ki,kj->kij", m_k - mean, m_k - mean)).sum(0)
+    assert 0.3 < float(w[0]) < 0.7, w  # comparably weighted
+    assert float(between.trace()) > 0.5 * float((within + between).trace())  # it matters
+
+    torch.testing.assert_close(post.log_weights(y[None])[0].exp(), w)
+    torch.testing.assert_close(post.mean(y[None])[0], mean)
+    torch.testing.assert_close(post.expected_sq_dev(y[None])[0], (within + between).trace())
+    # Monte-Carlo: self-normalised importance sampling from the prior, the whole covariance.
+    prior = gm.sample(400_000, g)
+    logp = -0.5 * (y - prior @ operator.T).square().sum(1) / 0.04
+    iw = (logp - logp.max()).exp()
+    iw = iw / iw.sum()
+    mc_mean = iw @ prior
+    mc_cov = (iw[:, None] * (prior - mc_mean)).T @ (prior - mc_mean)
+    torch.testing.assert_close(mc_cov, within + between, atol=0.05, rtol=0.03)
+    # Exact posterior samples have the same covariance.
+    samples = post.sample(y.expand(200_000, 2), g)
+    torch.testing.assert_close(samples.T.cov(), within + between, atol=0.05, rtol=0.03)

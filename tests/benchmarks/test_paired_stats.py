@@ -51,3 +51,20 @@ def test_compare_paired_names_a_winner_only_where_the_adjusted_test_supports_it(
     assert rows[0]["t"] == pytest.approx(-paired_test(*clear[2:0:-1])["d_z"] * math.sqrt(5))
     assert rows[1]["verdict"] == "n.s."
     assert rows[2]["n"] == 1 and rows[2]["verdict"] == "n.s."
+
+
+def test_judge_reads_a_on_metric_and_b_on_metric_b():
+    """Two quantities of the same runs: a's ``m1`` against b's ``m2``. Reading either run on the
+    other metric flips the verdict and changes the difference."""
+    per_seed = {
+        ("exact", "A"): {"m1": [1.0, 1.1, 0.9, 1.0, 1.05], "m2": [5.0, 5.2, 4.9, 5.1, 5.0]},
+        ("exact", "B"): {"m1": [0.0, 0.1, -0.1, 0.05, 0.0], "m2": [2.0, 2.2, 1.9, 2.1, 2.0]}}
+    row, = judge([Claim("A's m1 below B's m2", "m1", ("exact", "A"), ("exact", "B"),
+                        metric_b="m2")], per_seed)
+    want = [x - y for x, y in zip(per_seed["exact", "A"]["m1"], per_seed["exact", "B"]["m2"],
+                                  strict=True)]
+    assert row["diff_mean"] == pytest.approx(sum(want) / 5)  # -1.03; b on m1: +1.0, a on m2: +3
+    assert row["verdict"] == "holds" and row["metric"] == "m1 vs m2"
+    # Without metric_b both runs are read on metric: here A's m1 is above B's m1.
+    row, = judge([Claim("A's m1 below B's m1", "m1", ("exact", "A"), ("exact", "B"))], per_seed)
+    assert row["verdict"] == "does not hold" and row["diff_mean"] == pytest.approx(1.0)
