@@ -245,3 +245,14 @@ def test_uses_lists_what_each_loss_reads():
     assert TSMLoss(dasm=DASMSampler()).uses == {"fake", "z", "dasm_bias"}
     assert TSMLoss().uses == {"z"} and SDSLoss().uses == frozenset()
     assert DMDLoss().uses == {"fake"} and CSDLoss().uses == frozenset()
+
+
+def test_all_finiteness_checks_are_read_with_one_host_sync(d, monkeypatch):
+    # Inputs, weights and every point's teacher and fake outputs: one .tolist() per call.
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or tolist(self))
+    tsd(d, teacher=CFG(d["teacher"], 2.0, d["null"]))
+    assert len(reads) == 1
+    tsd(d, loss=TSDLoss(dasm=DASMSampler(), check_finite=False))
+    assert len(reads) == 1
