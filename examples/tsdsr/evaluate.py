@@ -3,7 +3,9 @@
     python -m examples.tsdsr.evaluate --sr DIR --hr DIR [--metrics psnr,ssim,...] [--out DIR]
 
 Images are paired by identical file name. Writes `metrics.json` (per image, averages, machine,
-date) and `metrics.md` (one Table-1-style row) into --out, default `<sr>/../metrics_<sr name>`.
+date), `metrics.md` (one Table-1-style row), `per_image.md` (one row per image) and
+`worst_psnr.png` (SR | HR of the 5 images of lowest PSNR) into --out, default
+`<sr>/../metrics_<sr name>`.
 Unreadable images and unpaired names are reported at the end and make the exit status 1; the
 other images are still evaluated.
 """
@@ -26,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from examples.tsdsr.evaluation import metrics as metrics_lib
+from examples.tsdsr.evaluation.gallery import gallery_png, per_image_table
 from scoredistill.cli import (
     EXIT_ITEMS_FAILED,
     EXIT_OK,
@@ -45,7 +48,9 @@ from scoredistill.sr.imageio import (
     write_atomic,
 )
 
-DEFAULT_METRICS = ("psnr", "ssim")
+DEFAULT_METRICS = ("psnr", "ssim", "grid")
+# What write_report writes into --out.
+REPORT_FILES = ("metrics.json", "metrics.md", "per_image.md", "worst_psnr.png")
 
 
 @dataclass(frozen=True)
@@ -77,11 +82,14 @@ def evaluate_folders(
     pretrained_model_paths: dict[str, str] | None = None,
     progress: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    grid_period: int = metrics_lib.GRID_PERIOD,
 ) -> dict:
     """Per-image and average metrics of SR images against same-named HR images, as a JSON-able dict.
 
     Failures (unreadable files, size mismatches, metric errors) are collected under `failed`
-    instead of raised, so one bad file does not cost the whole evaluation.
+    instead of raised, so one bad file does not cost the whole evaluation. The grid and seam
+    measures are None for images they do not apply to, and averaged over the others;
+    ``grid_period``: the grid measure's period in px (16 for SD3, 8 for SD 1.x/2.x).
     """
     metrics = list(metrics)
     metrics_lib.check_metric_names(metrics)
@@ -102,7 +110,7 @@ def evaluate_folders(
     for sr_path, hr_path in bar:
         try:
             scores = _score_pair(sr_path, hr_path, per_image_metrics, models, device,
-                                 max_pixels)
+                                 max_pixels, grid_period)
             per_image[sr_path.name] = scores
         except (ValueError, RuntimeError) as exc:
             failed[sr_path.name] = str(exc)
@@ -122,6 +130,7 @@ def evaluate_folders(
         "sr_dir": str(Path(sr_dir).resolve()),
         "hr_dir": str(Path(hr_dir).resolve()),
         "metrics": metrics,
+        "grid_period": grid_period,
         "num_pairs": len(pairing.pairs),
         "num_evaluated": len(per_image),
         "average": average,
@@ -135,12 +144,19 @@ def evaluate_folders(
 
 
 def write_report(report: dict, out_dir: str | os.PathLike) -> None:
-    """Write `metrics.json` and `metrics.md` into `out_dir` atomically."""
+    """Write `metrics.json`, `metrics.md`, `per_image.md` and `worst_psnr.png` (when PSNR was
+    measured on some image) into `out_dir`, each atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
     write_atomic(out_dir / "metrics.json", text.encode())
     write_atomic(out_dir / "metrics.md", markdown_table(report).encode())
+    write_atomic(out_dir / "per_image.md", per_image_table(report).encode())
+    gallery = gallery_png(report)
+    if gallery is None:  # an earlier run's gallery would show other images than this report
+        (out_dir / "worst_psnr.png").unlink(missing_ok=True)
+    else:
+        write_atomic(out_dir / "worst_psnr.png", gallery)
 
 
 def markdown_table(report: dict) -> str:
@@ -160,6 +176,12 @@ def markdown_table(report: dict) -> str:
         f"\n{report['num_evaluated']} of {report['num_pairs']} image pairs evaluated against "
         f"`{report['hr_dir']}` on {report['date']}.\n"
     )
+    if "grid" in names:
+        note += (f"GRID: dB of power at the {report['grid_period']} px grid's harmonics over "
+                 "their neighbouring frequencies (clean photos: below 1).\n")
+    if "seam" in names:
+        note += ("SEAM: border-gradient excess at scoredistill-sr's default tile borders "
+                 "(0: seamless).\n")
     return "\n".join([header, rule, row]) + "\n" + note
 
 
@@ -189,8 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--metrics",
         default=",".join(DEFAULT_METRICS),
-        help=f"comma-separated, from: {', '.join(metrics_lib.METRICS)}",
+        help=f"comma-separated, from: {', '.join(metrics_lib.METRICS)}. grid: the grid-artifact "
+             "measure (dB, below 1 on clean photos); seam: the border-gradient excess at "
+             "scoredistill-sr's default tile borders, for outputs at the size the model worked "
+             "at (output short side >= its --process-size)",
     )
+    parser.add_argument("--grid-period", type=number(int, low=4), default=metrics_lib.GRID_PERIOD,
+                        help="the grid measure's period in px: VAE factor x patch size (16 for "
+                             "SD3, 8 for SD 1.x/2.x UNets)")
     parser.add_argument("--out", type=Path, help="report folder; default <sr>/../metrics_<sr>")
     parser.add_argument("--device", type=device_type,
                         default="cuda" if torch.cuda.is_available() else "cpu")
@@ -206,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"argument --metrics: {exc}")
     if not names:
         parser.error("argument --metrics: no metric named")
+    if args.grid_period % 2:
+        parser.error(f"argument --grid-period: must be even (VAE factor x patch size), got "
+                     f"{args.grid_period}")
     if args.sr.resolve() == args.hr.resolve():
         raise UserError(f"--sr and --hr are the same folder ({args.hr}): every image would "
                         "score as identical; give the super-resolved folder as --sr")
@@ -219,12 +250,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         report = evaluate_folders(args.sr, args.hr, names, device=args.device,
-                                  progress=not args.no_progress, max_pixels=args.max_pixels)
+                                  progress=not args.no_progress, max_pixels=args.max_pixels,
+                                  grid_period=args.grid_period)
     except (metrics_lib.MissingWeights, metrics_lib.UnsafeWeights, ImportError) as exc:
         raise UserError(str(exc).splitlines()[0]) from None
     write_report(report, out_dir)
     print(markdown_table(report))
-    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}")
+    written = [name for name in REPORT_FILES if (out_dir / name).exists()]
+    print(f"wrote {', '.join(written)} into {out_dir}")
     issues = problems(report)
     for line in issues:
         print(line, file=sys.stderr)
@@ -240,7 +273,8 @@ def _score_pair(
     models: dict,
     device: torch.device,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> dict[str, float]:
+    grid_period: int = metrics_lib.GRID_PERIOD,
+) -> dict[str, float | None]:
     sr = load_image(sr_path, max_pixels=max_pixels).rgb[None].to(device)
     hr = load_image(hr_path, max_pixels=max_pixels).rgb[None].to(device)
     if sr.shape != hr.shape:
@@ -248,6 +282,12 @@ def _score_pair(
     scores = {}
     with torch.no_grad():
         for name in names:
+            if name == "grid":
+                scores[name] = metrics_lib.grid_db(sr, grid_period)
+                continue
+            if name == "seam":
+                scores[name] = metrics_lib.seam_excess(sr)
+                continue
             if name in metrics_lib.BUILTIN_METRICS:
                 value = metrics_lib.BUILTIN_METRICS[name](sr, hr)
             elif metrics_lib.METRICS[name].kind == "fr":
@@ -258,7 +298,9 @@ def _score_pair(
     return scores
 
 
-def _mean(values: list[float]) -> float | None:
+def _mean(values: list[float | None]) -> float | None:
+    """The mean of the values that are not None (None if none is)."""
+    values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
 
