@@ -26,6 +26,7 @@ Reported (mean ± std over seeds): NLL of the outputs under the true density and
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import time
@@ -37,8 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.paired_stats import ALPHA, TEST_COLUMNS, compare_paired
-from benchmarks.report import command_line, markdown_table, results_dir, write_report
+from benchmarks import options
+from benchmarks.paired_stats import ALPHA, TEST_COLUMNS, TEST_HEADERS, compare_paired
+from benchmarks.report import command_line, markdown_table, write_markdown, write_report
 from benchmarks.toy_metrics import (
     FIG3_TIMESTEP,
     DirectionProbe,
@@ -57,6 +59,7 @@ from scoredistill import (
     TSDLoss,
     TSMLoss,
     VSDLoss,
+    cli,
 )
 from scoredistill.toy import ToySR, ToyTrainer, evaluate
 
@@ -76,6 +79,8 @@ LOSSES: dict[str, ScoreDistillationLoss | None] = {
 CONDITIONAL_LOSSES: dict[str, ScoreDistillationLoss] = {"+ CSD": CSDLoss()}
 METRICS = ("nll", "sliced_w2", "mse")
 DOCS_ASSETS = Path(__file__).resolve().parents[1] / "docs" / "assets" / "benchmarks"
+PROG = "benchmarks.compare_losses"
+TITLE = "Distillation losses on the toy SR problem (exact answer known)"
 
 
 @dataclass(frozen=True)
@@ -182,10 +187,13 @@ def summarise(teacher: str, name: str, runs: list[dict[str, Any]]) -> dict[str, 
     return row
 
 
-COLUMNS = ("teacher", "loss", "seeds", "nll", "sliced_w2", "mse", "cos z_hat_t (start → end)",
-           "cos z_t", "teacher vs exact: z_hat_t (start → end) / z_t",
-           "TSM align flow / eps (end)")
-
+# Two tables, each narrower than the docs page: the scores, then the direction probes.
+COLUMNS = ("teacher", "loss", "seeds", "nll", "sliced_w2", "mse")
+PROBE_COLUMNS = ("teacher", "loss", "cos z_hat_t (start → end)", "cos z_t",
+                 "teacher vs exact: z_hat_t (start → end) / z_t", "TSM align flow / eps (end)")
+PROBE_HEADERS = {"cos z_hat_t (start → end)": "cos ẑ_t (start → end)",
+                 "teacher vs exact: z_hat_t (start → end) / z_t": "vs exact: ẑ_t / z_t",
+                 "TSM align flow / eps (end)": "TSM align flow / eps"}
 
 def check(rows: list[dict[str, Any]]) -> None:
     """Assert what holds robustly, seed by seed: finite metrics, the start-of-training probes."""
@@ -220,22 +228,76 @@ def paired_tests(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return compare_paired(pairs)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run the comparison, write the report and plot, return the rows."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 seeds, short runs (~1 min)")
-    parser.add_argument("--steps", type=int, help="override the generator steps")
-    parser.add_argument("--seeds", type=int, help="override the number of seeds")
-    parser.add_argument("--recon-weight", type=float, help="override the reconstruction weight")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output directory (default: benchmarks/results; --quick: a temp one)")
+def notes(report: dict[str, Any]) -> str:
+    """The text under the table, from the report's JSON content alone (so a re-render of a
+    committed run, ``--from-json``, writes it again unchanged)."""
+    budget, tests = report["budget"], report["paired_tests"]
+    return (
+        f"Mode `{report['mode']}`: {budget['seeds']} seeds x {budget['steps']} generator steps, "
+        f"batch {budget['batch']}, Adam lr {budget['lr']}; objective {budget['recon_weight']} x "
+        f"MSE + {budget['reg_weight']} x L_reg (recon only: 1 x MSE); sigma^2 weighting; runtime "
+        f"{report['runtime_s']:.0f} s on one thread. NLL under the true density and sliced W2 "
+        "to it: lower is more realistic; MSE to the paired HQ: fidelity (recon only is its "
+        f"optimum here).\n\n" + markdown_table(report["rows"], PROBE_COLUMNS, PROBE_HEADERS)
+        + f"\n\ncos: Fig. 3's cosine at t = {report['fig3_timestep']:g} between the teacher's "
+        "denoising direction x0_T(x_t) - x_t and the direction z - x_t to the paired HQ, on the "
+        "noisy student latent ẑ_t (z_hat_t) and on the noisy HQ latent z_t; vs exact: the same "
+        "cosine with the exact teacher's direction instead of z - x_t. TSM align: cosine of the "
+        "TSM descent direction with z - ẑ (negative: pushes away from the paired HQ), "
+        "differences in flow / epsilon space, on the final generator. The start-of-training "
+        "probe claims (cos z_t > cos ẑ_t + 0.2 for the exact teacher; TSM align flow < 0 < "
+        "eps) are asserted for every seed.\n\n"
+        "Paired comparisons (same seed: same generator init, data stream and fake-score "
+        "warm-up; seeds where either run diverged dropped): mean difference A - B, paired "
+        f"t-test, Holm-adjusted over all {len(tests)} comparisons; a verdict only where the "
+        f"adjusted p < {ALPHA}, else n.s. (t and the unadjusted p are in the JSON):\n\n"
+        + markdown_table(tests, TEST_COLUMNS, TEST_HEADERS))
+
+
+def render(report: dict[str, Any], out: Path, docs_assets: bool) -> Path:
+    """Write ``compare_losses.md`` and ``.png`` into ``out`` from the report's JSON content
+    (and copy the plot into the docs' assets if ``docs_assets``); return the plot's path."""
+    write_markdown(report, out / "compare_losses.md", notes=notes(report), columns=COLUMNS)
+    budget = report["budget"]
+    png = save_plot(report["rows"], out / "compare_losses.png",
+                    title=f"{report['mode']}: {budget['seeds']} seeds")
+    if docs_assets:
+        DOCS_ASSETS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, DOCS_ASSETS / png.name)
+    return png
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = options.parser(PROG, __doc__)
+    options.add_quick(parser, "3 seeds, short runs (~1 min)")
+    parser.add_argument("--steps", type=options.COUNT, help="override the generator steps")
+    parser.add_argument("--seeds", type=options.COUNT, help="override the number of seeds")
+    parser.add_argument("--recon-weight", type=cli.number(float, low=0),
+                        help="override the reconstruction weight")
     parser.add_argument("--no-docs-assets", dest="docs_assets", action="store_false",
                         help=f"do not copy the plot to {DOCS_ASSETS}")
-    args = parser.parse_args(argv)
+    parser.add_argument("--from-json", type=cli.existing_file, metavar="JSON",
+                        help="measure nothing: rewrite the table and plot of a finished run "
+                             "from its JSON (e.g. the committed results), into --out (default: "
+                             "the JSON's folder)")
+    args = options.parse(parser, argv)
+    options.refuse_with_from_json(args, ("quick", "steps", "seeds", "recon_weight"))
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the comparison, write the report and plot, return the rows."""
+    args = parse(argv)
+    if args.from_json:
+        report = options.read_report(args.from_json, ("budget", "paired_tests", "runtime_s"))
+        png = render(report, cli.writable_dir(args.out or args.from_json.parent, "--out"),
+                     args.docs_assets)
+        print(f"rewrote {png.with_suffix('.md')} and {png} from {args.from_json}")
+        return report["rows"]
     budget = QUICK if args.quick else Budget()
     overrides = {"steps": args.steps, "seeds": args.seeds, "recon_weight": args.recon_weight}
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
-    out = results_dir(args.out, args.quick)
+    out = options.out_dir(args)
 
     start = time.perf_counter()
     problem = ToySR()
@@ -255,40 +317,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = [summarise(t, n, r) for (t, n), r in runs.items()]
     runtime = time.perf_counter() - start
     check(rows)
-    tests = paired_tests(rows)
-
-    mode = "quick" if args.quick else "full"
-    notes = (
-        f"Mode `{mode}`: {budget.seeds} seeds x {budget.steps} generator steps, batch "
-        f"{budget.batch}, Adam lr {budget.lr}; objective {budget.recon_weight} x MSE + "
-        f"{budget.reg_weight} x L_reg (recon only: 1 x MSE); sigma^2 weighting; runtime "
-        f"{runtime:.0f} s on one thread. NLL under the true density and sliced W2 to it: lower "
-        "is more realistic; MSE to the paired HQ: fidelity (recon only is its optimum here). "
-        f"cos: Fig. 3's cosine at t = {FIG3_TIMESTEP:g} between the teacher's denoising "
-        "direction x0_T(x_t) - x_t and the direction z - x_t to the paired HQ, on the noisy "
-        "student latent z_hat_t and on the noisy HQ latent z_t; teacher vs exact: the same "
-        "cosine with the exact teacher's direction instead of z - x_t. TSM align: cosine of the "
-        "TSM descent direction with z - z_hat (negative: pushes away from the paired HQ), "
-        "differences in flow / epsilon space, on the final generator. The start-of-training "
-        "probe claims (cos z_t > cos z_hat_t + 0.2 for the exact teacher; TSM align flow < 0 < "
-        "eps) are asserted for every seed.\n\n"
-        "Paired comparisons (same seed: same generator init, data stream and fake-score "
-        "warm-up; seeds where either run diverged dropped): mean difference A - B, paired "
-        f"t-test, Holm-adjusted over all {len(tests)} comparisons; a verdict only where the "
-        f"adjusted p < {ALPHA}, else n.s.:\n\n" + markdown_table(tests, TEST_COLUMNS))
-    write_report("compare_losses", "Distillation losses on the toy SR problem (exact answer known)",
-                 rows, meta={"mode": mode, "budget": asdict(budget), "runtime_s": runtime,
-                             "fig3_timestep": FIG3_TIMESTEP, "paired_tests": tests},
-                 notes=notes, columns=COLUMNS, out_dir=out,
+    meta = {"mode": "quick" if args.quick else "full", "budget": asdict(budget),
+            "runtime_s": runtime, "fig3_timestep": FIG3_TIMESTEP,
+            "paired_tests": paired_tests(rows)}
+    write_report("compare_losses", TITLE, rows, meta=meta, notes=notes({**meta, "rows": rows}),
+                 columns=COLUMNS, out_dir=out,
                  command=command_line("benchmarks.compare_losses", argv))
-    png = save_plot(rows, out / "compare_losses.png", title=f"{mode}: {budget.seeds} seeds")
-    if args.docs_assets:
-        DOCS_ASSETS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(png, DOCS_ASSETS / png.name)
+    png = render(json.loads((out / "compare_losses.json").read_text()), out, args.docs_assets)
     print(f"runtime {runtime:.0f} s; plot {png}")
     return rows
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # small MLPs: more threads only add noise on a shared machine
-    main()
+    raise SystemExit(options.entry(main, PROG)())

@@ -30,12 +30,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from benchmarks import options
 from benchmarks.correctness import REL_L2_TOL, bit_identical, fp32_check, relative_l2
-from benchmarks.report import command_line, markdown_table, results_dir, write_report
+from benchmarks.report import command_line, markdown_table, write_report
 from benchmarks.sr_model import MODES, RANKS, Forward, build, merge_and_fuse, pipeline_forward
 from benchmarks.timing import time_ms
+from scoredistill import cli
 from scoredistill.sr.loading import DTYPES, SRModel
 
+PROG = "benchmarks.inference"
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
                "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 """Dense bf16 tensor-core peak (TFLOP/s) by device-name substring (longest match wins)."""
@@ -98,34 +101,47 @@ def run_row(variant: str, make: Callable[[], Forward], x: Tensor, reference: Ten
     return row, out
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = options.parser(PROG, __doc__)
     parser.add_argument("--config", choices=("tiny", "sd3-medium"), default=None,
                         help="default: sd3-medium on CUDA, tiny on the CPU")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    options.add_device(parser, "cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="timing dtype: default bf16 on CUDA, fp32 on the CPU")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides (px)")
-    parser.add_argument("--batches", type=int, nargs="+", default=None)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--sizes", type=options.multiple_of(16, "VAE factor x patch size"),
+                        nargs="+", default=None, help="image sides (px)")
+    parser.add_argument("--batches", type=options.COUNT, nargs="+", default=None)
+    options.add_timing(parser, warmup=3, repeats=10)
     parser.add_argument("--compile-mode", default="default",
                         choices=("default", "reduce-overhead", "max-autotune",
                                  "max-autotune-no-cudagraphs"))
-    parser.add_argument("--compile-budget-s", type=float, default=600.0,
+    parser.add_argument("--compile-budget-s", type=cli.number(float, low=0), default=600.0,
                         help="skip the remaining compile rows once compiling took this long")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--peak-tflops", type=float, default=None,
+    parser.add_argument("--peak-tflops", type=options.POSITIVE, default=None,
                         help="dense bf16 peak TFLOP/s (default: by device name)")
-    parser.add_argument("--tol", type=float, default=REL_L2_TOL,
+    parser.add_argument("--tol", type=options.POSITIVE, default=REL_L2_TOL,
                         help="largest relative L2 vs fp32 eager, before the clamp, in the check")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=options.COUNT, default=None,
                         help="CPU threads (default: torch's; --quick: 1, robust on a busy CPU)")
-    parser.add_argument("--quick", action="store_true", help="CPU smoke run: 64 px, batch 1")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: benchmarks/results; --quick: a temp one)")
-    args = parser.parse_args(argv)
-    args.out = results_dir(args.out, args.quick)
+    options.add_quick(parser, "CPU smoke run: 64 px, batch 1, 1 warm-up + 3 timed calls, "
+                              "nothing compiled")
+    args = options.parse(parser, argv)
+    options.refuse_with_quick(args, {"warmup": "--warmup", "repeats": "--repeats",
+                                     "compile_mode": "--compile-mode",
+                                     "compile_budget_s": "--compile-budget-s"},
+                              "1 warm-up + 3 timed calls and compiles nothing")
+    unused = sorted({"compile_mode", "compile_budget_s"} & args.given)
+    if not args.compile and unused:
+        named = " and ".join(f"--{d.replace('_', '-')}" for d in unused)
+        raise cli.UserError(f"{named} set up the compiled rows, which --no-compile skips: drop "
+                            f"--no-compile or {named}")
+    args.out = options.out_dir(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse(argv)
     from diffusers.utils import logging
 
     logging.set_verbosity_error()
@@ -135,7 +151,7 @@ def main(argv: list[str] | None = None) -> Path:
     sizes = args.sizes or ([512, 1024] if cuda else [64] if args.quick else [128])
     batches = args.batches or ([1, 8] if cuda else [1] if args.quick else [1, 4])
     if args.quick:
-        args.warmup, args.repeats = 1, 3
+        args.warmup, args.repeats = 1, 3  # refuse_with_quick: neither was given
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
     name = torch.cuda.get_device_name(args.device) if cuda else "CPU"
@@ -250,4 +266,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(options.entry(main, PROG)())

@@ -16,27 +16,30 @@ budget for every loss; the paper's claims are tested by paired comparisons acros
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import scoredistill
+from benchmarks import options
 from benchmarks.compare_losses import CONDITIONAL_LOSSES, mean_curves, run_one
 from benchmarks.paired_stats import Claim, judge
-from benchmarks.patch_metrics import METRIC_LABELS, PatchEval, save_plot
-from benchmarks.report import command_line, markdown_table, results_dir, write_report
+from benchmarks.patch_metrics import METRIC_LABELS, PatchEval, save_bars, save_patches
+from benchmarks.report import command_line, markdown_table, write_markdown, write_report
 from benchmarks.toy_metrics import DirectionProbe, mean_std, train_learned_teacher
-from scoredistill import DASMSampler, SDSLoss, TSDLoss, TSMLoss, VSDLoss
+from scoredistill import DASMSampler, SDSLoss, TSDLoss, TSMLoss, VSDLoss, cli
 from scoredistill.patches import PatchSR
 from scoredistill.toy import ToyTrainer
 
 DOCS_ASSETS = Path(__file__).resolve().parents[1] / "docs" / "assets" / "benchmarks"
+PROG = "benchmarks.natural_patches"
 
 
 def dasm(n: int) -> DASMSampler:
@@ -170,9 +173,13 @@ def summarise(teacher: str, name: str, runs: list[dict[str, Any]]) -> dict[str, 
     return row
 
 
-COLUMNS = ("teacher", "loss", "seeds", *METRICS, "cos z_hat_t / z_t (start → end)",
-           "TSM align flow / eps (end)")
-VERDICT_COLUMNS = ("claim", "metric", "verdict", "effect")
+# Two tables, each narrower than the docs page: realism, then fidelity and the probes.
+COLUMNS = ("teacher", "loss", "seeds", "post_nll", "prior_nll", "swd", "detail")
+FIDELITY_COLUMNS = ("teacher", "loss", "mse_hq", "mse_pmean", "cos z_hat_t / z_t (start → end)",
+                    "TSM align flow / eps (end)")
+FIDELITY_HEADERS = {"cos z_hat_t / z_t (start → end)": "cos ẑ_t / z_t (start → end)",
+                    "TSM align flow / eps (end)": "TSM align flow / eps"}
+VERDICT_COLUMNS = ("verdict", "claim", "metric", "effect")  # the verdict first: it matters
 
 
 def run_all(problem: PatchSR, budget: Budget, evaluator: PatchEval,
@@ -217,6 +224,18 @@ def run_all(problem: PatchSR, budget: Budget, evaluator: PatchEval,
         rows.append(summarise(teacher, name, runs))
         print(f"{teacher} / {name} done after {time.perf_counter() - start:.0f} s", flush=True)
         on_row(rows, images, i + 1, len(plan))
+
+
+def judge_rows(rows: list[dict[str, Any]], sweep: bool
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The verdicts of the paper's claims, of the losses outside it and (if ``sweep``) of the
+    sweep, from the table's rows (their per-seed values)."""
+    per_seed = {(r["teacher"], r["loss"]): {k[: -len("_per_seed")]: v for k, v in r.items()
+                                            if k.endswith("_per_seed")} for r in rows}
+    swept = [Claim(f"default ({SWEEP_DEFAULT}: λ=0.7, N=4) more realistic than {n}", "swd",
+                   ("exact", SWEEP_DEFAULT), ("exact", n)) for n in SWEEP]
+    return (judge(claims(LOSSES), per_seed), judge(other_claims(), per_seed),
+            judge(swept, per_seed) if sweep else [])
 
 
 def check(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]]) -> None:
@@ -269,24 +288,98 @@ def monte_carlo_check(problem: PatchSR, evaluator: PatchEval, n_prior: int = 100
             "mc_worst_error_in_se": worst}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the comparison, write report and plot, return the rows and verdicts."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="grey, small mixture, 2 seeds")
+def notes(report: dict[str, Any]) -> str:
+    """The text under the table, from the report's JSON content alone (so a re-render of a
+    committed run, ``--from-json``, writes it again unchanged)."""
+    budget, mc, done = report["budget"], report["monte_carlo"], report["rows_done"]
+    kind = "colour" if budget["colour"] else "grey"
+    # Runs before these were stored used PatchSR's defaults: 8x8 patches, its noise.
+    problem = report.get("problem") or {
+        "dim": 64 * (3 if budget["colour"] else 1),
+        "noise_std": next(f.default for f in fields(PatchSR) if f.name == "noise_std")}
+    planned = report.get("rows_planned", done)
+    status = (f"**Partial: {done} of {planned} rows finished (each with all its seeds); "
+              "claims on missing rows are not tested yet.** " if report["partial"] else "")
+    ref_rows = [{"loss": n, **{m: f"{v[m]:.4g}" for m in METRICS}}
+                for n, v in report["references"].items()]
+    verdicts, others, sweep = (report["verdicts"], report["other_verdicts"],
+                               report["sweep_verdicts"])
+    return (
+        status + f"Problem: {problem['dim']}-D {kind} 8x8 patches, mixture of "
+        f"{budget['components']} full-covariance Gaussians fitted by EM to "
+        f"{budget['fit_patches']} patches of the photos bundled with scikit-image; LQ = 2x "
+        f"average pool + N(0, {problem['noise_std']}^2) (standardised units). Budget: "
+        f"{budget['seeds']} seeds x {budget['steps']} generator steps, batch {budget['batch']}, "
+        f"MLP width {budget['hidden']}, Adam lr {budget['lr']}, objective "
+        f"{budget['recon_weight']} x MSE + {budget['reg_weight']} x L_reg (recon only: 1 x MSE), "
+        f"sigma^2 time weighting; learned teacher: {budget['teacher_steps']} flow-matching steps. "
+        f"Runtime {report['runtime_s']:.0f} s. Exact teacher vs Monte-Carlo posterior mean at "
+        f"index {mc['mc_index']} (sigma {mc['mc_sigma']:.2f}, effective sample size >= "
+        f"{mc['mc_min_ess']:.0f}): worst error {mc['mc_worst_error_in_se']:.2f} standard "
+        "errors.\n\nFidelity and direction probes:\n\n"
+        + markdown_table(report["rows"], FIDELITY_COLUMNS, FIDELITY_HEADERS)
+        + "\n\nReference rows (the exact posterior's own scores):\n\n"
+        + markdown_table(ref_rows, ("loss", *METRICS))
+        + "\n\nVerdicts (paired t-test across seeds, Holm-adjusted over the claims, alpha "
+        "0.05; effect = mean over seeds of a - b):\n\n"
+        + markdown_table(verdicts, VERDICT_COLUMNS)
+        + ("\n\nLosses outside the paper against VSD (own Holm family):\n\n"
+           + markdown_table(others, VERDICT_COLUMNS) if others else "")
+        + ("\n\nSweep of TSD+DASM's lambda and N (exact teacher; own Holm family):\n\n"
+           + markdown_table(sweep, VERDICT_COLUMNS) if sweep else ""))
+
+
+def render(report: dict[str, Any], md: Path, docs_assets: bool) -> Path:
+    """Write the table ``md`` and its bar plot (same name, ``.png``) from the report's JSON
+    content (the plot copied into the docs' assets if ``docs_assets``); return the plot."""
+    write_markdown(report, md, notes=notes(report), columns=COLUMNS)
+    budget = report["budget"]
+    kind = "colour" if budget["colour"] else "grey"
+    partial = (f" ({report['rows_done']}/{report.get('rows_planned', '?')} rows)"
+               if report["partial"] else "")
+    png = save_bars(report["rows"], report["references"], md.with_suffix(".png"),
+                    f"{kind} patches: {budget['seeds']} seeds x {budget['steps']} steps"
+                    + partial)
+    if docs_assets:
+        DOCS_ASSETS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, DOCS_ASSETS / png.name)
+    return png
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = options.parser(PROG, __doc__)
+    options.add_quick(parser, "small mixture, 2 seeds (grey unless --colour)")
     parser.add_argument("--colour", action="store_true", help="8x8x3 colour patches (192-D)")
-    parser.add_argument("--seeds", type=int, help="override the number of seeds")
-    parser.add_argument("--steps", type=int, help="override the generator steps")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: benchmarks/results; --quick: a temp one)")
+    parser.add_argument("--seeds", type=options.COUNT, help="override the number of seeds")
+    parser.add_argument("--steps", type=options.COUNT, help="override the generator steps")
     parser.add_argument("--no-docs-assets", dest="docs_assets", action="store_false",
-                        help=f"do not copy the plot to {DOCS_ASSETS}")
-    args = parser.parse_args(argv)
-    args.out = results_dir(args.out, args.quick)
+                        help=f"do not copy the plots to {DOCS_ASSETS}")
+    parser.add_argument("--from-json", type=cli.existing_file, metavar="JSON",
+                        help="measure nothing: rewrite the tables and bar plot of a finished "
+                             "run from its JSON (e.g. the committed results), into --out "
+                             "(default: the JSON's folder); the patch images stay as they are")
+    args = options.parse(parser, argv)
+    options.refuse_with_from_json(args, ("quick", "colour", "seeds", "steps"))
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the comparison, write report and plots, return the rows and verdicts."""
+    args = parse(argv)
+    if args.from_json:
+        report = options.read_report(args.from_json, ("budget", "references", "monte_carlo",
+                                                      "verdicts", "rows_done", "partial"))
+        out = cli.writable_dir(args.out or args.from_json.parent, "--out")
+        png = render(report, out / args.from_json.with_suffix(".md").name, args.docs_assets)
+        print(f"rewrote {png.with_suffix('.md')} and {png} from {args.from_json}")
+        return {"rows": report["rows"], "verdicts": report["verdicts"], "png": png}
+    out = options.out_dir(args)
     budget = QUICK if args.quick else COLOUR if args.colour else Budget()
     budget = replace(budget, colour=args.colour, **{k: v for k, v in (
         ("seeds", args.seeds), ("steps", args.steps)) if v is not None})
     kind = "colour" if budget.colour else "grey"
     name = f"natural_patches_{kind}" + ("_quick" if args.quick else "")
+    docs_assets = args.docs_assets and not args.quick
 
     start = time.perf_counter()
     problem = PatchSR(colour=budget.colour, components=budget.components,
@@ -300,66 +393,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                planned: int) -> None:
         partial = done < planned
         check(rows, refs)
-        per_seed = {(r["teacher"], r["loss"]): {k[: -len("_per_seed")]: v for k, v in r.items()
-                                                if k.endswith("_per_seed")} for r in rows}
-        verdicts = judge(claims(LOSSES), per_seed)
-        others = judge(other_claims(), per_seed)
-        sweep = judge([Claim(f"default ({SWEEP_DEFAULT}: λ=0.7, N=4) more realistic than {n}",
-                             "swd", ("exact", SWEEP_DEFAULT), ("exact", n)) for n in SWEEP],
-                      per_seed) if budget.sweep else []
+        verdicts, others, sweep = judge_rows(rows, budget.sweep)
         runtime = time.perf_counter() - start
-        ref_rows = [{"loss": n, **{m: f"{v[m]:.4g}" for m in METRICS}} for n, v in refs.items()]
-        status = (f"**Partial: {done} of {planned} rows finished (each with all its seeds); "
-                  "claims on missing rows are not tested yet.** " if partial else "")
-        notes = (
-            status + f"Problem: {problem.dim}-D {kind} 8x8 patches, mixture of "
-            f"{budget.components} full-covariance Gaussians fitted by EM to "
-            f"{budget.fit_patches} patches of the photos bundled with scikit-image; LQ = 2x "
-            f"average pool + N(0, {problem.noise_std}^2) (standardised units). Budget: "
-            f"{budget.seeds} seeds x {budget.steps} generator steps, batch {budget.batch}, MLP "
-            f"width {budget.hidden}, Adam lr {budget.lr}, objective {budget.recon_weight} x MSE "
-            f"+ {budget.reg_weight} x L_reg (recon only: 1 x MSE), sigma^2 time weighting; "
-            f"learned teacher: {budget.teacher_steps} flow-matching steps. Runtime "
-            f"{runtime:.0f} s. Exact teacher vs Monte-Carlo posterior mean at index "
-            f"{mc['mc_index']} (sigma {mc['mc_sigma']:.2f}, effective sample size >= "
-            f"{mc['mc_min_ess']:.0f}): worst error {mc['mc_worst_error_in_se']:.2f} standard "
-            "errors.\n\nReference rows (the exact posterior's own scores):\n\n"
-            + markdown_table(ref_rows, ("loss", *METRICS))
-            + "\n\nVerdicts (paired t-test across seeds, Holm-adjusted over the claims, alpha "
-            "0.05; effect = mean over seeds of a - b):\n\n"
-            + markdown_table(verdicts, VERDICT_COLUMNS)
-            + ("\n\nLosses outside the paper against VSD (own Holm family):\n\n"
-               + markdown_table(others, VERDICT_COLUMNS) if others else "")
-            + ("\n\nSweep of TSD+DASM's lambda and N (exact teacher; own Holm family):\n\n"
-               + markdown_table(sweep, VERDICT_COLUMNS) if sweep else ""))
+        meta = {"mode": "quick" if args.quick else "full", "rows_done": done,
+                "rows_planned": planned, "partial": partial, "budget": asdict(budget),
+                "problem": {"dim": problem.dim, "noise_std": problem.noise_std},
+                "runtime_s": runtime, "references": refs, "monte_carlo": mc,
+                "verdicts": verdicts, "other_verdicts": others, "sweep_verdicts": sweep}
         write_report(name, f"Distillation losses on natural {kind} patches (exact posterior)",
-                     rows, meta={"mode": "quick" if args.quick else "full", "rows_done": done,
-                                 "partial": partial, "budget": asdict(budget),
-                                 "runtime_s": runtime, "references": refs, "monte_carlo": mc,
-                                 "verdicts": verdicts, "other_verdicts": others,
-                                 "sweep_verdicts": sweep},
-                     notes=notes, columns=COLUMNS, out_dir=args.out,
-                     command=command_line("benchmarks.natural_patches", argv), echo=not partial)
+                     rows, meta=meta, notes=notes({**meta, "rows": rows}), columns=COLUMNS,
+                     out_dir=out, command=command_line("benchmarks.natural_patches", argv),
+                     echo=not partial)
         result.update(rows=rows, verdicts=verdicts, others=others, sweep=sweep,
                       runtime=runtime)
         # Drawing takes seconds (most of the quick mode's time if done every row): a partial
-        # run redraws its plot at most every PLOT_EVERY_S.
+        # run redraws its plots at most every PLOT_EVERY_S.
         if partial and time.perf_counter() - result.get("plotted", -math.inf) < PLOT_EVERY_S:
             return
         result["plotted"] = time.perf_counter()
+        result["png"] = render(json.loads((out / f"{name}.json").read_text()),
+                               out / f"{name}.md", docs_assets)
         grid = {"HQ": problem.to_images(evaluator.hq[:12]).float(),
                 "LQ (pinv)": problem.to_images(evaluator.lq[:12] @ torch.linalg.pinv(
                     problem.operator).T).float(),
                 "posterior mean": problem.to_images(evaluator.post_mean[:12]).float(),
                 "posterior sample": problem.to_images(evaluator.post_samples[1, :12]).float(),
                 **images}
-        png = save_plot(rows, refs, grid, args.out / f"{name}.png",
-                        f"{kind} patches: {budget.seeds} seeds x {budget.steps} steps"
-                        + (f" ({done}/{planned} rows)" if partial else ""))
-        if args.docs_assets and not args.quick:
-            DOCS_ASSETS.mkdir(parents=True, exist_ok=True)
-            shutil.copy(png, DOCS_ASSETS / png.name)
-        result["png"] = png
+        patches = save_patches(grid, out / f"{name}_patches.png",
+                               f"{kind} patches, seed 0, exact teacher: 12 LQ inputs (columns)")
+        if docs_assets:
+            shutil.copy(patches, DOCS_ASSETS / patches.name)
 
     run_all(problem, budget, evaluator, report)
     print(f"runtime {result['runtime']:.0f} s; plot {result['png']}")
@@ -368,4 +431,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # small MLPs: more threads only add noise on a shared machine
-    main()
+    raise SystemExit(options.entry(main, PROG)())

@@ -80,40 +80,60 @@ class PatchEval:
                 "exact posterior mean (MSE optimum)": self(self.post_mean)}
 
 
-def save_plot(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]],
-              images: dict[str, Tensor], path: Path, title: str) -> Path:
-    """Bars (mean ± std over seeds) of every metric per run, the reference rows as lines, and a
-    grid of patches (rows: HQ, LQ, posterior mean/sample, students' outputs; seed 0)."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(20, 13))
-    grid = fig.add_gridspec(3, 3, height_ratios=[1, 1, 1.1])
+    return plt
+
+
+def save_bars(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]], path: Path,
+              title: str) -> Path:
+    """Bars (mean ± std over seeds) of every metric per run, the reference rows as lines; all
+    from a results JSON's content, so a committed run can be redrawn."""
+    plt = _pyplot()
+    # constrained layout keeps the figure title clear of the panels' titles (tight_layout
+    # ignores the suptitle and let it overlap the middle panel's).
+    fig, axes = plt.subplots(2, 3, figsize=(20, 9.5), layout="constrained")
     labels = [f"{r['teacher'][0]}: {r['loss']}" for r in rows]
     colors = ["tab:blue" if r["teacher"] == "exact" else "tab:orange" for r in rows]
-    for i, (metric, label) in enumerate(METRIC_LABELS.items()):
-        ax = fig.add_subplot(grid[i // 3, i % 3])
+    for ax, (metric, label) in zip(axes.flat, METRIC_LABELS.items(), strict=True):
         ax.bar(range(len(rows)), [r[f"{metric}_mean"] for r in rows],
                yerr=[r[f"{metric}_std"] for r in rows], color=colors, capsize=2)
         for (name, ref), style in zip(refs.items(), ("--", ":"), strict=True):
             ax.axhline(ref[metric], color="k", ls=style, lw=1, label=name)
         ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_yscale("symlog", linthresh=0.01)  # a diverged run must not flatten the rest
+        # symlog's autoscale can stop at 0 and hide the negative bars (NLLs below 0).
+        low = min([r[f"{metric}_mean"] - r[f"{metric}_std"] for r in rows]
+                  + [ref[metric] for ref in refs.values()])
+        if low < 0:
+            ax.set_ylim(bottom=1.5 * low)
         ax.set_title(label, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    fig.axes[0].legend(fontsize=7)
-    ax = fig.add_subplot(grid[2, :])
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{title} (blue: exact teacher, orange: learned; e: / l: in the labels)")
+    return _save(fig, path)
+
+
+def save_patches(images: dict[str, Tensor], path: Path, title: str) -> Path:
+    """A grid of patches: one row per entry of ``images`` (12 patches (C, 8, 8) each: HQ, LQ,
+    posterior mean and sample, the students' outputs)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(images) + 0.8), layout="constrained")
     tiles = torch.cat([torch.cat(list(v), dim=2) for v in images.values()], dim=1)  # C H W
     ax.imshow(tiles.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1,
               interpolation="nearest")
     ax.set_yticks([8 * i + 3.5 for i in range(len(images))], list(images), fontsize=8)
     ax.set_xticks([])
-    ax.set_title("patches (columns: inputs; blue bars exact teacher, orange learned)", fontsize=10)
-    fig.suptitle(title)
-    fig.tight_layout()
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path

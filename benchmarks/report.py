@@ -10,7 +10,7 @@ import platform
 import shlex
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +64,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A GitHub-flavoured markdown table of ``rows`` (dicts sharing keys)."""
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
+                   headers: Mapping[str, str] | None = None) -> str:
+    """A GitHub-flavoured markdown table of ``rows`` (dicts sharing keys); ``headers`` gives
+    shorter titles to some columns (key -> title)."""
     cols = list(columns or rows[0].keys())
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    titles = [(headers or {}).get(c, c) for c in cols]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -99,18 +102,28 @@ def write_report(name: str, title: str, rows: Sequence[dict[str, Any]], *,
                  command: str | None = None, echo: bool = True) -> Path:
     """Write ``<name>.json`` and ``<name>.md`` into ``out_dir``; print (if ``echo``) and return
     the table path. ``command`` (see :func:`command_line`) is recorded and shown."""
-    info = {"machine": machine(), "command": command, **(meta or {})}
-    _atomic_write(out_dir / f"{name}.json",
-                  json.dumps({"title": title, **info, "rows": list(rows)}, indent=2, default=str))
-    m = info["machine"]
-    header = (f"### {title}\n\nMeasured on {m['device']} ({m['cpu']}), torch {m['torch']}, "
-              f"diffusers {m.get('diffusers') or 'n/a'}, {m['date']}"
+    report = {"title": title, "machine": machine(), "command": command, **(meta or {}),
+              "rows": list(rows)}
+    _atomic_write(out_dir / f"{name}.json", json.dumps(report, indent=2, default=str))
+    return write_markdown(report, out_dir / f"{name}.md", notes=notes, columns=columns,
+                          echo=echo)
+
+
+def write_markdown(report: dict[str, Any], path: Path, *, notes: str = "",
+                   columns: Sequence[str] | None = None, echo: bool = False) -> Path:
+    """Write the markdown of ``report`` (a results JSON's content: title, machine, command,
+    rows) to ``path``: the machine line, the rows' table, then ``notes``. A re-render from a
+    committed JSON (``--from-json``) calls it alone, so the numbers stay the measured ones."""
+    m, command = report["machine"], report.get("command")
+    header = (f"### {report['title']}\n\nMeasured on {m['device']} ({m['cpu']}), torch "
+              f"{m['torch']}, diffusers {m.get('diffusers') or 'n/a'}, {m['date']}"
               + (f", by `{command}`" if command else "") + ".\n\n")
-    table = header + markdown_table(rows, columns) + ("\n\n" + notes if notes else "") + "\n"
-    _atomic_write(out_dir / f"{name}.md", table)
+    table = (header + markdown_table(report["rows"], columns)
+             + ("\n\n" + notes if notes else "") + "\n")
+    _atomic_write(path, table)
     if echo:
         print(table)
-    return out_dir / f"{name}.md"
+    return path
 
 
 def write_pending(name: str, title: str, rows: Sequence[dict[str, Any]], *, awaiting: str,

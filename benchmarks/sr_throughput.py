@@ -27,14 +27,9 @@ from typing import Any
 
 import torch
 
+from benchmarks import options
 from benchmarks.release_style import ReleaseSettings
-from benchmarks.report import (
-    command_line,
-    markdown_table,
-    results_dir,
-    write_pending,
-    write_report,
-)
+from benchmarks.report import command_line, markdown_table, write_pending, write_report
 from benchmarks.sr_ways import (
     QUICK_RELEASE,
     QUICK_TILES,
@@ -47,6 +42,7 @@ from benchmarks.sr_ways import (
     merged_model,
     way_labels,
 )
+from scoredistill import cli
 from scoredistill.sr.loading import DTYPES, SRModel
 from scoredistill.sr.pipeline import TSDSRPipeline
 from scoredistill.sr.tiling import TileConfig
@@ -60,6 +56,7 @@ on files (the pipeline reads and writes in threads, so only its waits count)."""
 COLUMNS = ["way", "workload", "images", "s", "images/s", "s/image", "x release", "peak GiB",
            "warm-up s", *STAGES, "note"]
 TITLE = "TSD-SR super-resolution end to end"
+PROG = "benchmarks.sr_throughput"
 def measure(way: str, workload: str, run: Runner, timer: StageTimer, inputs: list[Path],
             out_dir: Path, device: str, warm_up: bool) -> dict[str, Any]:
     """One row: a warm-up run of the workload first if ``warm_up`` (its time apart), then the
@@ -148,8 +145,8 @@ def _report(rows: list[dict[str, Any]], seams: list[dict[str, Any]], notes: list
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = options.parser(PROG, __doc__)
+    options.add_device(parser, "cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", choices=("tiny", "sd3-medium"), default=None,
                         help="default: sd3-medium on CUDA, tiny on the CPU")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -157,30 +154,35 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--release-dtype", choices=sorted(DTYPES), default=None,
                         help="the release way's dtype: default fp16 (its default) on CUDA, fp32 "
                              "on the CPU")
-    parser.add_argument("--folder", type=Path, default=REALSR,
-                        help="LQ folder (default: RealSR test_LR, else generated images)")
-    parser.add_argument("--count", type=int, default=None, help="images of the folder (100)")
-    parser.add_argument("--folder-side", type=int, default=None,
-                        help="side of generated folder images (128)")
-    parser.add_argument("--large", type=int, nargs="*", default=None,
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--folder", type=cli.existing_dir, default=None,
+                        help=f"LQ folder holding at least --count PNGs (default: {REALSR} where "
+                             "it has them, else generated images)")
+    source.add_argument("--generated", action="store_true",
+                        help="generated folder images even where RealSR is at hand")
+    parser.add_argument("--count", type=options.COUNT, default=None,
+                        help="images of the folder (100)")
+    parser.add_argument("--folder-side", type=options.multiple_of(8, "the generator's grid"),
+                        default=None, help="side of generated folder images (128)")
+    parser.add_argument("--large", type=options.COUNT, nargs="*", default=None,
                         help="LQ sides of the single large images (1024 2048)")
-    parser.add_argument("--upscale", type=int, default=4)
+    parser.add_argument("--upscale", type=options.COUNT, default=4)
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
-    parser.add_argument("--batch-size", type=int, default=8,
+    parser.add_argument("--batch-size", type=options.COUNT, default=8,
                         help="the pipeline's transformer tiles per call (its default)")
-    parser.add_argument("--seams", type=int, nargs="*", default=None,
+    parser.add_argument("--seams", type=options.COUNT, nargs="*", default=None,
                         help="LQ sides whose upscaled image is run tiled and untiled "
                              "(default: the first of --large)")
-    parser.add_argument("--quick", action="store_true",
-                        help="CPU smoke run: tiny model, 4 images of 32 px, one of 64 px, tiles "
-                             "scaled down so the large image is tiled")
+    options.add_quick(parser, "CPU smoke run: tiny model, 4 images of 32 px, one of 64 px, "
+                              "tiles scaled down so the large image is tiled, nothing compiled")
     parser.add_argument("--plan", action="store_true",
                         help="measure nothing: write the GPU table's rows marked as awaiting a "
                              "GPU run, for the docs to include until one fills it")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: benchmarks/results; --quick: a temp one)")
-    args = parser.parse_args(argv)
-    args.out = results_dir(args.out, args.quick)
+    args = options.parse(parser, argv)
+    compiled = [w for w in args.ways if w.startswith("compiled")]
+    if args.quick and "ways" in args.given and compiled:
+        raise cli.UserError(f"--ways {' '.join(compiled)} conflicts with --quick, which "
+                            "compiles nothing: drop --quick or those ways")
     cuda = args.device.startswith("cuda") or args.plan
     args.config = args.config or ("sd3-medium" if cuda and not args.quick else "tiny")
     args.dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
@@ -189,6 +191,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.folder_side = args.folder_side or (32 if args.quick else 128)
     if args.large is None:
         args.large = [64] if args.quick else [1024, 2048]
+    if args.folder is not None and len(list(args.folder.glob("*.png"))) < args.count:
+        raise cli.UserError(f"--folder {args.folder} holds fewer than --count {args.count} PNG "
+                            "images: lower --count, or drop --folder for generated images")
+    if args.folder is None and not args.generated:
+        args.folder = REALSR  # the default: RealSR where it is at hand, else generated
+    args.out = options.out_dir(args)
     return args
 
 
@@ -268,4 +276,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(options.entry(main, PROG)())

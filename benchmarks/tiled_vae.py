@@ -27,13 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.report import command_line, results_dir, write_report
+from benchmarks import options
+from benchmarks.report import command_line, write_report
 from benchmarks.timing import time_ms
 from examples.tsdsr.models.tiny import random_backbone
 from scoredistill.sr.latents import decode, encode
 from scoredistill.sr.loading import DTYPES
 from scoredistill.sr.tiling import TileConfig, tiled_apply, tiled_decode, tiled_encode, vae_factor
 
+PROG = "benchmarks.tiled_vae"
 COLUMNS = ["stage", "variant", "size", "ms", "peak GiB", "max abs diff", "mean abs diff", "note"]
 
 
@@ -98,26 +100,33 @@ def measure(fn: Callable[[Tensor], Tensor], x: Tensor, reference: Tensor | None,
     return row, out
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = options.parser(PROG, __doc__)
+    options.add_device(parser, "cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--config", choices=("tiny", "sd3-medium"), default=None,
                         help="default: sd3-medium on CUDA, tiny on the CPU")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides (px)")
-    parser.add_argument("--encoder-tile", type=int, nargs=2, default=None,
-                        metavar=("SIDE", "MARGIN"), help="image px (default: infer.py's)")
-    parser.add_argument("--decoder-tile", type=int, nargs=2, default=None,
+    parser.add_argument("--sizes", type=options.multiple_of(8, "the VAE's factor"), nargs="+",
+                        default=None, help="image sides (px)")
+    parser.add_argument("--encoder-tile", type=options.multiple_of(8, "the VAE's factor"),
+                        nargs=2, default=None, metavar=("SIDE", "MARGIN"),
+                        help="image px (default: infer.py's)")
+    parser.add_argument("--decoder-tile", type=options.COUNT, nargs=2, default=None,
                         metavar=("SIDE", "MARGIN"), help="latent px (default: infer.py's)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true",
-                        help="CPU smoke run: the tiny VAE, 128 px, tiles of 32 / 8 (+ 8 / 2)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default: benchmarks/results; --quick: a temp folder)")
-    args = parser.parse_args(argv)
-    out_dir = results_dir(args.out, args.quick)
+    options.add_timing(parser, warmup=1, repeats=3)
+    options.add_quick(parser, "CPU smoke run: the tiny VAE, 128 px, tiles of 32 / 8 (+ 8 / 2), "
+                              "no warm-up, 1 timed call")
+    args = options.parse(parser, argv)
+    options.refuse_with_quick(args, {"warmup": "--warmup", "repeats": "--repeats"},
+                              "no warm-up and 1 timed call")
+    args.out = options.out_dir(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse(argv)
+    out_dir = args.out
     cuda = args.device.startswith("cuda")
     config = args.config or ("sd3-medium" if cuda and not args.quick else "tiny")
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
@@ -131,7 +140,7 @@ def main(argv: list[str] | None = None) -> Path:
                                     decoder_overlap=args.decoder_tile[1])
     sizes = args.sizes or ([128] if args.quick else [2048, 4096] if cuda else [256])
     if args.quick:
-        args.warmup, args.repeats = 0, 1
+        args.warmup, args.repeats = 0, 1  # refuse_with_quick: neither was given
         torch.set_num_threads(1)
     vae = random_backbone(config, dtype=dtype, device=args.device).vae
     rows: list[dict[str, Any]] = []
@@ -181,4 +190,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(options.entry(main, PROG)())

@@ -25,14 +25,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from benchmarks.report import command_line, results_dir, write_report
+from benchmarks import options
+from benchmarks.report import command_line, write_report
 from examples.tsdsr.data import DegradationConfig, degrade, upsample_lq
 from examples.tsdsr.data.tiny_data import HELD_OUT, TRAIN, photo, write_tiny_data
 from examples.tsdsr.evaluation.metrics import psnr_y, ssim_y
 from examples.tsdsr.models.tiny_fit import random_crops
 from examples.tsdsr.run_tiny import write_pairs
+from scoredistill import cli
 from scoredistill.sr.imageio import list_images, load_image
 
+PROG = "benchmarks.tiny_sr_headroom"
 COLUMNS = ["training photos", "step", "bicubic PSNR", "CNN PSNR", "CNN - bicubic dB",
            "bicubic SSIM", "CNN SSIM", "train s"]
 
@@ -98,21 +101,29 @@ def train_and_score(side: int, steps: int, every: int, pairs: list[tuple[Tensor,
     return rows
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sides", type=int, nargs="+", default=[128, 256],
-                        help="short side of the training photos (the demo's: 128)")
-    parser.add_argument("--steps", type=int, default=1600)
-    parser.add_argument("--every", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 128 px, 4 steps")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default: benchmarks/results; --quick: a temp folder)")
-    args = parser.parse_args(argv)
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = options.parser(PROG, __doc__)
+    parser.add_argument("--sides", type=cli.number(int, low=64), nargs="+",
+                        default=[128, 256], help="short side of the training photos, at least "
+                                                 "the 64 px crops (the demo's: 128)")
+    parser.add_argument("--steps", type=options.COUNT, default=1600)
+    parser.add_argument("--every", type=options.COUNT, default=400,
+                        help="score on the held-out pairs every this many steps")
+    parser.add_argument("--seed", type=options.NON_NEGATIVE, default=0)
+    options.add_quick(parser, "smoke run: 128 px, 4 steps, scored every 2")
+    args = options.parse(parser, argv)
+    options.refuse_with_quick(args, {"sides": "--sides", "steps": "--steps", "every": "--every"},
+                              "128 px photos for 4 steps, scored every 2")
     if args.quick:
         args.sides, args.steps, args.every = [128], 4, 2
+    args.out = options.out_dir(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse(argv)
     torch.set_num_threads(1)
-    out_dir = results_dir(args.out, args.quick)
+    out_dir = args.out
     pairs = held_out_pairs(seed=0)  # run_tiny's seed: the demo's LQ images
     rows = [row for side in args.sides
             for row in train_and_score(side, args.steps, args.every, pairs, args.seed)]
@@ -129,4 +140,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(options.entry(main, PROG)())

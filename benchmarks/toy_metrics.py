@@ -141,8 +141,11 @@ def save_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
             sd = [by.get((teacher, n), {}).get(f"{metric}_std", math.nan) for n in losses]
             xs = [i + (j - 0.5) * width for i in range(len(losses))]
             ax.bar(xs, mu, width, yerr=sd, capsize=3, color=color, label=f"{teacher} teacher")
+        # A log axis: one loss far off (CSD's NLL ~2e3) flattens every other bar on a linear one.
+        values = [r[f"{metric}_mean"] for r in rows if math.isfinite(r[f"{metric}_mean"])]
+        ax.set_yscale("log" if all(v > 0 for v in values) else "symlog")
         ax.set_xticks(range(len(losses)), losses, rotation=40, ha="right", fontsize=9)
-        ax.set_title(METRIC_LABELS[metric])
+        ax.set_title(METRIC_LABELS[metric] + " (log scale)")
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend()
 

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmarks.report import command_line, markdown_table, results_dir, write_report
+from benchmarks import options
+from benchmarks.report import command_line, markdown_table, write_report
 from benchmarks.train_step_paths import (
     CONFIGS,
     DASM,
@@ -53,6 +54,7 @@ from scoredistill.adapters import (
     lora_state_dict,
 )
 
+PROG = "benchmarks.train_step"
 
 def build_transformer(config: str, dtype: torch.dtype, device: str) -> nn.Module:
     from diffusers import SD3Transformer2DModel
@@ -268,41 +270,50 @@ def run(config: str, device: str, dtype: torch.dtype, batch: int, side: int, war
                         notes=notes, out_dir=out_dir, command=command)
 
 
-def train_step_parser(description: str, configs: list[str], batch: int, grad_tol: float | None,
-                      grad_tol_help: str) -> argparse.ArgumentParser:
+def train_step_parser(prog: str, description: str | None, configs: list[str], batch: int,
+                      grad_tol: float | None, grad_tol_help: str) -> argparse.ArgumentParser:
     """The command line the train-step benchmarks share (SD3 here, FLUX in train_step_flux)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = options.parser(prog, description)
     parser.add_argument("--config", choices=configs, default="tiny")
-    parser.add_argument("--device", default="cpu")
+    options.add_device(parser, "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights' dtype (default: fp32 on CPU, bf16 on CUDA)")
-    parser.add_argument("--batch", type=int, default=batch)
-    parser.add_argument("--latent", type=int, default=None, help="latent side (default per config)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=options.COUNT, default=batch)
+    parser.add_argument("--latent", type=options.multiple_of(2, "the patch size"), default=None,
+                        help="latent side (default per config)")
+    options.add_timing(parser, warmup=2, repeats=10)
     parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--grad-tol", type=float, default=grad_tol, help=grad_tol_help)
-    parser.add_argument("--quick", action="store_true", help="CI smoke run: 1 warm-up, 3 steps")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default: benchmarks/results; --quick: a temp folder)")
+    parser.add_argument("--grad-tol", type=options.POSITIVE, default=grad_tol, help=grad_tol_help)
+    options.add_quick(parser, "CI smoke run: 1 warm-up, 3 timed steps")
     return parser
 
 
+def parse_train_step(parser: argparse.ArgumentParser, argv: list[str] | None
+                     ) -> argparse.Namespace:
+    """Parse, refuse what --quick overrides, check --out, and set the quick timing."""
+    args = options.parse(parser, argv)
+    options.refuse_with_quick(args, {"warmup": "--warmup", "repeats": "--repeats"},
+                              "1 warm-up and 3 timed steps")
+    args.out = options.out_dir(args)
+    if args.quick:
+        args.warmup, args.repeats = 1, 3
+    return args
+
+
 def main(argv: list[str] | None = None) -> Path:
-    parser = train_step_parser(__doc__.splitlines()[0], sorted(CONFIGS), batch=2, grad_tol=1e-4,
+    parser = train_step_parser(PROG, __doc__, sorted(CONFIGS), batch=2, grad_tol=1e-4,
                                grad_tol_help="max relative L2 error of each term, fp32 check "
                                              "(default 1e-4); --quick also uses 8x8 latents")
-    args = parser.parse_args(argv)
+    args = parse_train_step(parser, argv)
     from diffusers.utils import logging
 
     logging.set_verbosity_error()  # the "keep modules in float32" notice for random weights
     dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
-    warmup, repeats = (1, 3) if args.quick else (args.warmup, args.repeats)
     side = args.latent or (8 if args.quick else SHAPES[args.config][0])
-    return run(args.config, args.device, dtype, args.batch, side, warmup, repeats,
-               args.checkpointing, args.grad_tol, results_dir(args.out, args.quick),
+    return run(args.config, args.device, dtype, args.batch, side, args.warmup, args.repeats,
+               args.checkpointing, args.grad_tol, args.out,
                command_line("benchmarks.train_step", argv))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(options.entry(main, PROG)())

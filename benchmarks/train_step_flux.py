@@ -24,8 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.report import command_line, markdown_table, results_dir, write_report
-from benchmarks.train_step import count_calls, module_bytes, time_path, train_step_parser
+from benchmarks import options
+from benchmarks.report import command_line, markdown_table, write_report
+from benchmarks.train_step import (
+    count_calls,
+    module_bytes,
+    parse_train_step,
+    time_path,
+    train_step_parser,
+)
 from benchmarks.train_step_paths import DTYPES
 from scoredistill import DASMSampler, DiffusionLoss, TSDLoss
 from scoredistill.adapters import (
@@ -49,6 +56,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
                      guidance_embeds=True),
 }
 # (latent side before 2x2 packing, T5 tokens): FLUX.1-dev at 1024 px has 128x128x16 latents.
+PROG = "benchmarks.train_step_flux"
 SHAPES = {"tiny": (8, 5), "flux-dev": (128, 512)}
 # FLUX.1-dev is guidance-distilled: the teacher takes its embedded guidance (3.5), not real CFG.
 RANK, GUIDANCE_EMBED, DASM = 64, 3.5, DASMSampler()
@@ -213,21 +221,19 @@ def run(config: str, device: str, dtype: torch.dtype, batch: int, side: int, war
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = train_step_parser(__doc__.splitlines()[0], sorted(CONFIGS), batch=1, grad_tol=None,
+    parser = train_step_parser(PROG, __doc__, sorted(CONFIGS), batch=1, grad_tol=None,
                                grad_tol_help="max relative L2 gradient error (default 1e-3 fp32, "
                                              "5e-2 half)")
-    args = parser.parse_args(argv)
+    args = parse_train_step(parser, argv)
     from diffusers.utils import logging
 
     logging.set_verbosity_error()
     dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
-    warmup, repeats = (1, 3) if args.quick else (args.warmup, args.repeats)
     side = args.latent or SHAPES[args.config][0]
     tol = args.grad_tol or (1e-3 if dtype == torch.float32 else 5e-2)
-    return run(args.config, args.device, dtype, args.batch, side, warmup, repeats,
-               args.checkpointing, tol, results_dir(args.out, args.quick),
-               command_line("benchmarks.train_step_flux", argv))
+    return run(args.config, args.device, dtype, args.batch, side, args.warmup, args.repeats,
+               args.checkpointing, tol, args.out, command_line("benchmarks.train_step_flux", argv))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(options.entry(main, PROG)())

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from benchmarks.compare_losses import COLUMNS, COMPARISONS, LOSSES, main
 
 FIELDS = ("nll_mean", "nll_std", "sliced_w2_mean", "sliced_w2_std", "mse_mean", "mse_std",
@@ -33,6 +35,7 @@ def test_compare_losses_quick_smoke(tmp_path: Path) -> None:
     assert all(t["n"] == 1 and t["verdict"] == "n.s." for t in tests)  # one seed proves nothing
     table = (tmp_path / "compare_losses.md").read_text()
     assert "| teacher | loss |" in table and "Measured on" in table
+    assert "\n| verdict | teacher | metric | A | B |" in table  # the verdict first
     assert (tmp_path / "compare_losses.png").stat().st_size > 10_000
 
 
@@ -40,8 +43,29 @@ def test_quick_run_defaults_to_a_temporary_folder(monkeypatch) -> None:
     import benchmarks.compare_losses as cl
     from benchmarks.report import RESULTS
 
-    seen = {}
-    monkeypatch.setattr(cl, "write_report", lambda *a, **kw: seen.setdefault("out", kw["out_dir"]))
-    monkeypatch.setattr(cl, "save_plot", lambda rows, path, title: path)
-    cl.main(["--quick", "--steps", "2", "--seeds", "1", "--no-docs-assets"])
-    assert seen["out"] != RESULTS
+    class Written(Exception):
+        pass
+
+    def write_report(*args, out_dir, **kwargs):
+        raise Written(out_dir)
+
+    monkeypatch.setattr(cl, "write_report", write_report)
+    with pytest.raises(Written) as written:
+        cl.main(["--quick", "--steps", "2", "--seeds", "1", "--no-docs-assets"])
+    assert written.value.args[0] != RESULTS
+
+
+def test_from_json_rewrites_the_committed_table_unchanged(tmp_path: Path) -> None:
+    """The committed table is what its committed JSON renders to: nothing measured, no number
+    changed (the committed files are re-rendered this way after a layout change)."""
+    from benchmarks.report import RESULTS
+
+    before = (RESULTS / "compare_losses.json").read_bytes()
+    main(["--from-json", str(RESULTS / "compare_losses.json"), "--out", str(tmp_path),
+          "--no-docs-assets"])
+    assert (tmp_path / "compare_losses.md").read_text() == (
+        RESULTS / "compare_losses.md").read_text()
+    assert (tmp_path / "compare_losses.png").stat().st_size > 10_000
+    assert (RESULTS / "compare_losses.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare_losses.md",
+                                                          "compare_losses.png"]

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("skimage", reason="the natural-patch problem reads scikit-image's photos")
 
@@ -37,5 +38,49 @@ def test_natural_patches_quick_smoke(tmp_path: Path) -> None:
         f"{t} / + {n}" for t, n in (("exact", "DMD"), ("learned", "DMD"), ("exact", "CSD"))
         for _ in range(2))
     table = (tmp_path / "natural_patches_grey_quick.md").read_text()
-    assert "| teacher | loss |" in table and "| claim | metric | verdict | effect |" in table
+    assert "| teacher | loss |" in table and "| verdict | claim | metric | effect |" in table
     assert (tmp_path / "natural_patches_grey_quick.png").stat().st_size > 10_000
+    assert (tmp_path / "natural_patches_grey_quick_patches.png").stat().st_size > 1_000
+
+
+def test_verdicts_know_a_planted_better_worse_and_equal_loss():
+    """Known answers through the benchmark's own path (per-seed runs -> table rows -> claims ->
+    verdicts): TSD (eps) is planted better than VSD on every seed, TSD (flow) worse, and
+    TSD+DASM (eps) equal to TSD (eps)."""
+    from benchmarks.natural_patches import judge_rows, summarise
+
+    g = torch.Generator().manual_seed(0)
+    base = 1.0 + torch.rand(5, generator=g, dtype=torch.float64)  # per-seed swd of VSD
+    jitter = 0.01 * torch.randn(5, generator=g, dtype=torch.float64)
+    swd = {"+ VSD": base, "+ TSD (eps)": base - 0.2 + jitter, "+ TSD (flow)": base + 0.2 + jitter}
+    swd["+ TSD+DASM (eps)"] = swd["+ TSD (eps)"]
+    curve = [{k: 0.5 for k in ("cos_hat", "cos_hq", "tsm_align_flow", "tsm_align_epsilon")}]
+
+    def runs(name):
+        values = swd.get(name, base + 1.0)
+        return [{"metrics": {**{m: 1.0 for m in METRICS}, "swd": float(v)}, "curve": curve}
+                for v in values]
+
+    rows = [summarise("exact", name, runs(name)) for name in LOSSES]
+    verdicts = {v["claim"]: v for v in judge_rows(rows, sweep=False)[0]}
+    better = verdicts["exact teacher: TSD (eps) more realistic than VSD (Eq. 5 vs 3)"]
+    worse = verdicts["exact teacher: TSD (flow) more realistic than VSD (Eq. 5 vs 3)"]
+    equal = verdicts["exact teacher: DASM helps TSD (eps) (Sec. 3.4)"]
+    assert better["verdict"] == "holds" and better["diff_mean"] == pytest.approx(-0.2, abs=0.02)
+    assert worse["verdict"] == "does not hold" and worse["diff_mean"] == pytest.approx(
+        0.2, abs=0.02)
+    assert equal["verdict"] == "within noise" and equal["diff_mean"] == 0
+    assert all(v["a"].startswith("exact") for v in verdicts.values())  # no learned rows: skipped
+
+
+@pytest.mark.parametrize("kind", ["grey", "colour"])
+def test_from_json_rewrites_the_committed_tables_unchanged(kind: str, tmp_path: Path) -> None:
+    """The committed tables are what their committed JSON renders to: nothing measured, no
+    number changed; the patch images (not in the JSON) are left alone."""
+    from benchmarks.report import RESULTS
+
+    name = f"natural_patches_{kind}"
+    main(["--from-json", str(RESULTS / f"{name}.json"), "--out", str(tmp_path),
+          "--no-docs-assets"])
+    assert (tmp_path / f"{name}.md").read_text() == (RESULTS / f"{name}.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.md", f"{name}.png"]

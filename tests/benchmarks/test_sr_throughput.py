@@ -13,8 +13,7 @@ from benchmarks.sr_throughput import main
 
 
 def test_quick_run_measures_every_row(tmp_path):
-    main(["--quick", "--device", "cpu", "--count", "2", "--folder", str(tmp_path / "none"),
-          "--out", str(tmp_path)])
+    main(["--quick", "--device", "cpu", "--count", "2", "--generated", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "sr_throughput.json").read_text())
     assert report["complete"] is True and report["config"] == "tiny"
     assert report["folder"] == "2 generated 32 px images"
@@ -48,7 +47,7 @@ def test_a_stopped_run_shows_the_rows_it_did_not_reach(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "make_runner", stop_at_eager)
     with pytest.raises(KeyboardInterrupt):
-        main(["--quick", "--device", "cpu", "--count", "1", "--folder", str(tmp_path / "none"),
+        main(["--quick", "--device", "cpu", "--count", "1", "--generated",
               "--ways", "release", "eager", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "sr_throughput.json").read_text())
     assert report["complete"] is False
