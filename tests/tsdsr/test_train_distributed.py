@@ -59,13 +59,19 @@ def checkpoint(out: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def ddp_data(tmp_path_factory):
     data = tmp_path_factory.mktemp("ddp")
     g = torch.Generator().manual_seed(0)
     (data / "hq").mkdir()
     for name in "abcd":
         save_png(torch.rand(3, 64, 64, generator=g), data / "hq" / f"{name}.png")
     precompute(data / "hq", data / "embeds")
+    return data
+
+
+@pytest.fixture(scope="module")
+def runs(ddp_data):
+    data = ddp_data
     launch(data, data / "replicated")
     # Checkpointing recomputes each block's forward: under FSDP that gathers it again.
     launch(data, data / "fsdp", "--fsdp", "--gradient-checkpointing")
@@ -115,11 +121,11 @@ def test_fsdp_resume_matches_the_uninterrupted_run(runs, tmp_path):
         torch.testing.assert_close(state[k], v, rtol=0, atol=1e-6)
 
 
-def test_a_signal_to_one_process_stops_both_at_the_same_step(runs, tmp_path):
+def test_a_signal_to_one_process_stops_both_at_the_same_step(ddp_data, tmp_path):
     """SIGTERM reaches only rank 1, during step 3: both ranks finish step 3, stop with status 75
     and leave one checkpoint of step 3 (rank 0 writes it), equal on both ranks' weights."""
     out = tmp_path / "preempted"
-    launch(runs, out, status=EXIT_PREEMPTED, SIGTERM_AT="1:3")
+    launch(ddp_data, out, status=EXIT_PREEMPTED, SIGTERM_AT="1:3")
     (w0, fed0), (w1, fed1) = (rank_file(out, r) for r in (0, 1))
     assert len(fed0) == len(fed1) == 3
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
@@ -129,7 +135,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(runs, tmp_path):
     assert state["step"] == 3
 
 
-def test_a_locked_output_dir_stops_every_process(runs, tmp_path):
+def test_a_locked_output_dir_stops_every_process(ddp_data, tmp_path):
     """Another run holds the folder: process 0 is refused, and process 1, which takes no lock
     itself, stops with it instead of waiting for process 0 forever."""
     from examples.tsdsr.training.preflight import lock_output_dir
@@ -138,7 +144,7 @@ def test_a_locked_output_dir_stops_every_process(runs, tmp_path):
     out.mkdir()
     fd = lock_output_dir(out)
     try:
-        launch(runs, out, status=2)
+        launch(ddp_data, out, status=2)
     finally:
         os.close(fd)
     assert not (out / "checkpoints").exists()
