@@ -99,6 +99,25 @@ def flux_cond(cond: Cond, guidance_embeds: bool) -> tuple[Tensor, Tensor, Tensor
     return embeds, pooled, guidance
 
 
+def built_size(height: int, width: int, config: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(height, width)`` when ``config``'s shift depends on the latent size (dynamic shifting),
+    else None: the size a model's schedule is tied to, for `check_built_size`."""
+    return (height, width) if config.get("use_dynamic_shifting", False) else None
+
+
+def check_built_size(model: str, size: tuple[int, int] | None, got: tuple[int, int],
+                     tokens: Callable[[int, int], int], shift: float) -> None:
+    """ValueError unless latents of spatial size ``got`` have as many image tokens as ``size``,
+    the size the schedule's shift was built for (None: any size). Shapes only, no host sync."""
+    if size is None or tokens(*got) == tokens(*size):
+        return
+    raise ValueError(
+        f"{model} was built for {size[0]}x{size[1]} latents ({tokens(*size)} tokens, shift "
+        f"{shift:.3g}) but got {got[0]}x{got[1]} latents ({tokens(*got)} tokens), whose shift "
+        f"differs: build one for this size, {model}.for_resolution(transformer, {got[0]}, "
+        f"{got[1]}, ...)")
+
+
 def flow_schedule(config: Mapping[str, Any],
                   dynamic_shift: Callable[[Mapping[str, Any]], float]) -> RectifiedFlow:
     """The table of a FlowMatch scheduler config: its fixed ``shift``, or with
@@ -112,6 +131,10 @@ def flow_schedule(config: Mapping[str, Any],
     return RectifiedFlow(shift=dynamic_shift(config), num_steps=num_steps)
 
 
+def _tokens(height: int, width: int) -> int:
+    return (height // 2) * (width // 2)  # one token per 2x2 latent patch
+
+
 @dataclass(frozen=True, eq=False)
 class FluxScoreModel:
     """FLUX.1's transformer predicting the flow velocity ``eps - x0`` on (B, C, H, W) latents.
@@ -121,7 +144,9 @@ class FluxScoreModel:
     ``sigma`` (FLUX's convention; the transformer casts it to the weights' dtype). ``cond`` is
     ``{"prompt_embeds", "pooled_projections"}`` plus ``"guidance"`` (B,) for FLUX.1-dev, so the
     distilled guidance travels with each sample and CFG with a null prompt stays one batched call.
-    ``schedule`` is the resolution's shifted table: build it with `for_resolution`.
+    ``schedule`` is the resolution's shifted table: build it with `for_resolution`, which also
+    records the latent ``size`` it is for; latents with another token count (``H/2 * W/2``) are
+    then a ValueError, since their shift differs (``size=None``: no check).
 
     Example:
         >>> model = FluxScoreModel.for_resolution(transformer, 128, 128)  # 1024 px latents
@@ -131,6 +156,7 @@ class FluxScoreModel:
 
     module: FluxTransformer2DModel
     schedule: RectifiedFlow
+    size: tuple[int, int] | None = None
     prediction: ClassVar[Prediction] = "flow"
     lora_targets: ClassVar[LoraTargets] = FLUX_TARGETS
 
@@ -141,23 +167,26 @@ class FluxScoreModel:
 
         ``scheduler_config`` is the checkpoint's FlowMatch scheduler config; without it FLUX.1-dev's
         (dynamic shifting, base/max shift 0.5/1.15 at 256/4096 tokens). A config without dynamic
-        shifting (FLUX.1-schnell: shift 1) uses its fixed ``shift``.
+        shifting (FLUX.1-schnell: shift 1) uses its fixed ``shift`` and fits any latent size.
         """
-        return cls(module, flow_schedule(
-            scheduler_config or {"use_dynamic_shifting": True},
-            lambda config: resolution_shift(
-                (height // 2) * (width // 2), base_seq_len=config.get("base_image_seq_len", 256),
-                max_seq_len=config.get("max_image_seq_len", 4096),
-                base_shift=config.get("base_shift", 0.5), max_shift=config.get("max_shift", 1.15))))
+        config = scheduler_config or {"use_dynamic_shifting": True}
+        return cls(module, flow_schedule(config, lambda config: resolution_shift(
+            _tokens(height, width), base_seq_len=config.get("base_image_seq_len", 256),
+            max_seq_len=config.get("max_image_seq_len", 4096),
+            base_shift=config.get("base_shift", 0.5), max_shift=config.get("max_shift", 1.15))),
+            built_size(height, width, config))
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Velocity (B, C, H, W) float32 for latents ``x_t`` (B, C, H, W) at ``t`` (B,)."""
+        height, width = x_t.shape[-2:]
         dtype = weights_dtype(self.module)
+        tokens = pack_latents(x_t.to(dtype))  # refuses odd sizes first
+        check_built_size("FluxScoreModel", self.size, (height, width), _tokens,
+                         self.schedule.shift)
         embeds, pooled, guidance = flux_cond(cast_cond(cond, dtype),
                                              self.module.config.guidance_embeds)
-        height, width = x_t.shape[-2:]
         out = self.module(
-            hidden_states=pack_latents(x_t.to(dtype)), timestep=t.float() / self.schedule.num_steps,
+            hidden_states=tokens, timestep=t.float() / self.schedule.num_steps,
             guidance=guidance, encoder_hidden_states=embeds, pooled_projections=pooled,
             img_ids=image_ids(height, width, x_t.device),
             txt_ids=torch.zeros(embeds.shape[1], 3, device=x_t.device), return_dict=False)[0]

@@ -11,6 +11,7 @@ position, as the pipeline's ``_pack_latents`` does.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -20,7 +21,17 @@ from torch import Tensor
 
 from ..protocols import Cond, Prediction
 from ..schedules import RectifiedFlow, empirical_shift
-from .flux import flow_schedule, from_tokens, grid_ids, guided_cond, patchify, to_tokens, unpatchify
+from .flux import (
+    built_size,
+    check_built_size,
+    flow_schedule,
+    from_tokens,
+    grid_ids,
+    guided_cond,
+    patchify,
+    to_tokens,
+    unpatchify,
+)
 from .module import cast_cond, weights_dtype
 from .targets import FLUX2_TARGETS, LoraTargets
 
@@ -67,7 +78,9 @@ class Flux2ScoreModel:
     multiplies timestep and guidance by 1000), as ``Flux2Pipeline`` does. ``cond`` is
     ``{"prompt_embeds": (B, L, D)}`` plus ``"guidance"`` (B,) for the guidance-distilled
     FLUX.2-dev (``guidance_embeds=True``); FLUX.2-klein embeds none and takes real CFG.
-    ``schedule`` depends on the resolution and the sampling step count: `for_resolution`.
+    ``schedule`` depends on the resolution and the sampling step count: `for_resolution`, which
+    also records the latent ``size`` it is for; latents with another token count (``h * w``) are
+    then a ValueError, since their shift differs (``size=None``: no check).
 
     Example:
         >>> model = Flux2ScoreModel.for_resolution(transformer, 64, 64)  # 1024 px: 4096 tokens
@@ -76,6 +89,7 @@ class Flux2ScoreModel:
 
     module: Flux2Transformer2DModel
     schedule: RectifiedFlow
+    size: tuple[int, int] | None = None
     prediction: ClassVar[Prediction] = "flow"
     lora_targets: ClassVar[LoraTargets] = FLUX2_TARGETS
 
@@ -87,11 +101,13 @@ class Flux2ScoreModel:
 
         The shift is `empirical_shift` ``(height * width, num_inference_steps)``, the ``mu`` that
         ``Flux2Pipeline`` passes to its dynamic-shifting scheduler (its default: 50 steps);
-        a ``scheduler_config`` without ``use_dynamic_shifting`` uses its fixed ``shift``.
+        a ``scheduler_config`` without ``use_dynamic_shifting`` uses its fixed ``shift`` and fits
+        any latent size.
         """
+        config = scheduler_config or {"use_dynamic_shifting": True}
         return cls(module, flow_schedule(
-            scheduler_config or {"use_dynamic_shifting": True},
-            lambda _: empirical_shift(height * width, num_inference_steps)))
+            config, lambda _: empirical_shift(height * width, num_inference_steps)),
+            built_size(height, width, config))
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Velocity (B, C, h, w) float32 for latents ``x_t`` (B, C, h, w) at ``t`` (B,)."""
@@ -100,12 +116,14 @@ class Flux2ScoreModel:
             raise ValueError(f"FLUX.2 takes the transformer's latents (B, {channels}, h, w): VAE "
                              f"latents patchified and normalised (flux2_latents); got "
                              f"{tuple(x_t.shape)}")
+        height, width = x_t.shape[-2:]
+        check_built_size("Flux2ScoreModel", self.size, (height, width), operator.mul,
+                         self.schedule.shift)
         dtype = weights_dtype(self.module)
         (embeds,), guidance = guided_cond(
             cast_cond(cond, dtype), {"prompt_embeds": "(B, L, D)"},
             # diffusers 0.36 has no guidance_embeds option: FLUX.2-dev's embedding always exists
             self.module.config.get("guidance_embeds", True), ("FLUX.2-dev", "FLUX.2-klein"))
-        height, width = x_t.shape[-2:]
         out = self.module(
             hidden_states=to_tokens(x_t.to(dtype)), timestep=t.float() / self.schedule.num_steps,
             guidance=guidance, encoder_hidden_states=embeds,

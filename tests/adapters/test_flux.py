@@ -98,3 +98,18 @@ def test_bad_inputs_name_the_problem():
     schnell = FluxScoreModel.for_resolution(tiny_flux_transformer(False), 8, 8, SCHNELL)
     with pytest.raises(ValueError, match="schnell"):
         schnell(x, t, flux_cond(1))
+
+
+def test_latents_of_another_size_than_the_schedules_are_refused():
+    # Built for 8x8 latents (16 tokens, shift 1.23); 32x32 latents (256 tokens) need shift 1.65.
+    model = FluxScoreModel.for_resolution(tiny_flux_transformer(), 8, 8)
+    t = torch.tensor([500.0])
+    with pytest.raises(ValueError, match=r"built for 8x8 latents .* got 32x32 latents") as err:
+        model(torch.randn(1, 4, 32, 32), t, flux_cond(1))
+    assert "for_resolution(transformer, 32, 32" in str(err.value)
+    with torch.no_grad():  # the same token count has the same shift: accepted
+        assert model(torch.randn(1, 4, 4, 16), t, flux_cond(1)).shape == (1, 4, 4, 16)
+    # A fixed shift (schnell) does not depend on the size.
+    schnell = FluxScoreModel.for_resolution(tiny_flux_transformer(False), 8, 8, SCHNELL)
+    with torch.no_grad():
+        schnell(torch.randn(1, 4, 16, 16), t, flux_cond(1, guidance=None))

@@ -135,3 +135,16 @@ def test_bad_inputs_name_the_problem():
     klein = Flux2ScoreModel.for_resolution(tiny_flux2_transformer(False), H, W)
     with pytest.raises(ValueError, match="klein"):
         klein(x, t, flux2_cond(1))
+
+
+def test_latents_of_another_size_than_the_schedules_are_refused():
+    model = Flux2ScoreModel.for_resolution(tiny_flux2_transformer(), H, W)  # 24 tokens
+    t = torch.tensor([500.0])
+    with pytest.raises(ValueError, match=rf"built for {H}x{W} latents .* got 8x8 latents"):
+        model(torch.randn(1, FLUX2_LATENT[0], 8, 8), t, flux2_cond(1))
+    with torch.no_grad():  # the same token count has the same shift: accepted
+        assert model(torch.randn(1, FLUX2_LATENT[0], W, H), t, flux2_cond(1)).shape[-2:] == (W, H)
+    fixed = Flux2ScoreModel.for_resolution(tiny_flux2_transformer(), H, W,
+                                           scheduler_config={"shift": 2.0})
+    with torch.no_grad():
+        fixed(torch.randn(1, FLUX2_LATENT[0], 8, 8), t, flux2_cond(1))
