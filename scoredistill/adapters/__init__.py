@@ -11,6 +11,7 @@ from .lora import (
 )
 from .lora_io import (
     RELEASED_FILES,
+    LoraMismatchError,
     add_lora,
     load_lora,
     load_tsdsr_release,
@@ -45,6 +46,7 @@ __all__ = [
     "AdapterRole",
     "Flux2ScoreModel",
     "FluxScoreModel",
+    "LoraMismatchError",
     "LoraRoles",
     "LoraTargets",
     "ModuleScoreModel",

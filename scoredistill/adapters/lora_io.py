@@ -15,6 +15,7 @@ import os
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,55 @@ METADATA_KEY = "lora_adapter_metadata"
 _CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern",
                   "alpha_pattern", "use_rslora", "init_lora_weights")
 RELEASED_FILES = {"transformer": "transformer.safetensors", "vae": "vae.safetensors"}
+
+
+_KINDS = {
+    "VAE": {"encoder", "decoder", "quant_conv", "post_quant_conv"},
+    "UNet": {"down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding",
+             "add_embedding"},
+    "transformer": {"transformer_blocks", "single_transformer_blocks", "pos_embed", "x_embedder",
+                    "context_embedder", "time_text_embed", "time_guidance_embed", "norm_out",
+                    "proj_out", "double_stream_modulation_img", "double_stream_modulation_txt",
+                    "single_stream_modulation"},
+}
+"""diffusers' top-level module names of each backbone part: what a LoRA file's keys start with."""
+
+
+class LoraMismatchError(ValueError):
+    """A LoRA file whose modules are not (all) in the module it is loaded into.
+
+    The message names the file, what the file seems to be (``"a VAE LoRA"``, by its keys'
+    top-level names) and the model it was given for; ``path`` is the file.
+    """
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def _part(names: Iterable[str]) -> str | None:
+    # "VAE", "UNet" or "transformer": the part whose top-level names most of ``names`` start with.
+    votes = Counter(kind for name in names for kind, heads in _KINDS.items()
+                    if name.split(".", 1)[0] in heads)
+    return votes.most_common(1)[0][0] if votes else None
+
+
+def _check_modules(path: str | Path, state: dict[str, Tensor], module: nn.Module) -> None:
+    # Before peft sees the file: its error lists every module of the model and names no file.
+    files = sorted({key.split(".lora_", 1)[0] for key in state})
+    names = {name for name, _ in module.named_modules()}
+    absent = [name for name in files if name not in names]
+    if not absent:
+        return
+    kind, target = _part(files), _part(name for name, _ in module.named_children()) or "model"
+    given = f"given as the {target}'s ({type(module).__name__})"
+    what = (f"seems to be a {kind} LoRA, {given}" if kind not in (None, target)
+            else f"seems to be a {kind} LoRA for another {kind} layout, {given}" if kind
+            else f"is no LoRA of this {target} ({type(module).__name__})")
+    count = (f"none of its {len(files)} modules is" if len(absent) == len(files)
+             else f"{len(absent)} of its {len(files)} modules are not")
+    raise LoraMismatchError(f"LoRA file {path} {what}: {count} in it, e.g. {absent[0]!r}",
+                           Path(path))
 
 
 def add_lora(module: nn.Module, config: LoraConfig, adapter: str) -> None:
@@ -135,9 +185,11 @@ def load_lora(path: str | Path, module: nn.Module, adapter: str, *,
               prefix: str = "transformer") -> None:
     """Load a LoRA file into adapter ``adapter`` of ``module``, creating it if it is missing.
 
-    An existing adapter must have exactly the file's modules and shapes (strict).
+    An existing adapter must have exactly the file's modules and shapes (strict). A file with
+    modules the module lacks is a `LoraMismatchError` naming what the file seems to be.
     """
     state, fields = read_lora(path, prefix)
+    _check_modules(path, state, module)
     if not lora_state_dict(module, adapter):
         from peft import LoraConfig
 

@@ -14,6 +14,8 @@ from tiny_models import LATENT, sd3_cond, small_config, tiny_sd3_transformer, ti
 
 from scoredistill.adapters import (
     STUDENT_TARGETS,
+    UNET_TARGETS,
+    LoraMismatchError,
     SD3ScoreModel,
     add_lora,
     add_vae_lora,
@@ -141,6 +143,48 @@ def test_mismatched_files_are_rejected(tmp_path):
     add_lora(base, small_config("student"), "student")
     with pytest.raises(ValueError, match="does not fit"):
         load_lora(student_file, base, "student")
+
+
+def write_lora(folder, name: str, module: torch.nn.Module, targets) -> str:
+    path = folder / name
+    save_file(released_layout(module, lora_config(targets, rank=4), seed=0), str(path))
+    return path
+
+
+@pytest.mark.parametrize("student_exists", [False, True])
+def test_a_vae_lora_given_as_the_transformers_names_the_file_and_what_it_is(tmp_path,
+                                                                            student_exists):
+    vae = tiny_vae()
+    path = write_lora(tmp_path, "transformer.safetensors", vae, vae_lora_targets(vae))
+    transformer = tiny_sd3_transformer()
+    if student_exists:  # lora_roles(student_lora=...) loads into the adapter it has just added
+        add_lora(transformer, small_config("student"), "student")
+    with pytest.raises(LoraMismatchError) as err:
+        load_lora(path, transformer, "student")
+    message = str(err.value)
+    assert message.startswith(f"LoRA file {path} seems to be a VAE LoRA, given as the "
+                              "transformer's (SD3Transformer2DModel): none of its ")
+    assert err.value.path == path and isinstance(err.value, ValueError)
+    assert len(message) < 200 + len(str(path))  # not peft's list of every module
+
+
+def test_a_transformer_or_unet_lora_given_as_the_vaes_is_named(tmp_path):
+    path = write_lora(tmp_path, "vae.safetensors", tiny_sd3_transformer(), STUDENT_TARGETS)
+    with pytest.raises(LoraMismatchError, match=r"seems to be a transformer LoRA, given as the "
+                                                r"VAE's \(AutoencoderKL\): none of its 13"):
+        load_tsdsr_release(tmp_path, vae=tiny_vae())
+    unet = FAMILIES["sd2"].module()
+    path = write_lora(tmp_path, "unet.safetensors", unet, UNET_TARGETS.student)
+    with pytest.raises(LoraMismatchError, match="seems to be a UNet LoRA, given as the VAE's"):
+        load_lora(path, tiny_vae(), "default")
+
+
+def test_a_lora_for_a_deeper_transformer_names_the_modules_it_lacks(tmp_path):
+    path = write_lora(tmp_path, "sd35.safetensors", FAMILIES["sd35"].module(), STUDENT_TARGETS)
+    with pytest.raises(LoraMismatchError, match=r"a transformer LoRA for another transformer "
+                                                r"layout, .*: 15 of its 28 modules are not in "
+                                                r"it, e\.g\. 'transformer_blocks\.0\.attn2"):
+        load_lora(path, tiny_sd3_transformer(), "student")
 
 
 def test_diffusers_reads_our_files(tmp_path):
