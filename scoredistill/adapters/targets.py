@@ -2,6 +2,12 @@
 
 peft matches a target against a module's full name or its last dotted parts, so ``"linear"``
 covers every AdaLN modulation linear (``norm1.linear``, ``norm1_context.linear``, ...).
+
+Sources: SD3, TSD-SR's release (``train/train.py``); FLUX.1 and FLUX.2, diffusers' DreamBooth LoRA
+scripts (``train_dreambooth_lora_flux.py``, ``train_dreambooth_lora_flux2.py``) with stated
+additions; UNets, OSEDiff's student (``osediff.py``) and diffusers' SDXL script's attention for
+the fake score. ``tests/adapters/test_target_sources.py`` compares the modules each list resolves
+to with the source's, differences included (the guide's table says why).
 """
 
 from __future__ import annotations
@@ -66,4 +72,5 @@ UNET_TARGETS = LoraTargets(
              "conv_shortcut", "conv", "conv_in", "conv_out"),
     fake=UNET_ATTENTION)
 """SD 1.x/2.x and SDXL UNets: OSEDiff's student modules (attention, transformer projections and
-feed-forward, every ResNet/sampler conv); attention projections for the fake score."""
+feed-forward, every ResNet/sampler conv); attention projections for the fake score (diffusers'
+SDXL DreamBooth list; OSEDiff's fake score takes its student's)."""

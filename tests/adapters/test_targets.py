@@ -6,12 +6,8 @@ import re
 
 import pytest
 from families import FAMILIES
+from tiny_models import matches
 from torch import nn
-
-
-def matches(name: str, target: str) -> bool:
-    """peft's rule for a list of targets: the full name or a dotted suffix of it."""
-    return name == target or name.endswith(f".{target}")
 
 
 @pytest.mark.parametrize("family_name", sorted(FAMILIES))

@@ -148,6 +148,11 @@ def sd3_cond(batch: int, seed: int = 1) -> dict[str, torch.Tensor]:
             "pooled_projections": torch.randn(batch, 64, generator=g)}
 
 
+def matches(name: str, target: str) -> bool:
+    """peft's rule for a list of targets: the full name or a dotted suffix of it."""
+    return name == target or name.endswith(f".{target}")
+
+
 def small_config(role: str, targets: LoraTargets = SD3_TARGETS):
     """A family's module lists (default: TSD-SR's on SD3) at rank 4, which keeps tests fast."""
     return lora_config(targets.student if role == "student" else targets.fake, rank=4,
