@@ -5,7 +5,8 @@
 Images are paired by identical file name. Writes `metrics.json` (per image, averages, machine,
 date), `metrics.md` (one Table-1-style row), `per_image.md` (one row per image) and
 `worst_psnr.png` (SR | HR of the 5 images of lowest PSNR) into --out, default
-`<sr>/../metrics_<sr name>`.
+`<sr>/../metrics_<sr name>`; an earlier report there is kept unless --overwrite is given (then
+each file is replaced atomically).
 Unreadable images and unpaired names are reported at the end and make the exit status 1; the
 other images are still evaluated.
 """
@@ -225,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-pixels", type=number(int, low=1), default=DEFAULT_MAX_PIXELS,
                         help="refuse images of more pixels (decompression bombs)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the report files an earlier run left in --out")
     args = parser.parse_args(argv)
 
     names = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
@@ -247,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out_dir == args.hr.resolve() or out_dir.is_relative_to(args.hr.resolve()):
         raise UserError(f"--out {out_dir} is inside the HR folder; refusing to write there")
     writable_dir(out_dir, "--out")
+    existing = [name for name in REPORT_FILES if (out_dir / name).exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"--out {out_dir} already holds {' and '.join(existing)} (an earlier "
+                        "report): give --overwrite to replace them, or another --out")
 
     try:
         report = evaluate_folders(args.sr, args.hr, names, device=args.device,
