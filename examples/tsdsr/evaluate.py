@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     writable_dir(out_dir, "--out")
     existing = [name for name in REPORT_FILES if (out_dir / name).exists()]
     if existing and not args.overwrite:
-        raise UserError(f"--out {out_dir} already holds {' and '.join(existing)} (an earlier "
+        raise UserError(f"--out {out_dir} already holds {', '.join(existing)} (an earlier "
                         "report): give --overwrite to replace them, or another --out")
 
     try:
