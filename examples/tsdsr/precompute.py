@@ -3,7 +3,8 @@
     python -m examples.tsdsr.precompute --pretrained /path/to/sd3-medium --hq-dir HQ --out E
     python -m examples.tsdsr.precompute --hq-dir HQ --out E          # the tiny default
 
-Writes (TSD-SR spec, "Precomputed per image"), each file atomically:
+Writes (TSD-SR spec, "Precomputed per image"), each file atomically (an earlier run's files in
+--out are refused before anything is computed, or replaced with --overwrite):
   E/prompts.safetensors   default.* and null.* : prompt_embeds (1, L, D), pooled_projections (1, P)
   E/images/<rel>.safetensors  per HQ image: its caption's embeddings (L, D), (P,) when a .txt
                           caption sits beside the image, and with --latents the HQ latent (C, h, w)
@@ -14,10 +15,9 @@ T5-XXL tokens), D = 4096, P = 2048, by diffusers' ``StableDiffusion3Pipeline.enc
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from scoredistill.cli import (
 )
 from scoredistill.cli import device as device_type
 from scoredistill.messages import brief
-from scoredistill.sr.imageio import load_image, new_file_mode
+from scoredistill.sr.imageio import load_image, write_atomic
 from scoredistill.sr.loading import KEYS, PROMPTS_FILE
 
 log = logging.getLogger("tsdsr.precompute")
@@ -52,19 +52,11 @@ IMAGES_DIR = "images"
 def save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None
                  ) -> None:
     """safetensors file written to a temp name and renamed: readers never see half a file."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata=metadata)
-        os.chmod(tmp, new_file_mode())  # mkstemp made it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                            metadata=metadata))
 
 
 def tiny_pipeline(texts: Sequence[str], joint_dim: int = 32, pooled_dim: int = 64,
@@ -72,10 +64,10 @@ def tiny_pipeline(texts: Sequence[str], joint_dim: int = 32, pooled_dim: int = 6
     """SD3's text path with seeded tiny CLIP-L/CLIP-G/T5 and a word-level tokenizer (no download).
 
     The vocabulary is trained on ``texts``; CLIP states (2 x joint_dim/4) are zero-padded to the
-    T5 width ``joint_dim`` exactly as for SD3; L = tokens/2 CLIP + tokens/2 T5 tokens.
+    T5 width ``joint_dim`` exactly as for SD3; L = tokens/2 CLIP + tokens/2 T5 tokens, so prompts
+    are cut to their first tokens/2 - 1 words (:func:`cut_prompts`).
     """
     from diffusers import StableDiffusion3Pipeline
-    from diffusers.utils import logging as diffusers_logging
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import (
         CLIPTextConfig,
@@ -85,7 +77,6 @@ def tiny_pipeline(texts: Sequence[str], joint_dim: int = 32, pooled_dim: int = 6
         T5EncoderModel,
     )
 
-    diffusers_logging.set_verbosity_error()  # 6-token prompts truncate by design: no warnings
     specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # EOS id 3: CLIP pools at the EOS token
     core = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -96,25 +87,50 @@ def tiny_pipeline(texts: Sequence[str], joint_dim: int = 32, pooled_dim: int = 6
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]",
                                         unk_token="[UNK]", eos_token="[EOS]",
                                         model_max_length=tokens // 2)
-    torch.manual_seed(0)
-    clip = [CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=1000, hidden_size=joint_dim // 4, intermediate_size=joint_dim // 2,
-        projection_dim=pooled_dim // 2, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=tokens // 2, eos_token_id=3, pad_token_id=0)) for _ in range(2)]
-    t5 = T5EncoderModel(T5Config(vocab_size=1000, d_model=joint_dim, d_kv=8, d_ff=joint_dim,
-                                 num_layers=1, num_heads=2))
-    return StableDiffusion3Pipeline(
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's RNG untouched
+        torch.manual_seed(0)
+        clip = [CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=1000, hidden_size=joint_dim // 4, intermediate_size=joint_dim // 2,
+            projection_dim=pooled_dim // 2, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=tokens // 2, bos_token_id=2, eos_token_id=3,
+            pad_token_id=0))
+            for _ in range(2)]
+        t5 = T5EncoderModel(T5Config(vocab_size=1000, d_model=joint_dim, d_kv=8, d_ff=joint_dim,
+                                     num_layers=1, num_heads=2))
+    return frozen_text_encoders(StableDiffusion3Pipeline(
         transformer=None, scheduler=None, vae=None, text_encoder=clip[0], tokenizer=tokenizer,
-        text_encoder_2=clip[1], tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=tokenizer)
+        text_encoder_2=clip[1], tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=tokenizer))
+
+
+def frozen_text_encoders(pipe: Any) -> Any:
+    """``pipe`` with its text encoders in eval mode and without gradients: a module is built in
+    training mode, where T5's dropout (0.1) gives one caption different embeddings per call."""
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            encoder.eval().requires_grad_(False)
+    return pipe
 
 
 def sd3_pipeline(pretrained: str, dtype: torch.dtype, device: str) -> Any:
     """The text encoders and tokenizers of a local SD3 folder (no transformer, no VAE)."""
     from diffusers import StableDiffusion3Pipeline
 
-    return StableDiffusion3Pipeline.from_pretrained(
+    return frozen_text_encoders(StableDiffusion3Pipeline.from_pretrained(
         pretrained, transformer=None, vae=None, torch_dtype=dtype, local_files_only=True,
-    ).to(device)
+    ).to(device))
+
+
+def cut_prompts(tokenizer: Any, prompts: Sequence[str], tokens: int) -> list[str]:
+    """Each prompt cut to its first ``tokens - 1`` tokens (and EOS makes ``tokens``): what the
+    encoders' truncation keeps, so diffusers' untruncated re-tokenisation (for its truncation
+    notice) sees no prompt longer than the tokenizer's maximum and warns of nothing."""
+    out = []
+    for text in prompts:
+        spans = tokenizer(text, add_special_tokens=False, truncation=True,
+                          max_length=tokens - 1, return_offsets_mapping=True)["offset_mapping"]
+        out.append(text[:spans[-1][1]] if spans else text)
+    return out
 
 
 @torch.no_grad()
@@ -157,6 +173,13 @@ def image_file(embeds_dir: str | Path, hq_dir: str | Path, image: str | Path) ->
     return Path(embeds_dir) / IMAGES_DIR / rel.with_suffix(".safetensors")
 
 
+def existing_outputs(hq_dir: str | Path, out: str | Path) -> list[Path]:
+    """The files under ``out`` that a precompute of ``hq_dir`` would write and that exist."""
+    planned = [Path(out) / PROMPTS_FILE,
+               *(image_file(out, hq_dir, p) for p in _images_under(Path(hq_dir)))]
+    return [p for p in planned if p.exists()]
+
+
 def precompute(hq_dir: str | Path, out: str | Path, *, pretrained: str | None = None,
                latents: bool = False, require_captions: bool = False, device: str = "cpu",
                dtype: torch.dtype = torch.float32, batch_size: int = 8,
@@ -177,10 +200,11 @@ def precompute(hq_dir: str | Path, out: str | Path, *, pretrained: str | None = 
                              spec.transformer["joint_attention_dim"],
                              spec.transformer["pooled_projection_dim"], spec.tokens).to(device)
         max_len = spec.tokens // 2
-    else:
-        pipe, max_len = sd3_pipeline(pretrained, dtype, device), 256
+        fit = functools.partial(cut_prompts, pipe.tokenizer, tokens=max_len)
+    else:  # SD3: diffusers' notice that a caption was truncated (77 CLIP tokens) is news
+        pipe, max_len, fit = sd3_pipeline(pretrained, dtype, device), 256, list
 
-    embeds, pooled = encode_prompts(pipe, [DEFAULT_PROMPT, ""], max_len)
+    embeds, pooled = encode_prompts(pipe, fit([DEFAULT_PROMPT, ""]), max_len)
     save_tensors({f"{name}.{key}": value[i:i + 1] for i, name in enumerate(("default", "null"))
                   for key, value in zip(KEYS, (embeds, pooled), strict=True)},
                  out / PROMPTS_FILE, {"default_prompt": DEFAULT_PROMPT, "null_prompt": ""})
@@ -194,7 +218,8 @@ def precompute(hq_dir: str | Path, out: str | Path, *, pretrained: str | None = 
         with_caption = [p for p in chunk if p in captions]
         tensors: dict[Path, dict[str, Tensor]] = {p: {} for p in chunk}
         if with_caption:
-            embeds, pooled = encode_prompts(pipe, [captions[p] for p in with_caption], max_len)
+            embeds, pooled = encode_prompts(pipe, fit([captions[p] for p in with_caption]),
+                                            max_len)
             for i, p in enumerate(with_caption):
                 tensors[p] = {"prompt_embeds": embeds[i], "pooled_projections": pooled[i]}
         if vae is not None:
@@ -236,11 +261,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     parser.add_argument("--batch-size", type=number(int, low=1), default=8)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the embedding files an earlier run left in --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not _images_under(args.hq_dir):
         raise UserError(f"--hq-dir {args.hq_dir} holds no images")
     writable_dir(args.out, "--out")
+    existing = existing_outputs(args.hq_dir, args.out)
+    if existing and not args.overwrite:
+        names = [str(p.relative_to(args.out)) for p in existing]
+        raise UserError(f"--out {args.out} already holds {len(names)} of the files this run "
+                        f"writes ({brief(names)}): give --overwrite to replace them, or another "
+                        "--out")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     failures: dict[str, str] = {}
     try:
