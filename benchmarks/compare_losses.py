@@ -250,8 +250,11 @@ def notes(report: dict[str, Any]) -> str:
         "Paired comparisons (same seed: same generator init, data stream and fake-score "
         "warm-up; seeds where either run diverged dropped): mean difference A - B, paired "
         f"t-test, Holm-adjusted over all {len(tests)} comparisons; a verdict only where the "
-        f"adjusted p < {ALPHA}, else n.s. (t and the unadjusted p are in the JSON):\n\n"
-        + markdown_table(tests, TEST_COLUMNS, TEST_HEADERS))
+        f"adjusted p < {ALPHA}, else n.s. (n, t and the unadjusted p are in the JSON), one "
+        "table per teacher:"
+        + "".join(f"\n\n{teacher.capitalize()} teacher:\n\n"
+                  + markdown_table([t for t in tests if t["teacher"] == teacher], TEST_COLUMNS,
+                                   TEST_HEADERS) for teacher in ("exact", "learned")))
 
 
 def render(report: dict[str, Any], out: Path, docs_assets: bool) -> Path:

@@ -173,12 +173,14 @@ def summarise(teacher: str, name: str, runs: list[dict[str, Any]]) -> dict[str, 
     return row
 
 
-# Two tables, each narrower than the docs page: realism, then fidelity and the probes.
-COLUMNS = ("teacher", "loss", "seeds", "post_nll", "prior_nll", "swd", "detail")
-FIDELITY_COLUMNS = ("teacher", "loss", "mse_hq", "mse_pmean", "cos z_hat_t / z_t (start → end)",
-                    "TSM align flow / eps (end)")
-FIDELITY_HEADERS = {"cos z_hat_t / z_t (start → end)": "cos ẑ_t / z_t (start → end)",
-                    "TSM align flow / eps (end)": "TSM align flow / eps"}
+# Three tables of at most six columns (the docs theme gives each column at least 100 px and
+# the page ~690): realism, fidelity, the direction probes.
+COLUMNS = ("teacher", "loss", "seeds", "post_nll", "prior_nll", "swd")
+FIDELITY_COLUMNS = ("teacher", "loss", "detail", "mse_hq", "mse_pmean")
+PROBE_COLUMNS = ("teacher", "loss", "cos z_hat_t / z_t (start → end)",
+                 "TSM align flow / eps (end)")
+PROBE_HEADERS = {"cos z_hat_t / z_t (start → end)": "cos ẑ_t / z_t (start → end)",
+                 "TSM align flow / eps (end)": "TSM align flow / eps"}
 VERDICT_COLUMNS = ("verdict", "claim", "metric", "effect")  # the verdict first: it matters
 
 
@@ -300,8 +302,8 @@ def notes(report: dict[str, Any]) -> str:
     planned = report.get("rows_planned", done)
     status = (f"**Partial: {done} of {planned} rows finished (each with all its seeds); "
               "claims on missing rows are not tested yet.** " if report["partial"] else "")
-    ref_rows = [{"loss": n, **{m: f"{v[m]:.4g}" for m in METRICS}}
-                for n, v in report["references"].items()]
+    refs = report["references"]  # transposed: one row per metric, one column per reference
+    ref_rows = [{"metric": m, **{n: f"{v[m]:.4g}" for n, v in refs.items()}} for m in METRICS]
     verdicts, others, sweep = (report["verdicts"], report["other_verdicts"],
                                report["sweep_verdicts"])
     return (
@@ -316,10 +318,11 @@ def notes(report: dict[str, Any]) -> str:
         f"Runtime {report['runtime_s']:.0f} s. Exact teacher vs Monte-Carlo posterior mean at "
         f"index {mc['mc_index']} (sigma {mc['mc_sigma']:.2f}, effective sample size >= "
         f"{mc['mc_min_ess']:.0f}): worst error {mc['mc_worst_error_in_se']:.2f} standard "
-        "errors.\n\nFidelity and direction probes:\n\n"
-        + markdown_table(report["rows"], FIDELITY_COLUMNS, FIDELITY_HEADERS)
-        + "\n\nReference rows (the exact posterior's own scores):\n\n"
-        + markdown_table(ref_rows, ("loss", *METRICS))
+        "errors.\n\nFidelity:\n\n" + markdown_table(report["rows"], FIDELITY_COLUMNS)
+        + "\n\nDirection probes:\n\n"
+        + markdown_table(report["rows"], PROBE_COLUMNS, PROBE_HEADERS)
+        + "\n\nReferences (the exact posterior's own scores):\n\n"
+        + markdown_table(ref_rows, ("metric", *refs))
         + "\n\nVerdicts (paired t-test across seeds, Holm-adjusted over the claims, alpha "
         "0.05; effect = mean over seeds of a - b):\n\n"
         + markdown_table(verdicts, VERDICT_COLUMNS)

@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("skimage", reason="the natural-patch problem reads scikit-image's photos")
 
 from benchmarks.natural_patches import COLUMNS, CONDITIONAL_LOSSES, LOSSES, METRICS, main
+from tests.benchmarks.test_compare_losses import assert_fits_the_page
 
 
 def test_natural_patches_quick_smoke(tmp_path: Path) -> None:
@@ -82,5 +83,7 @@ def test_from_json_rewrites_the_committed_tables_unchanged(kind: str, tmp_path: 
     name = f"natural_patches_{kind}"
     main(["--from-json", str(RESULTS / f"{name}.json"), "--out", str(tmp_path),
           "--no-docs-assets"])
-    assert (tmp_path / f"{name}.md").read_text() == (RESULTS / f"{name}.md").read_text()
+    table = (tmp_path / f"{name}.md").read_text()
+    assert table == (RESULTS / f"{name}.md").read_text()
+    assert_fits_the_page(table)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.md", f"{name}.png"]
