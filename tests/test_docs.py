@@ -278,3 +278,57 @@ def test_equations_render_offline_in_a_browser(site: Path):
         prose = re.sub(r"<(pre|code|script)\b.*?</\1>", "", dom, flags=re.S)
         assert "\\(" not in prose and "\\[" not in prose, f"{page}: raw LaTeX left in the page"
         assert dom.count("<mjx-container") >= spans, f"{page}: not every equation typeset"
+
+
+# Measured in the page itself: each table's width against the content column, and where the
+# verdict column's header ends. Written into the DOM, which --dump-dom prints.
+_MEASURE = """<script>
+window.addEventListener("load", () => {
+  const rows = [...document.querySelectorAll("article table")].map((table) => {
+    const cells = [...table.querySelectorAll("th")];
+    const heads = cells.map((th) => th.textContent.trim().toLowerCase());
+    const verdict = cells.find((th) => th.textContent.trim().toLowerCase().startsWith("verdict"));
+    const box = table.closest("article").getBoundingClientRect();
+    return {heads, width: table.scrollWidth, room: Math.round(box.width),
+            verdictRight: verdict ? Math.round(verdict.getBoundingClientRect().right) : null,
+            articleRight: Math.round(box.right), first: heads[0] || ""};
+  });
+  const out = document.createElement("pre");
+  out.id = "table-measures";
+  out.textContent = JSON.stringify(rows);
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+@pytest.mark.parametrize("page", ["benchmarks/compare_losses", "benchmarks/natural_patches"])
+def test_comparison_tables_fit_a_1280px_window(site: Path, page: str):
+    """Headless Chromium at 1280 px: no table is wider than the page's content column, and
+    every paired-comparison table has its verdict column first, so it is on screen."""
+    import json
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium): the tables' "
+                    "widths are not checked")
+    html = site / page / "index.html"
+    probe = html.with_name("measure.html")
+    probe.write_text(html.read_text().replace("</body>", _MEASURE + "</body>"))
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--host-resolver-rules=MAP * ~NOTFOUND", "--window-size=1280,2000",
+         "--virtual-time-budget=20000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+    m = re.search(r'<pre id="table-measures">(.*?)</pre>', dom, re.S)
+    assert m, f"{page}: the measuring script did not run"
+    tables = json.loads(m[1].replace("&quot;", '"').replace("&amp;", "&"))
+    assert tables, f"{page}: no tables"
+    verdicts = [t for t in tables if t["verdictRight"] is not None]
+    assert verdicts, f"{page}: no table with a verdict column"
+    for t in tables:
+        assert t["width"] <= t["room"] + 1, (
+            f"{page}: a table is {t['width']} px wide in a {t['room']} px column: {t['heads']}")
+    for t in verdicts:
+        assert t["first"].startswith("verdict"), f"{page}: verdict is not the first column: " \
+            f"{t['heads']}"
+        assert t["verdictRight"] <= t["articleRight"], f"{page}: verdict column off screen"
