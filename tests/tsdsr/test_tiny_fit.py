@@ -87,3 +87,11 @@ def test_a_corrupted_cache_file_is_rebuilt(tmp_path, monkeypatch):
     (folder / "transformer.safetensors").write_bytes(b"truncated")
     fitted_states(settings=QUICK, cache_dir=tmp_path)
     assert fits == [1, 1]
+
+
+def test_the_fit_shows_a_progress_bar(tmp_path, capsys):
+    # make demo fits for minutes on a fresh machine; logging is not set up yet there.
+    fitted_states(settings=QUICK, cache_dir=tmp_path)
+    err = capsys.readouterr().err
+    assert "fitting the tiny VAE" in err and "fitting the tiny teacher" in err
+    assert "2/2" in err

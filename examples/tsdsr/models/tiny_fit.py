@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from examples.tsdsr.data.tiny_data import TRAIN, photo
 from examples.tsdsr.models.tiny import CONFIGS, random_backbone
@@ -83,7 +84,9 @@ def fit_vae(vae: nn.Module, images: list[Tensor], settings: FitSettings,
     # Decayed to 0: at a constant rate the held-out reconstruction swings by 3 dB between steps.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.vae_steps)
     vae.train()
-    for step in range(settings.vae_steps):
+    bar = tqdm(range(settings.vae_steps), desc="fitting the tiny VAE (once per machine)",
+               unit="step")
+    for step in bar:
         x = random_crops(images, settings.batch, settings.crop, g)
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample(g)).sample
@@ -93,8 +96,8 @@ def fit_vae(vae: nn.Module, images: list[Tensor], settings: FitSettings,
         loss.backward()
         opt.step()
         schedule.step()
-        if step % 100 == 0:
-            log.info("vae step %d: loss %.4f", step, loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
 
 
@@ -110,7 +113,9 @@ def fit_teacher(transformer: nn.Module, vae: nn.Module, images: list[Tensor],
     loss_fn = DiffusionLoss(space="flow", index_sampler=UniformIndex(0, 1000))
     opt = torch.optim.Adam(transformer.parameters(), lr=settings.teacher_lr)
     transformer.train()
-    for step in range(settings.teacher_steps):
+    bar = tqdm(range(settings.teacher_steps), desc="fitting the tiny teacher (once per machine)",
+               unit="step")
+    for step in bar:
         with torch.no_grad():
             z = encode(vae, random_crops(images, settings.batch, settings.crop, g),
                        posterior="sample", generator=g)
@@ -123,8 +128,8 @@ def fit_teacher(transformer: nn.Module, vae: nn.Module, images: list[Tensor],
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 100 == 0:
-            log.info("teacher step %d: loss %.4f", step, loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
     transformer.eval()
 
 

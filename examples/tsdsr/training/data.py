@@ -3,10 +3,15 @@
 Every random choice (epoch order, crop, flip, degradation) is seeded from ``(seed, step, slot)``,
 so step ``k`` sees the same batch whether or not the run was interrupted before it, with any
 number of DataLoader workers, and with no RNG state in the checkpoint.
+
+A file that passed the data check but fails when sampled (damaged, removed or re-captioned during
+the run, or since a resumed run's cached check) is skipped with a warning naming it: the next
+image in the folder's order takes its place, so the batch is still the same on a rerun.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +22,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from examples.tsdsr.data import DegradationConfig, PairedSRDataset, degrade_batch, read_caption
 from examples.tsdsr.precompute import image_file
+
+log = logging.getLogger("tsdsr.train")
+# Images tried in a row before giving up on a sample: more failing at once means the folder
+# itself went (an unmounted disk), which no skipping fixes.
+MAX_SKIPS = 8
 
 
 def derive_seed(*parts: int) -> int:
@@ -71,6 +81,19 @@ class CaptionedCrops(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, seed = key
+        problems = []
+        for skip in range(min(MAX_SKIPS, len(self))):
+            i = (index + skip) % len(self)
+            try:
+                return self._item(i, seed)
+            except (ValueError, OSError) as exc:  # what check() raises, naming the file
+                problems.append(" ".join(str(exc).split()))
+                log.warning("skipping %s, which passed the data check: %s (fix or remove it)",
+                            self.dataset.paths[i], problems[-1])
+        raise ValueError(f"{len(problems)} training images in a row failed to load "
+                         f"(data folder {self.dataset.hq_dir} gone?), the last: {problems[-1]}")
+
+    def _item(self, index: int, seed: int) -> dict:
         # The dataset crops and flips with the global RNG: pin it to this sample's seed.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -4,7 +4,10 @@ by one when first sampled hours into a run.
 
 Each process checks its share of the images (``rank::world``) with the DataLoader's workers; the
 files that passed are remembered in ``<output-dir>/data_check.json`` by size and modification
-time, so a resumed run re-checks only what changed.
+time, so a resumed run re-checks only what changed. A file changed in place with both kept (or
+damaged after the check) is not caught here but when sampled: training skips it with a warning
+naming it (:class:`~examples.tsdsr.training.data.CaptionedCrops`). Keying on a content hash
+instead would read every file on each resume.
 """
 
 from __future__ import annotations
