@@ -234,3 +234,57 @@ def signal_in_step(step: int, sig: int) -> Setup:
             return real(*args, **kwargs)
         mp.setattr(train, "train_step", step_then_signal)
     return setup
+
+
+# issue 21 (recipe data and scripts)
+EARLIER = b"an earlier run's file\n"
+
+
+def earlier_file(rel: str) -> Setup:
+    """A file an earlier run left where this one writes."""
+    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
+        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ws / rel).write_bytes(EARLIER)
+    return setup
+
+
+def replaced(rel: str) -> Check:
+    def check(ws: Path) -> None:
+        assert (ws / rel).read_bytes() != EARLIER, rel
+    return check
+
+
+def pickled_state(path: Path, marker: Path) -> None:
+    """A torch file whose state dict would run os.mkdir(marker) when unpickled."""
+    torch.save({"features.0.weight": RunsCode(marker)}, path)
+
+
+def damage_in_place(path: Path) -> None:
+    """Zero an image's pixel data, keeping the file's size and modification time."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[60:-20] = bytes(len(data) - 80)
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def damage_after_scan(rel: str) -> Setup:
+    """Damage ``rel`` in place once train.py's data check has passed it (mid-run damage)."""
+    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
+        from examples.tsdsr import train
+
+        real = train.scan_training_data
+
+        def scan_then_damage(*args, **kwargs):
+            bad = real(*args, **kwargs)
+            damage_in_place(ws / rel)
+            return bad
+        mp.setattr(train, "scan_training_data", scan_then_damage)
+    return setup
+
+
+def same_caption_same_embeddings(ws: Path) -> None:
+    from safetensors.torch import load_file
+
+    a, b = (load_file(ws / "e2" / "images" / f"{n}.safetensors") for n in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
