@@ -3,9 +3,10 @@ and JSON (nothing a load could execute).
 
 A checkpoint is a folder ``step-NNNNNNNN`` written as ``.tmp-step-NNNNNNNN-<pid>`` and renamed
 when complete, so a run killed mid-save leaves only a temp folder, which resume ignores and the
-next save removes. A complete folder whose files are damaged anyway (a full disk, a copy cut
-short) is skipped by ``--resume latest`` with a warning naming the file. RNG state is not needed:
-every draw is seeded from ``(seed, step)``.
+next save removes; a save the file system refuses (a full disk) removes its own. A complete
+folder whose files are damaged anyway (a copy cut short) is skipped by ``--resume latest`` with
+a warning naming the file; if all are, it refuses. Files get the umask's mode. RNG state is not
+needed: every draw is seeded from ``(seed, step)``.
 
 One folder holds one run's line of steps: resuming from an older step sets the newer
 checkpoints aside (``superseded-<time>/``) instead of mixing them in, and the cleanup only ever
@@ -129,7 +130,9 @@ def set_aside_newer(root: str | Path, step: int) -> Path | None:
 
 def save_checkpoint(root: str | Path, step: int, models: TSDSRModels, state: dict[str, Any],
                     keep: int, lora: dict[str, dict[str, Tensor]] | None = None) -> Path:
-    """Write checkpoint ``step`` atomically, then keep only the newest ``keep`` ones.
+    """Write checkpoint ``step`` atomically, then keep only the newest ``keep`` ones. A write the
+    file system refuses (a full disk) removes the temp folder and is a UserError naming the
+    checkpoint and the system's reason.
 
     ``lora``: per transformer adapter, its tensors to write instead of the module's (whole
     tensors gathered from FSDP shards, see :func:`gather_lora`).
