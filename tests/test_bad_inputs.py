@@ -254,6 +254,37 @@ CASES = [
          2, ("holds no images",)),
     Case("precompute batch-size 0", "precompute",
          ("--hq-dir", "{ws}/hq", "--out", "{ws}/e", "--batch-size", "0"), 2, ("--batch-size",)),
+    # issue 21 (recipe data and scripts)
+    Case("evaluate earlier report kept without --overwrite", "evaluate",
+         (*EVAL, "--out", "{ws}/rep"), 2, ("--overwrite", "metrics.json"), unchanged=("rep",),
+         setup=files.earlier_file("rep/metrics.json")),
+    Case("evaluate --overwrite replaces", "evaluate", (*EVAL, "--out", "{ws}/rep", "--overwrite"),
+         0, (), setup=files.earlier_file("rep/metrics.json"),
+         check=files.replaced("rep/metrics.json")),
+    Case("precompute earlier embeddings kept without --overwrite", "precompute",
+         ("--hq-dir", "{ws}/hq", "--out", "{ws}/embeds"), 2,
+         ("--overwrite", "prompts.safetensors", "images/a.safetensors"), unchanged=("embeds",)),
+    Case("precompute --overwrite replaces", "precompute",
+         ("--hq-dir", "{ws}/hq", "--out", "{ws}/embeds", "--overwrite"), 0, (),
+         setup=files.earlier_file("embeds/prompts.safetensors"),
+         check=files.replaced("embeds/prompts.safetensors")),
+    Case("precompute one caption, one embedding", "precompute",  # bad case 6: T5 dropout on
+         ("--hq-dir", "{ws}/hq", "--out", "{ws}/e2"), 0, (),
+         setup=files.write_text("hq/b.txt", "a red cat\n", "utf-8"),
+         check=files.same_caption_same_embeddings),
+    Case("train truncated teacher-lora", "train",
+         (*TRAIN, "--output-dir", "{ws}/new", "--teacher-lora",
+          "{ws}/ckpt/transformer.safetensors"), 2,
+         ("--teacher-lora", "cannot read lora file", "ckpt/transformer.safetensors"),
+         setup=files.call(files.checkpoint_with_truncated_lora, "{ws}/ckpt")),
+    Case("train pickle as lpips-backbone refused unrun", "train",
+         (*TRAIN, "--output-dir", "{ws}/new", "--lpips-backbone", "{ws}/alexnet.pth"), 2,
+         ("--lpips-backbone", "alexnet.pth", "pickled objects", "state_dict()"),
+         setup=files.call(files.pickled_state, "{ws}/alexnet.pth", "{ws}/ran"),
+         check=files.absent("ran")),
+    Case("train image damaged in place after the data check is skipped", "train",
+         (*TRAIN, "--output-dir", "{ws}/new", "--max-steps", "1", "--batch-size", "3"), 0,
+         ("skipping", "b.png", "passed the data check"), setup=files.damage_after_scan("hq/b.png")),
 ]
 
 
@@ -295,37 +326,6 @@ def test_cli_row(case, base, tmp_path, monkeypatch, capsys, caplog):
         assert last.startswith(f"{case.cli}: error: "), last
     assert _snapshot([ws / p for p in case.unchanged]) == before
     if case.check is not None:
-    # issue 21 (recipe data and scripts)
-    Case("evaluate earlier report kept without --overwrite", "evaluate",
-         (*EVAL, "--out", "{ws}/rep"), 2, ("--overwrite", "metrics.json"), unchanged=("rep",),
-         setup=files.earlier_file("rep/metrics.json")),
-    Case("evaluate --overwrite replaces", "evaluate", (*EVAL, "--out", "{ws}/rep", "--overwrite"),
-         0, (), setup=files.earlier_file("rep/metrics.json"),
-         check=files.replaced("rep/metrics.json")),
-    Case("precompute earlier embeddings kept without --overwrite", "precompute",
-         ("--hq-dir", "{ws}/hq", "--out", "{ws}/embeds"), 2,
-         ("--overwrite", "prompts.safetensors", "images/a.safetensors"), unchanged=("embeds",)),
-    Case("precompute --overwrite replaces", "precompute",
-         ("--hq-dir", "{ws}/hq", "--out", "{ws}/embeds", "--overwrite"), 0, (),
-         setup=files.earlier_file("embeds/prompts.safetensors"),
-         check=files.replaced("embeds/prompts.safetensors")),
-    Case("precompute one caption, one embedding", "precompute",  # bad case 6: T5 dropout on
-         ("--hq-dir", "{ws}/hq", "--out", "{ws}/e2"), 0, (),
-         setup=files.write_text("hq/b.txt", "a red cat\n", "utf-8"),
-         check=files.same_caption_same_embeddings),
-    Case("train truncated teacher-lora", "train",
-         (*TRAIN, "--output-dir", "{ws}/new", "--teacher-lora",
-          "{ws}/ckpt/transformer.safetensors"), 2,
-         ("--teacher-lora", "cannot read lora file", "ckpt/transformer.safetensors"),
-         setup=files.call(files.checkpoint_with_truncated_lora, "{ws}/ckpt")),
-    Case("train pickle as lpips-backbone refused unrun", "train",
-         (*TRAIN, "--output-dir", "{ws}/new", "--lpips-backbone", "{ws}/alexnet.pth"), 2,
-         ("--lpips-backbone", "alexnet.pth", "pickled objects", "state_dict()"),
-         setup=files.call(files.pickled_state, "{ws}/alexnet.pth", "{ws}/ran"),
-         check=files.absent("ran")),
-    Case("train image damaged in place after the data check is skipped", "train",
-         (*TRAIN, "--output-dir", "{ws}/new", "--max-steps", "1", "--batch-size", "3"), 0,
-         ("skipping", "b.png", "passed the data check"), setup=files.damage_after_scan("hq/b.png")),
         case.check(ws)
 
 
