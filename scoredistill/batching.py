@@ -63,11 +63,22 @@ def _lower(call: Call) -> tuple[list[Call], Finish]:
 
 
 def check_output(pred: object, x_t: Tensor, role: str) -> Tensor:
-    """``pred`` if it is what a ScoreModel must return for ``x_t``: a floating tensor of ``x_t``'s
-    shape, else a ``ValueError`` naming the model's ``role`` (teacher, fake, ...) and both shapes.
+    """``pred`` if it is what a ScoreModel must return for ``x_t``: a floating tensor of its shape.
 
     No broadcasting: a (B, 1, ...) or batch-1 output would otherwise give a finite, wrong loss.
     No host sync (shapes and dtypes live on the host).
+
+    Args:
+        pred: What the model returned.
+        x_t: The model's input (B, ...).
+        role: The model's role in messages (teacher, fake, ...).
+
+    Returns:
+        ``pred``, unchanged.
+
+    Raises:
+        ValueError: Naming ``role`` and both shapes, for anything but a floating tensor of
+            ``x_t``'s shape.
     """
     if not isinstance(pred, Tensor):
         raise ValueError(f"the {role} returned a {type(pred).__name__}, not a tensor (a diffusers "
@@ -99,8 +110,17 @@ def predict_batched(calls: Sequence[Call], roles: Sequence[str] | None = None) -
     Calls on the same model are concatenated along the batch into one call. Calls on
     `Fusable` models with one ``fuse_key``, directly or through `Plannable` wrappers
     such as CFG, are fused into one ``predict_fused`` call. Each prediction has its ``x_t``'s shape:
-    every backbone output is checked (`check_output`), and a wrong one raises a ``ValueError``
-    naming the call's entry in ``roles`` (e.g. "teacher", "fake"; default "model of call i").
+    every backbone output is checked (`check_output`).
+
+    Args:
+        calls: ``(model, x_t, t, cond)`` evaluations.
+        roles: A name per call for messages (e.g. "teacher", "fake"; default "model of call i").
+
+    Returns:
+        One prediction per call, in the order of ``calls``, each of its ``x_t``'s shape.
+
+    Raises:
+        ValueError: Naming the call's entry in ``roles`` for a wrong backbone output.
     """
     if roles is None:
         roles = [f"model of call {i}" for i in range(len(calls))]

@@ -19,8 +19,13 @@ from .protocols import Call, Cond, NoiseSchedule, Prediction, ScoreModel
 class CFG:
     """``uncond + scale * (cond - uncond)`` with both branches in one call of ``model``.
 
-    ``null_cond`` is the null-prompt conditioning, batch 1 (broadcast explicitly) or batch B.
-    Guidance is linear, so it is exact in any parametrisation. TSD-SR uses ``scale = 7.5``.
+    Guidance is linear, so it is exact in any parametrisation.
+
+    Attributes:
+        model: The guided ScoreModel; its ``prediction`` and ``schedule`` are the CFG's.
+        scale: The guidance scale, a finite number (TSD-SR uses 7.5; 1 is the conditional
+            prediction alone).
+        null_cond: The null-prompt conditioning, batch 1 (broadcast explicitly) or batch B.
 
     Example:
         >>> teacher = CFG(model, scale=7.5, null_cond=null_embeds)

@@ -28,8 +28,20 @@ def one_step(student: ScoreModel, x: Tensor, cond: Cond = None, *, index: int = 
     - ``x0``: the prediction itself.
 
     The schedule is read on the CPU and enters as Python scalars: no device-to-host sync, so the
-    call can be captured in a CUDA graph. Shapes: ``x`` (B, ...) -> (B, ...) float32; a student
-    output of another shape, or not floating, is a ``ValueError`` (`check_output`).
+    call can be captured in a CUDA graph.
+
+    Args:
+        student: The student ScoreModel.
+        x: The input (B, ...) read as ``x_t``, e.g. the LQ latent ``z_L``.
+        cond: The condition pytree (batch B).
+        index: The schedule index ``x`` is read at (0: the noisiest level).
+
+    Returns:
+        The clean-sample estimate ``x0_hat`` (B, ...) float32.
+
+    Raises:
+        ValueError: For an ``index`` outside the schedule, an epsilon student at ``alpha = 0``,
+            or a student output of another shape, or not floating (`check_output`).
 
     Example:
         >>> z_hat = one_step(SD3ScoreModel(transformer), z_lq, cond)  # doctest: +SKIP

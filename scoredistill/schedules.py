@@ -40,9 +40,12 @@ class RectifiedFlow:
 
     The discrete table equals diffusers' ``FlowMatchEulerDiscreteScheduler(shift)``:
     ``s_i = (N - i) / N``, ``sigma_i = shift s_i / (1 + (shift - 1) s_i)``, ``t_i = N sigma_i``
-    (Esser et al. 2024, SD3, Eq. 23). Index 0 is ``t = N`` (pure noise). ``shift`` must be a
-    finite number > 0 and ``num_steps`` an integer >= 1 (a ``ValueError`` otherwise: at
-    ``shift = -1`` sigma would be 1.5 at index N/4 and -inf at N/2).
+    (Esser et al. 2024, SD3, Eq. 23). Index 0 is ``t = N`` (pure noise).
+
+    Attributes:
+        shift: SD3's timestep shift, a finite number > 0 (a ``ValueError`` otherwise: at
+            ``shift = -1`` sigma would be 1.5 at index N/4 and -inf at N/2).
+        num_steps: ``N``, the table's length, an integer >= 1.
     """
 
     shift: float = 3.0
@@ -79,8 +82,21 @@ def resolution_shift(image_seq_len: int, *, base_seq_len: int = 256, max_seq_len
     scheduler config). The scheduler's exponential ``time_shift(mu, 1, s)`` is
     ``e^mu s / (1 + (e^mu - 1) s)``, SD3's shift formula with ``shift = e^mu``, so
     ``RectifiedFlow(shift=resolution_shift(n))`` is FLUX's table for ``n`` image tokens
-    (1024 px FLUX.1: 4096 tokens, shift ``e^1.15 = 3.16``). A result that is not a finite
-    number > 0 (NaN inputs, overflow) is a ``ValueError`` naming the inputs.
+    (1024 px FLUX.1: 4096 tokens, shift ``e^1.15 = 3.16``).
+
+    Args:
+        image_seq_len: The image token count ``n``, >= 1.
+        base_seq_len: The token count where ``mu = base_shift``.
+        max_seq_len: The token count where ``mu = max_shift``, > ``base_seq_len``.
+        base_shift: ``mu`` at ``base_seq_len`` tokens.
+        max_shift: ``mu`` at ``max_seq_len`` tokens.
+
+    Returns:
+        The shift ``exp(mu)`` for `RectifiedFlow`.
+
+    Raises:
+        ValueError: For a result that is not a finite number > 0 (NaN inputs, overflow), naming
+            the inputs, or token counts out of range.
     """
     if image_seq_len < 1 or max_seq_len <= base_seq_len:
         raise ValueError(f"need image_seq_len >= 1 and max_seq_len > base_seq_len, got "
@@ -106,8 +122,17 @@ def empirical_shift(image_seq_len: int, num_steps: int) -> float:
     any step count (``compute_empirical_mu`` in BFL's ``flux2/sampling.py`` and in diffusers'
     ``Flux2Pipeline``, which passes ``mu`` to ``FlowMatchEulerDiscreteScheduler.set_timesteps``).
     Like `resolution_shift` it is SD3's shift formula with ``shift = e^mu``: FLUX.2 at 1024 px
-    (4096 tokens) and 50 steps has ``mu = 2.02``, shift 7.56. A shift that overflows is a
-    ``ValueError`` naming the inputs.
+    (4096 tokens) and 50 steps has ``mu = 2.02``, shift 7.56.
+
+    Args:
+        image_seq_len: The image token count ``n``, >= 1.
+        num_steps: The number of sampling steps, >= 1.
+
+    Returns:
+        The shift ``exp(mu)`` for `RectifiedFlow`.
+
+    Raises:
+        ValueError: For a shift that overflows, naming the inputs, or counts below 1.
     """
     if image_seq_len < 1 or num_steps < 1:
         raise ValueError(f"need image_seq_len >= 1 and num_steps >= 1, got {image_seq_len}, "
@@ -131,10 +156,13 @@ class VariancePreserving:
 
     ``t`` is the integer training step 0..N-1 (0 = least noise); the table index runs the other
     way, ``t = N - 1 - index``, so that index 0 is the noisiest level like every schedule here.
-    The default ``alphas_cumprod`` is Stable Diffusion 1.x/2.x's scaled-linear betas. A zero
-    ``abar`` at the noisiest step (zero terminal SNR, Lin et al. 2024) is allowed: there
+    A zero ``abar`` at the noisiest step (zero terminal SNR, Lin et al. 2024) is allowed: there
     ``alpha = 0`` and an epsilon prediction determines no ``x0`` (conversions refuse it).
     Build one from a diffusers scheduler with :meth:`from_diffusers`.
+
+    Attributes:
+        alphas_cumprod: The table ``abar_t`` (N,) by training step t, 1-D with values in
+            [0, 1); default Stable Diffusion 1.x/2.x's scaled-linear betas (N = 1000).
     """
 
     alphas_cumprod: Tensor = field(

@@ -332,3 +332,51 @@ def test_comparison_tables_fit_a_1280px_window(site: Path, page: str):
         assert t["first"].startswith("verdict"), f"{page}: verdict is not the first column: " \
             f"{t['heads']}"
         assert t["verdictRight"] <= t["articleRight"], f"{page}: verdict column off screen"
+
+
+# Public dataclasses whose fields the API pages must show as table rows (Google-style
+# ``Attributes:`` sections, rendered by mkdocstrings as tables), by page.
+FIELD_TABLES = {
+    "losses": ("scoredistill.losses.distill.ScoreDistillationLoss",
+               "scoredistill.losses.distill.DistillOutput",
+               "scoredistill.losses.diffusion.DiffusionLoss",
+               "scoredistill.losses.diffusion.DiffusionOutput"),
+    "samplers": ("scoredistill.samplers.dasm.DASMSampler",
+                 "scoredistill.samplers.timesteps.UniformIndex",
+                 "scoredistill.samplers.timesteps.LogitNormalIndex",
+                 "scoredistill.samplers.timesteps.ModeIndex"),
+    "core": ("scoredistill.schedules.RectifiedFlow",
+             "scoredistill.schedules.VariancePreserving"),
+    "guidance-batching": ("scoredistill.guidance.CFG",),
+}
+
+
+def _table_rows(html: str, path: str) -> set[str]:
+    """The first-column names of the tables in the class ``path``'s own docstring (its methods'
+    sections excluded)."""
+    start = html.find(f'id="{path}"')
+    assert start >= 0, f"{path} is not on the page"
+    end = html.find('class="doc doc-children"', start)
+    own = html[start:end if end >= 0 else None]
+    names = set()
+    for table in re.findall(r"<table>.*?</table>", own, re.S):
+        for cell in re.findall(r"<tr[^>]*>\s*<td[^>]*>(.*?)</td>", table, re.S):
+            names.add(re.sub(r"<[^>]+>|\s", "", cell))
+    return names
+
+
+@pytest.mark.parametrize("page", sorted(FIELD_TABLES))
+def test_dataclass_fields_render_as_table_rows(site: Path, page: str):
+    """Issue 23, item 6: every constructor field of these dataclasses is a row of a table in its
+    class's documentation, not run-on prose."""
+    import dataclasses
+    import importlib
+
+    html = (site / "api" / page / "index.html").read_text()
+    for path in FIELD_TABLES[page]:
+        module, name = path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+        fields = {f.name for f in dataclasses.fields(cls) if f.init}
+        missing = sorted(fields - _table_rows(html, path))
+        assert not missing, (f"api/{page}: {name}'s fields {missing} are not table rows: give "
+                             "them an `Attributes:` entry in its docstring")

@@ -26,7 +26,14 @@ from .weighting import sd3_loss_weight
 
 @dataclass(frozen=True)
 class DiffusionOutput:
-    """``loss`` scalar; ``per_sample`` (B,) weighted losses; ``index``, ``timesteps`` (B,)."""
+    """A fake-score step's loss and what a researcher logs.
+
+    Attributes:
+        loss: The scalar loss, the mean of ``per_sample``.
+        per_sample: The weighted per-sample losses (B,).
+        index: The drawn schedule indices (B,).
+        timesteps: The network timesteps (B,) at those indices.
+    """
 
     loss: Tensor
     per_sample: Tensor
@@ -38,17 +45,24 @@ class DiffusionOutput:
 class DiffusionLoss:
     """Denoising loss fitting the fake score to the student's outputs (TSD-SR Eq. 9; Alg. 1, 27-31).
 
-    ``0.5 * w(sigma) * mean((pred - target)^2)`` in the ``space`` parametrisation (default x0, as
-    the TSD-SR release; with ``loss_weighting="sigma_sqrt"`` x0 space equals flow-velocity
-    space). The timestep density (``index_sampler``: uniform 50..949 by default; SD3's
-    ``LogitNormalIndex``/``ModeIndex``) and the ``loss_weighting`` ("none", "sigma_sqrt",
-    "cosmap") are kept apart: no random draw ever multiplies the loss.
+    ``0.5 * w(sigma) * mean((pred - target)^2)`` in the ``space`` parametrisation. The timestep
+    density (``index_sampler``) and the ``loss_weighting`` are kept apart: no random draw ever
+    multiplies the loss.
 
     Called like every loss here: samples first, the model by keyword,
-    ``DiffusionLoss()(z_hat.detach(), cond, model=fake)``. ``check_finite``: raise on
-    non-finite inputs (ValueError naming x0, noise or cond) or predictions (FloatingPointError
-    naming the model), one host sync per call. A prediction of another shape than ``x_t``, or not
-    floating, is a ``ValueError`` (never broadcast). Options are checked at construction.
+    ``DiffusionLoss()(z_hat.detach(), cond, model=fake)``. A prediction of another shape than
+    ``x_t``, or not floating, is a ``ValueError`` (never broadcast). Options are checked at
+    construction.
+
+    Attributes:
+        space: The parametrisation the loss is taken in (default x0, as the TSD-SR release;
+            with ``loss_weighting="sigma_sqrt"`` x0 space equals flow-velocity space).
+        loss_weighting: SD3's loss weighting w(sigma), "none", "sigma_sqrt" or "cosmap"
+            (`sd3_loss_weight`).
+        index_sampler: The timestep density: uniform 50..949 by default; SD3's
+            ``LogitNormalIndex``/``ModeIndex``.
+        check_finite: Raise on non-finite inputs (ValueError naming x0, noise or cond) or
+            predictions (FloatingPointError naming the model); one host sync per call.
     """
 
     space: Prediction = "x0"
@@ -70,7 +84,19 @@ class DiffusionLoss:
     def __call__(self, x0: Tensor, cond: Cond = None, *, model: ScoreModel,
                  index: Tensor | None = None, noise: Tensor | None = None,
                  generator: torch.Generator | None = None) -> DiffusionOutput:
-        """Loss of ``model`` on clean samples ``x0`` (B, ...), which are detached."""
+        """Loss of ``model`` on clean samples ``x0`` (B, ...), which are detached.
+
+        Args:
+            x0: Clean samples (B, ...), e.g. the student's outputs; detached.
+            cond: The condition pytree (batch B).
+            model: The fake-score ScoreModel being fitted.
+            index: Schedule indices (B,) int64; drawn by ``index_sampler`` when not given.
+            noise: The noise (B, ...); drawn with ``generator`` when not given.
+            generator: The random generator for whatever is drawn.
+
+        Returns:
+            The loss, the per-sample losses and the drawn indices and timesteps.
+        """
         space = check_prediction(self.space)
         x0 = x0.detach()
         b, dev = x0.shape[0], x0.device

@@ -43,9 +43,14 @@ Term = Literal["sds", "vsd", "tsm", "csd"]
 class DistillOutput:
     """A distillation step's loss and what a researcher logs.
 
-    ``loss`` scalar; ``grad`` (B, ...) the mixed gradient g w.r.t. ``z_hat``; ``grads`` each term's
-    gradient (B, ...) before the mix; ``norms`` each term's per-point contribution norm (B, N);
-    ``index``, ``timesteps``, ``sigmas`` (B, N) at the N evaluated (DASM) points.
+    Attributes:
+        loss: The scalar surrogate loss.
+        grad: The mixed gradient g (B, ...) w.r.t. ``z_hat``.
+        grads: Each term's gradient (B, ...) before the mix.
+        norms: Each term's per-point contribution norm (B, N).
+        index: Schedule indices (B, N) of the N evaluated (DASM) points.
+        timesteps: Network timesteps (B, N) at those points.
+        sigmas: Noise levels (B, N) at those points.
     """
 
     loss: Tensor
@@ -96,8 +101,23 @@ def trajectory_directions(
     checks of the time weights and, point by point, of the teacher's and fake's predictions and
     the per-sample weight, in that (causal) order.
 
-    Shapes: ``z_hat``, ``z``, ``noise`` (B, ...); ``points`` (B, N); ``point_weights`` (N,).
-    Returns per-term gradients (B, ...), per-term norms (B, N), timesteps and sigmas (B, N).
+    Args:
+        teacher: The teacher ScoreModel (a `CFG` for a CSD term).
+        fake: The fake-score model, or None without a VSD term or DASM steps.
+        z_hat: The student's output (B, ...).
+        z: The paired target latent (B, ...) (TSM), or None.
+        cond: The condition pytree (batch B).
+        noise: The injected noise (B, ...).
+        points: Schedule indices (B, N) of the evaluated points.
+        point_weights: Per-point weights (N,).
+        terms: The direction terms to accumulate.
+        space: The parametrisation the differences are taken in.
+        weighting: The time weighting ``w(alpha, sigma) -> (B,)``.
+        per_sample: A per-sample factor ``(z_hat, teacher_x0) -> (B,)`` (DMD), or None.
+        checks: Queued finiteness checks, or None.
+
+    Returns:
+        Per-term gradients (B, ...), per-term norms (B, N), timesteps and sigmas (B, N).
     """
     n_points = points.shape[1]
     t_all, a_all, s_all = index_alpha_sigma(teacher.schedule, points)
@@ -176,22 +196,26 @@ def trajectory_directions(
 class ScoreDistillationLoss:
     """Base of the score-distillation losses: a fixed linear mix of direction terms.
 
-    Fields: ``time_weighting`` w(t) by name ("sigma2", "sigma", "uniform") or
-    ``(alpha, sigma) -> (B,)``;
-    ``space`` the parametrisation the differences are taken in (default: the teacher's own, so
-    SD3 gets the TSD-SR release's sigma^2-weighted velocity differences); ``sample_weighting``
-    a per-sample factor that needs the sample, by name ("dmd": `dmd_normalizer`) or
-    ``(z_hat, teacher_x0) -> (B,)``, None for none; ``index_sampler`` the per-sample start index;
-    ``dasm`` the trajectory (None: one point); ``surrogate`` the scalar whose gradient is the
-    direction ``g`` (`surrogate_loss`): "half_mse" ``0.5 * mean(g^2)``, gradient ``g / numel``
-    (DreamFusion, ProlificDreamer, DMD2), or "mse" ``mean(g^2)``, gradient ``2 g / numel``
-    (OSEDiff, PiSA-SR); ``check_finite`` raise on non-finite inputs or weightings (ValueError)
-    or on what the teacher, the fake or DMD's normaliser returned (FloatingPointError), naming
-    which, one host sync per call.
-
     Every option is checked at construction (a ``ValueError`` listing the allowed values), and
     a call refuses a keyword input the loss does not use (`uses`): ``z`` without a TSM term,
     ``fake`` without a VSD term or DASM trajectory, ``dasm_bias`` without ``dasm``.
+
+    Attributes:
+        time_weighting: w(t) by name ("sigma2", "sigma", "uniform") or a callable
+            ``(alpha, sigma) -> (B,)``.
+        sample_weighting: A per-sample factor that needs the sample, by name
+            ("dmd": `dmd_normalizer`) or ``(z_hat, teacher_x0) -> (B,)``; None for none.
+        space: The parametrisation the differences are taken in (default: the teacher's own,
+            so SD3 gets the TSD-SR release's sigma^2-weighted velocity differences).
+        index_sampler: The per-sample start index (B,) into the teacher's schedule.
+        dasm: The DASM trajectory (None: one point).
+        surrogate: The scalar whose gradient is the direction ``g`` (`surrogate_loss`):
+            "half_mse" ``0.5 * mean(g^2)``, gradient ``g / numel`` (DreamFusion,
+            ProlificDreamer, DMD2), or "mse" ``mean(g^2)``, gradient ``2 g / numel``
+            (OSEDiff, PiSA-SR).
+        check_finite: Raise on non-finite inputs or weightings (ValueError) or on what the
+            teacher, the fake or DMD's normaliser returned (FloatingPointError), naming which;
+            one host sync per call.
     """
 
     time_weighting: str | Weighting = "sigma2"
@@ -274,11 +298,26 @@ class ScoreDistillationLoss:
     ) -> DistillOutput:
         """Compute the loss for the student's output ``z_hat`` (B, ...) with gradient to it.
 
-        ``z`` (B, ...) the paired target latent (TSM/TSD); ``cond`` the condition pytree (batch B);
-        ``index`` (B,) int64 start indices into ``teacher.schedule``, ``noise`` (B, ...),
-        ``dasm_bias`` (B,) int64: each drawn with ``generator`` when not given. Returns the
-        ``surrogate``'s value (`DistillOutput.loss`); raises a ``ValueError`` for an input the
-        loss does not use (see `uses`) and for a teacher or fake output of the wrong shape.
+        Args:
+            z_hat: The student's output (B, ...); the gradient flows to it.
+            cond: The condition pytree (batch B).
+            teacher: The teacher ScoreModel (a `CFG` for a CSD term).
+            fake: The fake-score model (VSD term, or any DASM trajectory).
+            z: The paired target latent (B, ...) (TSM/TSD).
+            index: Start indices (B,) int64 into ``teacher.schedule``; drawn with
+                ``generator`` by ``index_sampler`` when not given.
+            noise: The injected noise (B, ...); drawn with ``generator`` when not given.
+            dasm_bias: DASM's per-sample bias (B,) int64; drawn with ``generator`` when not
+                given.
+            generator: The random generator for whatever is drawn.
+
+        Returns:
+            The ``surrogate``'s value (`DistillOutput.loss`) with the gradients, norms and
+            evaluated points.
+
+        Raises:
+            ValueError: For an input the loss does not use (see `uses`), a missing one, and a
+                teacher or fake output of the wrong shape.
         """
         mix = self.mix()
         terms = tuple(mix)
@@ -399,6 +438,9 @@ class TSDLoss(ScoreDistillationLoss):
         two parts cancel; in the natural-patch benchmark TSD diverges in flow space in colour
         with the exact teacher, and TSD + DASM in flow space, while epsilon space does not. The
         default stays the release's; pass ``space="epsilon"`` to follow the benchmark.
+
+    Attributes:
+        lam: TSD's lambda in [0, 1], the VSD share of the mix (Eq. 5; the paper's 0.7).
 
     Example:
         >>> loss_fn = TSDLoss(lam=0.7, dasm=DASMSampler())

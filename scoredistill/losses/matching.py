@@ -27,6 +27,13 @@ class DMDLoss(ScoreDistillationLoss):
     grad).detach()) = 0.5 * mean(grad^2)`` (``surrogate="half_mse"``); `osediff` is OSEDiff's
     "VSD" loss, value and gradient. Shapes: ``z_hat`` (B, ...).
 
+    Attributes:
+        space: x0, where Eq. 8's weight cancels the scores' ``alpha_t / sigma_t^2``.
+        time_weighting: "uniform": no time weighting.
+        sample_weighting: "dmd", DMD's per-sample normalisation (`dmd_normalizer`).
+        index_sampler: DMD2's ``[0.02, 0.98) * N``, i.e. indices 20..979 of 1000.
+        scale: The factor ``scale`` on the direction.
+
     Example:
         >>> out = DMDLoss()(z_hat, cond, teacher=CFG(roles.teacher, 7.5, null), fake=roles.fake)
     """
@@ -62,6 +69,9 @@ class CSDLoss(ScoreDistillationLoss):
     trajectory moves ``z_hat_t`` with the fake score (mix it with VSD/TSD for that).
     The value returned is ``0.5 * mean(grad^2)`` (``surrogate="half_mse"``); `pisasr` is
     PiSA-SR's CSD loss, value and gradient. Shapes: ``z_hat`` (B, ...).
+
+    Attributes:
+        scale: The factor ``scale`` on the classifier-score direction.
 
     Example:
         >>> out = CSDLoss()(z_hat, cond, teacher=CFG(roles.teacher, 1.0, null))

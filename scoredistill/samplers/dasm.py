@@ -18,15 +18,19 @@ class DASMSampler:
     From a start index ``i`` (per sample), the ``N + 1`` indices are
     ``floor(linspace(i, min(i + N*s + b, last), N + 1))`` with a random bias ``b ~ U[bias)``;
     the loss is evaluated at the first ``N`` of them with ``weights`` and the trajectory moves
-    from point ``k`` to point ``k + 1`` toward lower noise (Eq. 6). Paper defaults: ``N = 4``,
-    ``s = 50``, weights ``(1, 0.3, 0.3, 0.3)``, bias in ``[-25, 25)``.
+    from point ``k`` to point ``k + 1`` toward lower noise (Eq. 6). Even clamped, ``N`` points
+    need ``N`` distinct indices: a start within about ``N`` of the last index raises, so keep the
+    index sampler's upper end well below it (the paper draws 50..949; mind the tails of
+    ``LogitNormalIndex``). Every field is checked at construction.
 
-    With ``clamp=False`` a trajectory that would run past the last index is an error instead of
-    being squeezed into the remaining range. Even clamped, ``N`` points need ``N`` distinct
-    indices: a start within about ``N`` of the last index raises, so keep the index sampler's
-    upper end well below it (the paper draws 50..949; mind the tails of ``LogitNormalIndex``).
-    Every field is checked at construction: integers ``num_points``, ``step`` and bias ends,
-    finite weights >= 0.
+    Attributes:
+        num_points: ``N``, the number of evaluated points, an integer >= 1 (paper: 4).
+        step: ``s``, the index spacing of the points, an integer >= 1 (paper: 50).
+        weights: The ``N`` per-point loss weights, finite and >= 0 (paper:
+            ``(1, 0.3, 0.3, 0.3)``).
+        bias: The integer range ``[low, high)`` of the random bias ``b`` (paper: ``[-25, 25)``).
+        clamp: With False a trajectory that would run past the last index is an error instead of
+            being squeezed into the remaining range.
     """
 
     num_points: int = 4
@@ -65,7 +69,13 @@ class DASMSampler:
 
     def draw_bias(self, batch: int, *, generator: torch.Generator | None = None,
                   device: torch.device | str | None = None) -> Tensor:
-        """Random per-sample bias (B,) int64 in the half-open ``bias`` range."""
+        """Random per-sample bias (B,) int64 in the half-open ``bias`` range.
+
+        Args:
+            batch: The batch size B.
+            generator: The random generator.
+            device: Where the result lives.
+        """
         where = generator.device if generator is not None else device
         return torch.randint(*self.bias, (batch,), generator=generator, device=where).to(device)
 
@@ -75,8 +85,14 @@ class DASMSampler:
         The ``(N + 1)``-th linspace point only sets the spacing: no step is taken after the last
         evaluated point.
 
-        Raises ``ValueError`` naming the sample when a trajectory leaves the schedule or does not
-        strictly move toward lower noise.
+        Args:
+            start: Start indices (B,) int64.
+            num_steps: The schedule's number of steps.
+            bias: Per-sample biases (B,) int64 (`draw_bias`).
+
+        Raises:
+            ValueError: Naming the sample when a trajectory leaves the schedule or does not
+                strictly move toward lower noise.
         """
         if start.ndim != 1 or bias.shape != start.shape:
             raise ValueError(f"start {tuple(start.shape)} and bias {tuple(bias.shape)} must both "

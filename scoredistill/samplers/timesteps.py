@@ -35,7 +35,13 @@ def _gen_device(generator: torch.Generator | None, device: torch.device | str | 
 
 @dataclass(frozen=True)
 class UniformIndex:
-    """Index ``~ U{low, ..., high - 1}``; TSD-SR samples 50..949 (Alg. 1, line 11)."""
+    """Index ``~ U{low, ..., high - 1}``; TSD-SR samples 50..949 (Alg. 1, line 11).
+
+    Attributes:
+        low: The first index drawn, an integer >= 0.
+        high: One past the last index drawn (half-open ``[low, high)``), at most the schedule's
+            ``num_steps``.
+    """
 
     low: int = 50
     high: int = 950
@@ -70,8 +76,12 @@ def _to_index(u: Tensor, num_steps: int, device) -> Tensor:
 class LogitNormalIndex:
     """``u = sigmoid(N(mean, std))`` mapped to the table (SD3, Eq. 19 "lognorm").
 
-    ``mean`` finite, ``std`` finite and > 0; anything else is a ``ValueError`` at construction
-    (a NaN ``mean`` would draw index 0 for every sample).
+    A field outside its range below is a ``ValueError`` at construction (a NaN ``mean`` would
+    draw index 0 for every sample).
+
+    Attributes:
+        mean: The normal's mean, finite.
+        std: The normal's standard deviation, finite and > 0.
     """
 
     mean: float = 0.0
@@ -93,8 +103,10 @@ class LogitNormalIndex:
 class ModeIndex:
     """Mode sampling with heavy tails, ``u - s (cos^2(pi u / 2) - 1 + u)`` (SD3, Eq. 20).
 
-    The map is a density on [0, 1] only for ``-1 <= scale <= 2 / (pi - 2)`` (SD3, Sec. 3.1);
-    outside it (or NaN, which drew index 0 for every sample) ``scale`` is a ``ValueError``.
+    Attributes:
+        scale: ``s``; the map is a density on [0, 1] only for ``-1 <= scale <= 2 / (pi - 2)``
+            (SD3, Sec. 3.1); outside it (or NaN, which drew index 0 for every sample) it is a
+            ``ValueError``.
     """
 
     scale: float = 1.29
