@@ -25,8 +25,12 @@ def mixture_log_prob(x: Tensor, means: Tensor, log_weights: Tensor, evals: Tenso
                      evecs: Tensor) -> Tensor:
     """``log sum_k w_k N(x; m_k, U_k diag(lam_k) U_k^T)`` (B,) of x (B, D).
 
-    ``means`` (K, D) or per-sample (B, K, D); ``log_weights`` (K,) or (B, K); ``evals`` (K, D)
-    and ``evecs`` (K, D, D) the eigendecomposition of each covariance (columns are vectors).
+    Args:
+        x: Points (B, D).
+        means: Component means (K, D) or per-sample (B, K, D).
+        log_weights: Log mixture weights (K,) or (B, K).
+        evals: Eigenvalues (K, D) of each covariance.
+        evecs: Eigenvectors (K, D, D) of each covariance (columns are vectors).
     """
     resid = x[:, None] - means  # (B, K, D)
     rot = torch.einsum("bkd,kde->bke", resid, evecs)
@@ -74,8 +78,14 @@ class GaussianMixture(_MixtureScoreModel):
     """Data ``x0 ~ sum_k pi_k N(mu_k, s_k^2 I)`` in D dimensions with its exact posterior mean.
 
     ``E[x0 | x_t]`` is the responsibility-weighted sum of the per-component Wiener estimates.
-    ``means`` (K, D), ``stds`` (K,), ``weights`` (K,) summing to 1. Inputs are
-    (B, *event_shape) with ``prod(event_shape) == D``; ``cond`` is ignored.
+    Inputs are (B, *event_shape) with ``prod(event_shape) == D``; ``cond`` is ignored.
+
+    Attributes:
+        means: Component means ``mu_k`` (K, D).
+        stds: Component standard deviations ``s_k`` (K,).
+        weights: Mixture weights ``pi_k`` (K,), >= 0 and summing to 1.
+        schedule: The noise schedule (default SD3's `RectifiedFlow`).
+        prediction: The parametrisation the model outputs (default "flow").
     """
 
     means: Tensor
@@ -130,8 +140,17 @@ class FullGaussianMixture(_MixtureScoreModel):
     Each ``Sigma_k = U_k diag(lam_k) U_k^T`` is eigendecomposed once (in float64), so at any
     noise level the component ``N(alpha mu_k, U_k diag(alpha^2 lam_k + sigma^2) U_k^T)`` and its
     Wiener estimate ``mu_k + U_k diag(alpha lam_k / (alpha^2 lam_k + sigma^2)) U_k^T (x_t - alpha
-    mu_k)`` cost one (B, D) x (D, K D) product. ``means`` (K, D), ``covs`` (K, D, D) symmetric
-    positive definite, ``weights`` (K,) summing to 1; inputs (B, *event_shape), ``cond`` ignored.
+    mu_k)`` cost one (B, D) x (D, K D) product. Inputs (B, *event_shape), ``cond`` ignored.
+
+    Attributes:
+        means: Component means ``mu_k`` (K, D).
+        covs: Covariances ``Sigma_k`` (K, D, D), symmetric positive definite.
+        weights: Mixture weights ``pi_k`` (K,), >= 0 and summing to 1.
+        schedule: The noise schedule (default SD3's `RectifiedFlow`).
+        prediction: The parametrisation the model outputs (default "flow").
+        evals: Eigenvalues ``lam_k`` (K, D) of each covariance, computed at construction.
+        evecs: Eigenvectors ``U_k`` (K, D, D) of each covariance (columns), computed at
+            construction.
 
     Example:
         >>> gm = FullGaussianMixture(means, covs, weights)       # a ScoreModel (flow prediction)
@@ -222,9 +241,17 @@ def rotated_mixture_denoise(x: Tensor, alpha: Tensor, sigma: Tensor, log_weights
     """Exact ``E[x0 | x_t = x]`` (B, D) for ``x0 ~ sum_k w_k N(m_k, U_k diag(lam_k) U_k^T)``.
 
     The responsibility-weighted Wiener estimates ``m_k + U_k diag(alpha lam_k / (alpha^2 lam_k
-    + sigma^2)) U_k^T (x - alpha m_k)``. ``means`` (K, D) or per-sample (B, K, D) (a posterior
-    mixture), ``rot_means`` their rotations, ``log_weights`` (K,) or (B, K); ``alpha``,
-    ``sigma`` (B,); ``evals`` (K, D); ``evecs_flat`` (D, K D) as in `_rotated_log_joint`.
+    + sigma^2)) U_k^T (x - alpha m_k)``.
+
+    Args:
+        x: Noisy samples ``x_t`` (B, D).
+        alpha: Per-sample signal scales (B,).
+        sigma: Per-sample noise scales (B,).
+        log_weights: Log mixture weights (K,) or (B, K).
+        means: Component means (K, D) or per-sample (B, K, D) (a posterior mixture).
+        rot_means: Their rotations ``U_k^T m_k`` (K, D) or (B, K, D).
+        evals: Eigenvalues (K, D) of each covariance.
+        evecs_flat: Every ``U_k`` side by side (D, K D) (`flat_eigenvectors`).
     """
     log_joint, rot, var = _rotated_log_joint(x, alpha, sigma, log_weights, rot_means, evals,
                                              evecs_flat)
@@ -236,9 +263,15 @@ def rotated_mixture_denoise(x: Tensor, alpha: Tensor, sigma: Tensor, log_weights
 
 def component_draws(means: Tensor, comp: Tensor, evals: Tensor, evecs: Tensor,
                     noise: Tensor) -> Tensor:
-    """``means_n + U_c diag(sqrt(lam_c)) noise_n`` with ``c = comp[n]``: Gaussian draws (n, D)
-    from per-sample means (n, D), components ``comp`` (n,) of eigenvalues (K, D) and
-    eigenvectors (K, D, D) (columns), standard normal ``noise`` (n, D)."""
+    """``means_n + U_c diag(sqrt(lam_c)) noise_n`` with ``c = comp[n]``: Gaussian draws (n, D).
+
+    Args:
+        means: Per-sample means (n, D).
+        comp: Each sample's component (n,).
+        evals: Eigenvalues (K, D) of each covariance.
+        evecs: Eigenvectors (K, D, D) of each covariance (columns).
+        noise: Standard normal draws (n, D).
+    """
     scaled = noise * evals[comp].sqrt()
     # Component by component: gathering a (D, D) rotation per sample would take n D^2 memory
     # (29 GB for 200k colour patches).

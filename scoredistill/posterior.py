@@ -40,8 +40,17 @@ def lq_condition(lq: Tensor) -> Tensor:
 class LinearGaussianPosterior:
     """Exact ``p(x | y)`` for ``prior`` and ``y = operator @ x + noise_std * n``.
 
-    ``operator`` (d, D); inputs ``y`` (B, d), ``x`` (B, D). Computed in the prior's dtype; the
-    constant parts (gains, posterior covariances and their eigendecompositions) in float64.
+    Inputs ``y`` (B, d), ``x`` (B, D). Computed in the prior's dtype; the constant parts
+    (gains, posterior covariances and their eigendecompositions) in float64.
+
+    Attributes:
+        prior: The Gaussian-mixture prior of ``x`` (K components in D dimensions).
+        operator: The linear map ``A`` (d, D).
+        noise_std: The observation noise's standard deviation ``s``, > 0.
+        gains: The gains ``G_k = Sigma_k A^T S_k^{-1}`` (K, D, d), computed at construction.
+        post_evals: Eigenvalues (K, D) of the posterior covariances ``P_k``, computed at
+            construction.
+        post_evecs: Eigenvectors (K, D, D) of the ``P_k`` (columns), computed at construction.
     """
 
     prior: FullGaussianMixture
@@ -144,6 +153,11 @@ class PosteriorTeacher:
     ``cond`` (B, d + 1) is :func:`lq_condition`; rows whose last entry is 0 (the null condition)
     or ``cond=None`` get the prior's exact teacher, so ``CFG``'s null branch is exact too.
     Inputs (B, *event_shape) with D features; computed in the prior's dtype.
+
+    Attributes:
+        posterior: The exact posterior ``p(x | y)`` whose denoiser this is.
+        schedule: The noise schedule (default SD3's `RectifiedFlow`).
+        prediction: The parametrisation the model outputs (default "flow").
     """
 
     posterior: LinearGaussianPosterior

@@ -30,6 +30,14 @@ class ToySR:
     Each LQ corner ``+-1.5`` has two HQ completions (all lost coordinates ``+1.5`` or all
     ``-1.5``), so the least-squares answer (their mean, 0) lies off the data manifold: the blur
     that reconstruction losses produce and score distillation is meant to fix.
+
+    Attributes:
+        lq_dim: ``d``, the LQ dimension; HQ has ``D = 2d``.
+        std: The standard deviation of each mixture component.
+        noise_std: The LQ noise's standard deviation.
+        teacher: The exact HQ teacher (`GaussianMixture`, one component per HQ corner), built
+            at construction.
+        operator: The degradation's linear part (d, D), ``[I 0]``, built at construction.
     """
 
     lq_dim: int = 2
@@ -74,9 +82,12 @@ class ToySR:
 class SRProblem(Protocol):
     """What the trainer needs from a problem: :class:`ToySR` and ``scoredistill.patches.PatchSR``.
 
-    ``teacher`` the exact ScoreModel of HQ, ``operator`` (d, D) the linear part of the
-    degradation, ``sample(n, generator) -> (hq (n, D), lq (n, d))``; for conditional losses
-    (CSD) ``conditional_teacher()`` the exact teacher of ``p(x0 | lq)`` given ``cond(lq)``.
+    Besides ``sample(n, generator) -> (hq (n, D), lq (n, d))``, conditional losses (CSD) use
+    ``conditional_teacher()``, the exact teacher of ``p(x0 | lq)`` given ``cond(lq)``.
+
+    Attributes:
+        teacher: The exact ScoreModel of HQ.
+        operator: The linear part of the degradation (d, D).
     """
 
     teacher: ScoreModel
@@ -131,7 +142,14 @@ class OneStepGenerator(nn.Module):
 
 def sliced_wasserstein(x: Tensor, y: Tensor, projections: int = 256,
                        generator: torch.Generator | None = None) -> Tensor:
-    """Sliced 2-Wasserstein distance between equal-size samples (n, D) (Rabin et al. 2011)."""
+    """Sliced 2-Wasserstein distance between equal-size samples (n, D) (Rabin et al. 2011).
+
+    Args:
+        x: One sample (n, D).
+        y: The other sample (n, D).
+        projections: The number of random directions.
+        generator: Draws the directions.
+    """
     theta = torch.randn(x.shape[1], projections, generator=generator, dtype=x.dtype)
     theta = theta / theta.norm(dim=0, keepdim=True)
     px, py = (x @ theta).sort(dim=0).values, (y @ theta).sort(dim=0).values
@@ -141,7 +159,17 @@ def sliced_wasserstein(x: Tensor, y: Tensor, projections: int = 256,
 @torch.no_grad()
 def evaluate(problem: ToySR, gen: OneStepGenerator, n: int = 4096, seed: int = 1234
              ) -> dict[str, float]:
-    """NLL under the true density, sliced Wasserstein to it, and MSE to the paired HQ."""
+    """NLL under the true density, sliced Wasserstein to it, and MSE to the paired HQ.
+
+    Args:
+        problem: The toy problem.
+        gen: The one-step generator evaluated.
+        n: The number of held-out pairs.
+        seed: Seeds the pairs and the reference samples.
+
+    Returns:
+        ``{"nll", "sliced_w2", "mse"}`` as floats.
+    """
     g = torch.Generator().manual_seed(seed)
     hq, lq = problem.sample(n, g)
     out = gen(lq)
@@ -154,10 +182,20 @@ def evaluate(problem: ToySR, gen: OneStepGenerator, n: int = 4096, seed: int = 1
 class ToyTrainer:
     """Alternating student / fake-score updates of TSD-SR Alg. 1 on `ToySR` (or any `SRProblem`).
 
-    ``teacher`` defaults to the problem's exact one; pass a learned ScoreModel to study an
-    imperfect teacher. ``hidden`` is the width of the generator's and the fake score's MLPs.
-    ``condition`` maps the LQ batch to the loss's ``cond`` (e.g. ``ToySR.cond`` for CSD with
-    ``ToySR.conditional_teacher()``); None: unconditional.
+    Attributes:
+        problem: The problem: HQ/LQ pairs, the exact teacher and the operator.
+        loss: The score-distillation regulariser, or None for reconstruction alone.
+        teacher: The teacher; None: the problem's exact one. Pass a learned ScoreModel to study
+            an imperfect teacher.
+        recon_weight: The weight of the reconstruction MSE to the paired HQ.
+        reg_weight: The weight of the regulariser ``loss``.
+        batch: The batch size of each step.
+        lr: The generator's Adam learning rate.
+        fake_lr: The fake score's Adam learning rate.
+        seed: Seeds the networks' initialisation and the sampling generator.
+        hidden: The width of the generator's and the fake score's MLPs.
+        condition: Maps the LQ batch to the loss's ``cond`` (e.g. ``ToySR.cond`` for CSD with
+            ``ToySR.conditional_teacher()``); None: unconditional.
     """
 
     problem: SRProblem

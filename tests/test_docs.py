@@ -348,6 +348,11 @@ FIELD_TABLES = {
     "core": ("scoredistill.schedules.RectifiedFlow",
              "scoredistill.schedules.VariancePreserving"),
     "guidance-batching": ("scoredistill.guidance.CFG",),
+    "analytic-toy": ("scoredistill.analytic.GaussianMixture",
+                     "scoredistill.analytic.FullGaussianMixture",
+                     "scoredistill.posterior.LinearGaussianPosterior",
+                     "scoredistill.posterior.PosteriorTeacher",
+                     "scoredistill.toy.ToySR", "scoredistill.toy.ToyTrainer"),
 }
 
 
