@@ -13,6 +13,7 @@ from .losses.distill import (
     VSDLoss,
     trajectory_directions,
 )
+from .losses.implicit import SiDLoss, SIMLoss
 from .losses.matching import CSDLoss, DMDLoss
 from .losses.surrogate import surrogate_loss
 from .losses.weighting import distill_weighting, dmd_normalizer, sample_weighting, sd3_loss_weight
@@ -47,8 +48,10 @@ __all__ = [
     "Prediction",
     "RectifiedFlow",
     "SDSLoss",
+    "SIMLoss",
     "ScoreDistillationLoss",
     "ScoreModel",
+    "SiDLoss",
     "TSDLoss",
     "TSMLoss",
     "UniformIndex",

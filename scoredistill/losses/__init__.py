@@ -1,1 +1,1 @@
-"""Score-distillation losses (SDS, VSD, TSM, TSD, DMD, CSD) and the fake-score diffusion loss."""
+"""Score-distillation losses (SDS, VSD, TSM, TSD, DMD, CSD, SiD, SIM) and the diffusion loss."""
