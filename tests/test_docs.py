@@ -353,6 +353,14 @@ FIELD_TABLES = {
                      "scoredistill.posterior.LinearGaussianPosterior",
                      "scoredistill.posterior.PosteriorTeacher",
                      "scoredistill.toy.ToySR", "scoredistill.toy.ToyTrainer"),
+    "adapters": ("scoredistill.adapters.module.ModuleScoreModel",
+                 "scoredistill.adapters.sd3.SD3ScoreModel",
+                 "scoredistill.adapters.flux.FluxScoreModel",
+                 "scoredistill.adapters.flux2.Flux2ScoreModel",
+                 "scoredistill.adapters.unet.UNetScoreModel",
+                 "scoredistill.adapters.shared.AdapterRole",
+                 "scoredistill.adapters.targets.LoraTargets",
+                 "scoredistill.adapters.lora.LoraRoles"),
 }
 
 

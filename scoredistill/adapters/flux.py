@@ -144,9 +144,13 @@ class FluxScoreModel:
     ``sigma`` (FLUX's convention; the transformer casts it to the weights' dtype). ``cond`` is
     ``{"prompt_embeds", "pooled_projections"}`` plus ``"guidance"`` (B,) for FLUX.1-dev, so the
     distilled guidance travels with each sample and CFG with a null prompt stays one batched call.
-    ``schedule`` is the resolution's shifted table: build it with `for_resolution`, which also
-    records the latent ``size`` it is for; latents with another token count (``H/2 * W/2``) are
-    then a ValueError, since their shift differs (``size=None``: no check).
+
+    Attributes:
+        module: diffusers' ``FluxTransformer2DModel``.
+        schedule: The resolution's shifted table: build it with `for_resolution`.
+        size: The latent (H, W) the schedule is for, recorded by `for_resolution`; latents with
+            another token count (``H/2 * W/2``) are then a ValueError, since their shift differs
+            (None: no check).
 
     Example:
         >>> model = FluxScoreModel.for_resolution(transformer, 128, 128)  # 1024 px latents

@@ -78,9 +78,14 @@ class Flux2ScoreModel:
     multiplies timestep and guidance by 1000), as ``Flux2Pipeline`` does. ``cond`` is
     ``{"prompt_embeds": (B, L, D)}`` plus ``"guidance"`` (B,) for the guidance-distilled
     FLUX.2-dev (``guidance_embeds=True``); FLUX.2-klein embeds none and takes real CFG.
-    ``schedule`` depends on the resolution and the sampling step count: `for_resolution`, which
-    also records the latent ``size`` it is for; latents with another token count (``h * w``) are
-    then a ValueError, since their shift differs (``size=None``: no check).
+
+    Attributes:
+        module: diffusers' ``Flux2Transformer2DModel``.
+        schedule: The table for the resolution and the sampling step count: build it with
+            `for_resolution`.
+        size: The latent (h, w) the schedule is for, recorded by `for_resolution`; latents with
+            another token count (``h * w``) are then a ValueError, since their shift differs
+            (None: no check).
 
     Example:
         >>> model = Flux2ScoreModel.for_resolution(transformer, 64, 64)  # 1024 px: 4096 tokens

@@ -27,8 +27,12 @@ def lora_config(targets: Sequence[str], rank: int = 64, alpha: float | None = No
                 exclude: str | None = None) -> LoraConfig:
     """A peft ``LoraConfig`` with Gaussian init (B = 0, so the adapter starts as the identity).
 
-    ``targets`` are module names or their dotted suffixes; ``exclude`` a regex of full module
-    names to skip (a family's `LoraTargets.exclude`, e.g. ``FLUX2_TARGETS.exclude``).
+    Args:
+        targets: Module names or their dotted suffixes.
+        rank: The LoRA rank.
+        alpha: The LoRA scale's numerator (None: ``rank``, a scale of 1).
+        exclude: A regex of full module names to skip (a family's `LoraTargets.exclude`, e.g.
+            ``FLUX2_TARGETS.exclude``).
     """
     from peft import LoraConfig
 
@@ -39,7 +43,14 @@ def lora_config(targets: Sequence[str], rank: int = 64, alpha: float | None = No
 
 @dataclass(frozen=True)
 class LoraRoles:
-    """The three ScoreModel views on one backbone; ``backbone`` holds the weights once."""
+    """The three ScoreModel views on one backbone.
+
+    Attributes:
+        student: The student's view (its trainable adapter).
+        teacher: The teacher's view (the base weights, or its LoRA file's adapter).
+        fake: The fake score's view (its trainable adapter).
+        backbone: The shared backbone, which holds the weights once.
+    """
 
     student: AdapterRole
     teacher: AdapterRole
@@ -53,11 +64,22 @@ def lora_roles(
 ) -> LoraRoles:
     """Add the student and fake-score adapters (and a teacher LoRA file) to ``base.module``.
 
-    ``student``/``fake`` default to rank 64 on the family's ``base.lora_targets`` (SD3: TSD-SR's
-    `STUDENT_TARGETS` / `ATTENTION_TARGETS`; `FLUX_TARGETS`; `FLUX2_TARGETS`; `UNET_TARGETS`);
-    an adapter of that name already on the module is kept; ``student_lora`` starts the student
-    from a LoRA file (e.g. the release's ``transformer.safetensors``). The base weights and the
+    An adapter of the role's name already on the module is kept. The base weights and the
     teacher LoRA are frozen.
+
+    Args:
+        base: The backbone's ScoreModel (e.g. `SD3ScoreModel`).
+        student: The student's LoRA config; default rank 64 on the family's
+            ``base.lora_targets`` (SD3: TSD-SR's `STUDENT_TARGETS`; `FLUX_TARGETS`;
+            `FLUX2_TARGETS`; `UNET_TARGETS`).
+        fake: The fake score's LoRA config; default rank 64 on the family's fake targets (SD3:
+            `ATTENTION_TARGETS`).
+        teacher_lora: A LoRA file fine-tuned into the teacher beforehand (None: base weights).
+        student_lora: A LoRA file the student starts from (e.g. the release's
+            ``transformer.safetensors``).
+
+    Returns:
+        The student, teacher and fake views on the one backbone.
 
     Example:
         >>> roles = lora_roles(SD3ScoreModel(transformer))

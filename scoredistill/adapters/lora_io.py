@@ -130,8 +130,20 @@ def save_lora(path: str | Path, module: nn.Module, adapter: str, *,
               state: dict[str, Tensor] | None = None) -> Path:
     """Write one adapter of ``module`` to ``path`` atomically (temp file + ``os.replace``).
 
-    ``state``: the adapter's tensors to write instead of reading them from ``module`` (e.g.
-    gathered whole from FSDP shards), keyed as :func:`lora_state_dict`.
+    Args:
+        path: The ``.safetensors`` file written.
+        module: The module carrying the adapter.
+        adapter: The adapter's name.
+        prefix: The key prefix in the file (diffusers' "transformer", "unet", ...).
+        dtype: The dtype written (None: the parameters' own).
+        state: The adapter's tensors to write instead of reading them from ``module`` (e.g.
+            gathered whole from FSDP shards), keyed as :func:`lora_state_dict`.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: If ``module`` has no adapter ``adapter``.
     """
     state = lora_state_dict(module, adapter) if state is None else state
     if not state:

@@ -34,6 +34,11 @@ class ModuleScoreModel:
     ``x_t`` (B, ...) and the floating leaves of ``cond`` are cast to the weights' dtype, ``t`` (B,)
     stays float32 (bf16 would quantise it), and the output is returned as float32.
 
+    Attributes:
+        module: The network, called as ``module(x_t, t, cond)``.
+        prediction: The parametrisation it outputs.
+        schedule: The noise schedule its ``t`` belongs to.
+
     Example:
         >>> model = ModuleScoreModel(net, "epsilon", VariancePreserving())
     """

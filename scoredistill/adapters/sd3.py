@@ -39,6 +39,10 @@ class SD3ScoreModel:
     embeddings are cast to the weights' dtype, ``t`` stays float32 (bf16 would quantise it), and
     the output (B, C, H, W) is float32.
 
+    Attributes:
+        module: diffusers' ``SD3Transformer2DModel``.
+        schedule: The noise schedule (default SD3's ``RectifiedFlow(shift=3.0)``).
+
     Example:
         >>> model = SD3ScoreModel(SD3Transformer2DModel.from_pretrained(...))
         >>> v = model(x_t, t, {"prompt_embeds": e, "pooled_projections": p})

@@ -29,8 +29,10 @@ BASE = "__base__"
 class SharedBackbone:
     """A ScoreModel ``base`` whose ``base.module`` carries peft LoRA adapters, one per role.
 
-    ``trainable`` names the adapters whose parameters require grad; all others (and the base
-    weights) are frozen on every call, whatever peft's ``set_adapter`` did meanwhile.
+    Args:
+        base: The ScoreModel whose ``module`` carries the adapters.
+        trainable: The adapters whose parameters require grad; all others (and the base
+            weights) are frozen on every call, whatever peft's ``set_adapter`` did meanwhile.
     """
 
     def __init__(self, base: ScoreModel, trainable: Sequence[str] = ()) -> None:
@@ -150,6 +152,10 @@ class AdapterRole:
 
     A ScoreModel; calls on roles of one backbone are fused into one backbone call by
     `scoredistill.predict_batched` (the ``fuse_key`` hook), also through CFG.
+
+    Attributes:
+        backbone: The shared backbone.
+        adapter: The adapter this role evaluates with (None: the base weights).
     """
 
     backbone: SharedBackbone

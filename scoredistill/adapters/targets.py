@@ -19,9 +19,12 @@ from dataclasses import dataclass
 class LoraTargets:
     """The student's and the fake score's LoRA target module names for one backbone family.
 
-    ``exclude`` is a regex of full module names that a target name would also hit but peft cannot
-    wrap (FLUX.2's double-stream ``attn.to_out`` is a ModuleList; its single-stream one is the
-    Linear); pass it to `lora_config` with either list.
+    Attributes:
+        student: The student's target module names (or dotted suffixes).
+        fake: The fake score's target module names (or dotted suffixes).
+        exclude: A regex of full module names that a target name would also hit but peft cannot
+            wrap (FLUX.2's double-stream ``attn.to_out`` is a ModuleList; its single-stream one
+            is the Linear); pass it to `lora_config` with either list.
     """
 
     student: tuple[str, ...]

@@ -46,6 +46,12 @@ class UNetScoreModel:
     passed on as ``added_cond_kwargs``. Inputs are cast to the weights' dtype, the output
     (B, C, H, W) is float32.
 
+    Attributes:
+        module: diffusers' ``UNet2DConditionModel``.
+        prediction: The parametrisation it outputs: "epsilon", "v" or "x0".
+        schedule: The VP schedule (default Stable Diffusion 1.x/2.x's); `from_scheduler_config`
+            reads both from a diffusers scheduler.
+
     Example:
         >>> model = UNetScoreModel.from_scheduler_config(unet, scheduler)
         >>> eps = model(x_t, t, {"encoder_hidden_states": e, "text_embeds": p,
