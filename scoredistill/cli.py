@@ -40,6 +40,30 @@ class UserError(ValueError):
     A ValueError, so Python callers of the scripts' functions catch it as one."""
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` that shows each option's default, except None and False (an unset value, a
+    switch that is off: their help says what happens); sequences print as ``64 8``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or not action.help or "%(default)" in action.help:
+            return action.help
+        if isinstance(default, tuple | list):
+            return f"{action.help} (default: {' '.join(map(str, default))})"
+        return super()._get_help_string(action)
+
+
+def add_version(parser: argparse.ArgumentParser, distribution: str = "scoredistill") -> None:
+    """Give ``parser`` a ``--version`` flag printing the installed ``distribution``'s version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version(distribution)
+    except PackageNotFoundError:  # run from a checkout that was never pip-installed
+        text = "(not installed: run from a source checkout)"
+    parser.add_argument("--version", action="version", version=f"%(prog)s {text}")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line, ``prog: error: message (see --help)``, exit status 2,
     instead of a usage block (train.py has sixty flags) followed by the message."""

@@ -105,6 +105,43 @@ def checkpoint_with_truncated_lora(folder: Path) -> None:
     truncate(folder / "transformer.safetensors", 300)
 
 
+def sd3_folder(folder: Path, damaged: str | None = None) -> None:
+    """The random tiny backbone as a diffusers SD3 folder (infer --pretrained); ``damaged``
+    ("transformer" or "vae") has its weights file cut short."""
+    from examples.tsdsr.models.tiny import random_backbone
+
+    parts = random_backbone("tiny")
+    parts.transformer.save_pretrained(folder / "transformer")
+    parts.vae.save_pretrained(folder / "vae")
+    if damaged is not None:
+        truncate(folder / damaged / "diffusion_pytorch_model.safetensors", 5000)
+
+
+def embeds_pt(folder: Path, extra_width: int = 0, pickled: Path | None = None) -> None:
+    """An infer --embeds folder in the release's layout (prompt_embeds.pt, pool_embeds.pt) for
+    the tiny backbone: ``extra_width`` columns too many, or (``pickled``: a marker folder) a
+    prompt file that would run code when unpickled."""
+    from examples.tsdsr.models.tiny import random_backbone
+
+    cond = random_backbone("tiny").cond
+    folder.mkdir(parents=True)
+    prompt = cond["prompt_embeds"]
+    prompt = torch.cat([prompt, prompt[..., :extra_width]], dim=-1)
+    torch.save({"embeds": RunsCode(pickled)} if pickled else prompt, folder / "prompt_embeds.pt")
+    torch.save(cond["pooled_projections"], folder / "pool_embeds.pt")
+
+
+def checkpoint_with_vae_lora_as_transformer(folder: Path) -> None:
+    """An infer --lora folder whose transformer.safetensors holds the VAE's LoRA."""
+    from examples.tsdsr.models.tiny import random_backbone
+    from scoredistill.adapters import add_lora, lora_config, save_lora, vae_lora_targets
+
+    parts = random_backbone("tiny")
+    add_lora(parts.vae, lora_config(vae_lora_targets(parts.vae), rank=2), "default")
+    folder.mkdir(parents=True)
+    save_lora(folder / "transformer.safetensors", parts.vae, "default")
+
+
 class RunsCode:
     """Pickles as a call of os.mkdir(marker): what a crafted weights file could do."""
 
@@ -154,6 +191,12 @@ def outputs(*names: str, size: tuple[int, int] | None = None) -> Check:
         if size is not None:
             with Image.open(ws / "out" / names[0]) as img:
                 assert img.size == size and img.getexif().get(0x0112) is None
+    return check
+
+
+def absent(rel: str) -> Check:
+    def check(ws: Path) -> None:
+        assert not (ws / rel).exists(), rel
     return check
 
 

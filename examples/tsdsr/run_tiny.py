@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                    / "checkpoints")[-1])):
         sr_dir = args.out / f"sr_{name}"
         cli = [str(lq_dir), "--out", str(sr_dir), "--embeds", str(embeds), "--process-size",
-               "128", "--color-fix", COLOR_FIX, "--no-progress",
+               "128", "--color-fix", COLOR_FIX, "--no-progress", "--overwrite",
                *(["--lora", str(lora)] if lora else [])]
         if infer.main(cli) != 0:
             return 1

@@ -5,18 +5,36 @@
     scoredistill-sr LQ_DIR -o SR_DIR ... --compile --dtype bf16 --batch-size 8  # fast GPU run
     torchrun --nproc-per-node 8 -m scoredistill.sr.cli LQ_DIR -o SR_DIR ...  # or accelerate launch
 
+    scoredistill-sr LQ_DIR -o SR_DIR ... --skip-existing  # resume: only the missing outputs
+
 Output: ``<out>/<stem>.png`` (16 bit for 16-bit inputs, else 8 bit; alpha re-attached, grey
-stays grey), written atomically. Launched as several processes (RANK / WORLD_SIZE set by
-torchrun or accelerate launch), each process takes every WORLD_SIZE-th file of the sorted list
-on its own GPU (LOCAL_RANK). Unreadable or too-small inputs are reported and skipped; the exit
-status is then 1. Usage errors (a value out of range, a missing path, --device cuda without a
-GPU, an unwritable --out) are one line and exit status 2, before the model loads (the policy of
-:mod:`scoredistill.cli`); inputs are read upright and refused above --max-pixels.
+stays grey), written to a hidden temp file and renamed, so an output name never holds a part
+of a file (Ctrl-C included). A file already at an output name is never replaced unless
+``--overwrite`` is given: by default the run does nothing, exits 2 and names the count, the
+first such file and both flags, before the model loads; ``--skip-existing`` does only the
+missing outputs (the way to resume a folder after Ctrl-C). Launched as several processes
+(RANK / WORLD_SIZE set by torchrun or accelerate launch), each process takes every
+WORLD_SIZE-th file of the sorted list on its own GPU (LOCAL_RANK) and checks the outputs of its
+own share only, before it writes anything: a file written by another process of the same run
+never counts as existing.
+
+Unreadable or too-small inputs, an ``--upscale`` that makes an image less than 1 px, and any
+other failure of one image are reported (``FAILED <file>: <type>: <reason>``; the first
+internal error of each type with its traceback) and the others go on; the exit status is then
+1. Inputs that share an output name (``photo.jpg``, ``photo.png``) are read at planning time:
+an unusable one is reported and the usable one goes through (of two usable ones, the first by
+name). User and environment errors (a value out of range, a missing path, --device cuda
+without a GPU, --fp8 without an FP8 GPU or torchao, an unwritable --out, damaged --pretrained
+weights, pickled or wrong-width --embeds, a LoRA file for another module) are one line naming
+the flag and exit status 2, before or while the model loads (the policy of
+:mod:`scoredistill.cli`); inputs are read upright and refused above --max-pixels. Ctrl-C stops
+once the outputs in flight are written, with exit status 130: rerun with --skip-existing.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -29,7 +47,9 @@ from scoredistill.cli import (
     EXIT_ITEMS_FAILED,
     EXIT_OK,
     ArgumentParser,
+    DefaultsHelpFormatter,
     UserError,
+    add_version,
     existing_dir,
     existing_path,
     number,
@@ -38,13 +58,15 @@ from scoredistill.cli import (
 )
 from scoredistill.cli import device as device_type
 from scoredistill.sr.colorfix import COLOR_FIXES
+from scoredistill.sr.fast import check_fp8
 from scoredistill.sr.files import plan_outputs, super_resolve_files
 from scoredistill.sr.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_images
-from scoredistill.sr.loading import DTYPES, Backbone, check_sd3_folder
+from scoredistill.sr.loading import DTYPES, Backbone, ModelFileError, check_sd3_folder
 from scoredistill.sr.pipeline import MIN_SIDE, SROptions, TSDSRPipeline
 from scoredistill.sr.tiling import TileConfig
 from scoredistill.sr.timing import StageTimer
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 DefaultBackbone = Callable[[torch.dtype, str], Backbone]
 """Builds the backbone used when no --pretrained folder is given (the recipe's tiny model)."""
 
@@ -52,19 +74,29 @@ DefaultBackbone = Callable[[torch.dtype, str], Backbone]
 def build_parser(description: str, *, pretrained_required: bool,
                  prog: str = "scoredistill-sr") -> argparse.ArgumentParser:
     """The CLI's arguments (shared by ``scoredistill-sr`` and the recipe's infer.py)."""
-    parser = ArgumentParser(prog=prog, description=description)
+    parser = ArgumentParser(prog=prog, description=description,
+                            formatter_class=DefaultsHelpFormatter)
+    add_version(parser)
     parser.add_argument("input", type=existing_path, help="an image file or a folder of images")
-    parser.add_argument("-o", "--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--upscale", type=number(float, low=0, low_open=True), default=4.0)
+    parser.add_argument("-o", "--out", type=Path, required=True,
+                        help="output folder: <out>/<stem>.png per input")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace files already at output names (default: refuse, exit 2)")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="do only the outputs that do not exist yet: rerun a stopped run "
+                               "with it to resume")
+    parser.add_argument("--upscale", type=number(float, low=0, low_open=True), default=4.0,
+                        help="output size / input size")
     parser.add_argument("--process-size", type=number(int, low=MIN_SIDE), default=512,
                         help="short side the model works at (smaller outputs are resized)")
-    parser.add_argument("--color-fix", choices=list(COLOR_FIXES), default="wavelet")
+    parser.add_argument("--color-fix", choices=list(COLOR_FIXES), default="wavelet",
+                        help="align the output's colours to the upsampled input")
     parser.add_argument("--max-pixels", type=number(int, low=1), default=DEFAULT_MAX_PIXELS,
-                        help="refuse inputs of more pixels (decompression bombs); default "
-                             f"{DEFAULT_MAX_PIXELS:,}")
+                        help="refuse inputs of more pixels (decompression bombs)")
     speed = parser.add_argument_group("speed and memory")
     speed.add_argument("--batch-size", type=number(int, low=1), default=8,
-                       help="transformer tiles per call, from one image or several (default 8)")
+                       help="transformer tiles per call, from one image or several")
     speed.add_argument("--vae-batch-size", type=number(int, low=1), default=None,
                        help="VAE images or tiles per call (default: --batch-size)")
     speed.add_argument("--compile", action="store_true",
@@ -79,7 +111,7 @@ def build_parser(description: str, *, pretrained_required: bool,
     speed.add_argument("--fp8", action="store_true",
                        help="FP8 transformer linears (torchao; GPUs of compute capability 8.9+)")
     speed.add_argument("--tile", action=argparse.BooleanOptionalAction, default=True,
-                       help="tile stages whose input exceeds the tile (default on)")
+                       help="tile stages whose input exceeds the tile")
     speed.add_argument("--latent-tile", type=number(int, low=0), nargs=2, default=(64, 8),
                        metavar=("SIDE", "OVERLAP"), help="transformer tile, latent px")
     speed.add_argument("--encoder-tile", type=number(int, low=0), nargs=2, default=(1024, 64),
@@ -103,8 +135,9 @@ def build_parser(description: str, *, pretrained_required: bool,
     group.add_argument("--tsdsr-release", type=existing_dir, help="the authors' weights folder")
     model.add_argument("--embeds", type=existing_dir,
                        help="folder with prompt_embeds.pt, pool_embeds.pt (or prompts.safetensors)")
-    model.add_argument("--no-fuse-qkv", dest="fuse_qkv", action="store_false")
-    parser.add_argument("--no-progress", action="store_true")
+    model.add_argument("--no-fuse-qkv", dest="fuse_qkv", action="store_false",
+                       help="keep the attention's Q, K, V projections apart (slower)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -128,11 +161,46 @@ def _tiles(args: argparse.Namespace) -> TileConfig | None:
 
 def main(argv: Sequence[str] | None = None, *, default_backbone: DefaultBackbone | None = None,
          description: str | None = None, prog: str = "scoredistill-sr") -> int:
-    """Run the CLI; the exit status is 1 if any input failed, 2 on usage errors (one line)."""
+    """Run the CLI; the exit status is 1 if any input failed, 2 on usage errors (one line), 130
+    after Ctrl-C."""
     try:
         return _run(argv, default_backbone, description or __doc__.split("\n\n")[0], prog)
     except UserError as exc:
         return report(prog, exc)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the outputs written are complete: rerun the same command "
+              "with --skip-existing to do the rest", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+FLAGS = {"backbone": "--pretrained", "lora": "--lora", "release": "--tsdsr-release",
+         "embeds": "--embeds"}
+"""The flag of each :class:`~scoredistill.sr.loading.ModelFileError` argument."""
+
+
+def _check_fp8(device: str) -> None:
+    """One line, before the model loads, unless --fp8 can run on ``device``."""
+    try:
+        check_fp8(torch.device(device))
+    except RuntimeError as exc:
+        raise UserError(f"--fp8: {exc}") from None
+    if importlib.util.find_spec("torchao") is None:
+        raise UserError("--fp8 needs torchao: pip install 'scoredistill[fp8]', or drop --fp8")
+
+
+def _select(jobs: list[tuple[Path, Path]], args: argparse.Namespace, prefix: str
+            ) -> list[tuple[Path, Path]]:
+    """``jobs`` less those whose output exists (--skip-existing), or all of them
+    (--overwrite); without either, an existing output is a :class:`UserError`."""
+    existing = [dst for _, dst in jobs if os.path.lexists(dst)]
+    if not existing or args.overwrite:
+        return jobs
+    if not args.skip_existing:
+        raise UserError(f"{len(existing)} output file(s) already exist in {args.out} (first: "
+                        f"{existing[0].name}): pass --skip-existing to do only the missing ones "
+                        "(resume) or --overwrite to replace them")
+    print(f"{prefix}skipping {len(existing)} existing output(s) in {args.out} (--skip-existing)")
+    return [(src, dst) for src, dst in jobs if dst not in set(existing)]
 
 
 def _run(argv: Sequence[str] | None, default_backbone: DefaultBackbone | None,
@@ -150,34 +218,27 @@ def _run(argv: Sequence[str] | None, default_backbone: DefaultBackbone | None,
     tiles = _tiles(args)
     writable_dir(args.out, "--out")
     rank, world, local_rank = process_share()
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
-    timer = StageTimer(enabled=args.profile)
-    try:  # a folder without the files it should hold: one line naming it
-        if args.pretrained is not None:
-            check_sd3_folder(args.pretrained)
-        backbone = (args.pretrained if args.pretrained is not None
-                    else default_backbone(dtype, device))  # type: ignore[misc]
-        pipe = TSDSRPipeline.from_pretrained(
-            backbone, lora=args.lora, release=args.tsdsr_release, embeds=args.embeds,
-            dtype=dtype, device=device, fuse_qkv=args.fuse_qkv, tiles=tiles,
-            batch_size=args.batch_size, vae_batch_size=args.vae_batch_size,
-            compile=args.compile, cuda_graphs=args.cuda_graphs,
-            channels_last=args.channels_last, fp8=args.fp8, timer=timer)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UserError(" ".join(str(exc).split())) from None
-    jobs, failed = plan_outputs(inputs, args.out)
-    jobs = jobs[rank::world]  # every process plans the same list: each file goes to one
+    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+    jobs, failed = plan_outputs(inputs, args.out, max_pixels=args.max_pixels)
+    # Every process plans the same list: each file goes to one, which alone checks and writes
+    # its output (so a file another process of this run wrote never counts as existing).
+    jobs = _select(jobs[rank::world], args, prefix)
     if rank != 0:
         failed = {}  # planning failures are reported once
-    start = time.perf_counter()
-    failed |= super_resolve_files(
-        pipe, jobs, SROptions(args.upscale, args.process_size, args.color_fix),
-        workers=args.workers, progress=not args.no_progress and rank == 0,
-        max_pixels=args.max_pixels)
-    seconds = time.perf_counter() - start
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+    if args.fp8:
+        _check_fp8(device)
+    timer = StageTimer(enabled=args.profile)
+    if jobs:
+        pipe = _load(args, default_backbone, dtype, device, tiles, timer)
+        start = time.perf_counter()
+        failed |= super_resolve_files(
+            pipe, jobs, SROptions(args.upscale, args.process_size, args.color_fix),
+            workers=args.workers, progress=not args.no_progress and rank == 0,
+            max_pixels=args.max_pixels, overwrite=args.overwrite)
+        seconds = time.perf_counter() - start
     done = len(jobs) - sum(1 for src, _ in jobs if str(src) in failed)
-    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
     if done:
         print(f"{prefix}{done} image(s) written to {args.out} in {seconds:.2f} s "
               f"({done / seconds:.2f} images/s, file I/O included)")
@@ -187,6 +248,30 @@ def _run(argv: Sequence[str] | None, default_backbone: DefaultBackbone | None,
     for name, reason in failed.items():
         print(f"{prefix}FAILED {name}: {reason}", file=sys.stderr)
     return EXIT_ITEMS_FAILED if failed else EXIT_OK
+
+
+def _load(args: argparse.Namespace, default_backbone: DefaultBackbone | None,
+          dtype: torch.dtype, device: str, tiles: TileConfig | None, timer: StageTimer
+          ) -> TSDSRPipeline:
+    """The pipeline the flags describe; a missing, damaged or mismatched file is one line
+    naming its flag."""
+    try:
+        if args.pretrained is not None:
+            check_sd3_folder(args.pretrained)
+        backbone = (args.pretrained if args.pretrained is not None
+                    else default_backbone(dtype, device))  # type: ignore[misc]
+        return TSDSRPipeline.from_pretrained(
+            backbone, lora=args.lora, release=args.tsdsr_release, embeds=args.embeds,
+            dtype=dtype, device=device, fuse_qkv=args.fuse_qkv, tiles=tiles,
+            batch_size=args.batch_size, vae_batch_size=args.vae_batch_size,
+            compile=args.compile, cuda_graphs=args.cuda_graphs,
+            channels_last=args.channels_last, fp8=args.fp8, timer=timer)
+    except ModelFileError as exc:
+        flag = FLAGS[exc.argument]
+        value = getattr(args, flag[2:].replace("-", "_"))
+        raise UserError(f"{flag} {value}: {' '.join(str(exc).split())}") from None
+    except (FileNotFoundError, ValueError) as exc:  # a folder without the files it should hold
+        raise UserError(" ".join(str(exc).split())) from None
 
 
 if __name__ == "__main__":

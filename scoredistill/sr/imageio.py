@@ -132,8 +132,10 @@ def _png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
 
 
-def save_png(image: torch.Tensor, path: str | os.PathLike, bits: int = 8) -> None:
-    """Write a (C,H,W) tensor in [0, 1], C in {1, 3, 4}, as an 8- or 16-bit PNG, atomically."""
+def save_png(image: torch.Tensor, path: str | os.PathLike, bits: int = 8, *,
+             overwrite: bool = True) -> None:
+    """Write a (C,H,W) tensor in [0, 1], C in {1, 3, 4}, as an 8- or 16-bit PNG, atomically;
+    ``overwrite=False``: FileExistsError if ``path`` exists (see :func:`write_atomic`)."""
     if image.ndim != 3 or image.shape[0] not in (1, 3, 4) or 0 in image.shape[1:]:
         raise ValueError(
             f"expected a non-empty (C,H,W) tensor with C in 1, 3, 4; got {tuple(image.shape)}"
@@ -143,18 +145,23 @@ def save_png(image: torch.Tensor, path: str | os.PathLike, bits: int = 8) -> Non
     levels = (image.detach().float().clamp(0, 1) * (2**bits - 1)).round().cpu().numpy()
     array = levels.transpose(1, 2, 0)
     if bits == 16:
-        write_atomic(path, _encode_png16(array.astype(np.uint16)))
+        write_atomic(path, _encode_png16(array.astype(np.uint16)), overwrite=overwrite)
         return
     array = array.astype(np.uint8)
     pil = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG")
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue(), overwrite=overwrite)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> None:
     """Write `data` to `path` so readers see the old file or the whole new one, never a part;
-    the file gets the mode a plain ``open`` would give it (0666 less the umask)."""
+    the file gets the mode a plain ``open`` would give it (0666 less the umask).
+
+    The data goes to a hidden temp file in the same folder, renamed over ``path`` at the end; an
+    exception (Ctrl-C included) removes it. ``overwrite=False``: FileExistsError, and nothing
+    written, if ``path`` exists, decided atomically (a hard link) where the file system allows.
+    """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -163,10 +170,27 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
             tmp.write(data)
             tmp.flush()
             os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
+        if overwrite:
+            os.replace(tmp_name, path)
+        else:
+            _rename_new(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def _rename_new(tmp_name: str, path: Path) -> None:
+    """Rename ``tmp_name`` to ``path`` unless ``path`` exists (FileExistsError)."""
+    try:
+        os.link(tmp_name, path)  # fails if path exists: no window between check and rename
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; not replaced") from None
+    except OSError:  # no hard links here (some network and FAT file systems)
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} exists; not replaced") from None
+        os.replace(tmp_name, path)
+        return
+    os.unlink(tmp_name)
 
 
 def new_file_mode() -> int:

@@ -23,6 +23,16 @@ PROMPTS_FILE = "prompts.safetensors"
 KEYS = ("prompt_embeds", "pooled_projections")
 
 
+class ModelFileError(ValueError):
+    """A file given to :func:`load_model` that cannot be used (corrupt, pickled, the wrong width
+    or the wrong module); ``argument`` is the keyword that named it (``"backbone"``, ``"lora"``,
+    ``"release"`` or ``"embeds"``), so that a command line can name its flag."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(message)
+        self.argument = argument
+
+
 @dataclass(frozen=True)
 class Backbone:
     """SD3 transformer, VAE and the default prompt ``{"prompt_embeds": (1, L, D),
@@ -55,12 +65,18 @@ def load_sd3(pretrained: str | os.PathLike, dtype: torch.dtype = torch.float32,
     prompt comes precomputed (e.g. the release's ``prompt_embeds.pt``).
     """
     from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from safetensors import SafetensorError
 
+    check_weights(pretrained)
     kwargs = dict(torch_dtype=dtype, local_files_only=True)
-    transformer = SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer",
-                                                        **kwargs)
-    vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kwargs)
-    return Backbone(transformer.to(device).eval(), vae.to(device).eval(), None)
+    parts = {}
+    for sub, cls in (("transformer", SD3Transformer2DModel), ("vae", AutoencoderKL)):
+        try:
+            parts[sub] = cls.from_pretrained(pretrained, subfolder=sub, **kwargs)
+        except (OSError, ValueError, SafetensorError) as exc:  # missing or mismatched weights
+            raise ModelFileError("backbone", f"cannot load {Path(pretrained) / sub}: "
+                                 f"{' '.join(str(exc).split())[:300]}") from exc
+    return Backbone(parts["transformer"].to(device).eval(), parts["vae"].to(device).eval(), None)
 
 
 def load_prompts(embeds_dir: str | Path, device: str | torch.device = "cpu"
@@ -85,8 +101,7 @@ def read_embeds(directory: str | Path) -> dict[str, Tensor] | None:
     for folder in (Path(directory), Path(directory) / "default"):
         paths = {k: folder / name for k, name in EMBED_FILES.items()}
         if all(p.is_file() for p in paths.values()):
-            out = {k: torch.load(p, map_location="cpu", weights_only=True)
-                   for k, p in paths.items()}
+            out = {k: _load_tensor(p) for k, p in paths.items()}
             if not all(isinstance(v, Tensor) for v in out.values()):
                 raise ValueError(f"{folder}: prompt embedding files must hold tensors")
             # A leading batch of several prompts: the first is the default one.
@@ -94,6 +109,34 @@ def read_embeds(directory: str | Path) -> dict[str, Tensor] | None:
                         -1, *out["prompt_embeds"].shape[-2:])[:1],
                     "pooled_projections": out["pooled_projections"].reshape(
                         -1, out["pooled_projections"].shape[-1])[:1]}
+    return None
+
+
+def _load_tensor(path: Path) -> object:
+    """``torch.load`` of tensors only: a file that would unpickle other objects (which can run
+    code) is refused in one line."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False
+        raise ValueError(f"refusing to load {path}: it holds pickled objects, not only tensors "
+                         "(loading it could run code); save the tensor alone with "
+                         "torch.save(tensor, path)") from None
+    except (OSError, RuntimeError, EOFError) as exc:  # truncated, or not a torch file
+        raise ValueError(f"cannot read {path}: {' '.join(str(exc).split())[:200]}") from None
+
+
+def _check_widths(cond: dict[str, Tensor], transformer: nn.Module) -> str | None:
+    """What is wrong with the prompt's widths for ``transformer`` (SD3: 4096 and 2048), if any."""
+    config = transformer.config
+    for key, field in (("prompt_embeds", "joint_attention_dim"),
+                       ("pooled_projections", "pooled_projection_dim")):
+        want, got = getattr(config, field), cond[key].shape[-1]
+        if got != want:
+            return (f"{key} are {got} wide but the transformer takes {want} ({field}): they "
+                    "were computed for another model; precompute them with this model's text "
+                    "encoders")
     return None
 
 
@@ -129,31 +172,42 @@ def load_model(backbone: Backbone | str | os.PathLike, *, lora: str | Path | Non
     """
     if lora is not None and release is not None:
         raise ValueError("give --lora or --tsdsr-release, not both")
-    parts = backbone if isinstance(backbone, Backbone) else load_sd3(backbone, dtype, device)
     checkpoint = Path(release or lora) if (release or lora) else None
+    role = "release" if release is not None else "lora"
     if release is not None:
         needed = [*RELEASED_FILES.values(), *EMBED_FILES.values()]
         missing = [n for n in needed if not (checkpoint / n).is_file()
                    and not (checkpoint / "default" / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{release} lacks {missing} (the TSD-SR release's layout)")
+    cond, source = None, None  # read before the weights load: a bad file fails fast
+    for folder, argument in ((embeds, "embeds"), (checkpoint, role)):
+        if folder is not None and cond is None:
+            try:
+                cond, source = read_embeds(folder), (folder, argument)
+            except ValueError as exc:  # pickled, truncated or not tensors
+                raise ModelFileError(argument, str(exc)) from None
+    if embeds is not None and cond is None:
+        raise FileNotFoundError(f"{embeds} has no {' / '.join(EMBED_FILES.values())}")
+    parts = backbone if isinstance(backbone, Backbone) else load_sd3(backbone, dtype, device)
+    if cond is not None:
+        problem = _check_widths(cond, parts.transformer)
+        if problem:
+            raise ModelFileError(source[1], f"the prompt in {source[0]}: {problem}")
+    cond = cond or parts.cond
+    if cond is None:
+        raise ValueError("an SD3 folder needs the default prompt embeddings: pass --embeds DIR")
     if checkpoint is not None:
         for module, name, adapter in ((parts.transformer, "transformer", "student"),
                                       (parts.vae, "vae", "default")):
             path = checkpoint / RELEASED_FILES[name]
             if path.is_file():
-                load_lora(path, module, adapter, prefix=_prefix(path))
+                try:
+                    load_lora(path, module, adapter, prefix=_prefix(path))
+                except ValueError as exc:  # foreign, truncated, or for another module
+                    raise ModelFileError(role, str(exc)) from exc
             elif name == "transformer":
                 raise FileNotFoundError(f"{path} not found")
-    cond = None
-    for source in (embeds, checkpoint):
-        if source is not None and cond is None:
-            cond = read_embeds(source)
-    if embeds is not None and cond is None:
-        raise FileNotFoundError(f"{embeds} has no {' / '.join(EMBED_FILES.values())}")
-    cond = cond or parts.cond
-    if cond is None:
-        raise ValueError("an SD3 folder needs the default prompt embeddings: pass --embeds DIR")
     for module in (parts.transformer, parts.vae):
         merge_lora(module)
         module.requires_grad_(False)
@@ -161,6 +215,21 @@ def load_model(backbone: Backbone | str | os.PathLike, *, lora: str | Path | Non
             module.fuse_qkv_projections()
     return SRModel(SD3ScoreModel(parts.transformer), parts.vae,
                    {k: v.to(device, dtype) for k, v in cond.items()})
+
+
+def check_weights(pretrained: str | os.PathLike) -> None:
+    """:class:`ModelFileError` naming the first ``*.safetensors`` file of ``pretrained``'s
+    ``transformer/`` and ``vae/`` that is truncated or not safetensors (headers only: fast)."""
+    from safetensors import SafetensorError, safe_open
+
+    for sub in ("transformer", "vae"):
+        for path in sorted((Path(pretrained) / sub).glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as exc:
+                raise ModelFileError("backbone", f"{path} is damaged ({exc}): download the "
+                                     "model again") from None
 
 
 def check_sd3_folder(pretrained: str | os.PathLike) -> None:

@@ -85,10 +85,11 @@ def test_help_shows_the_speed_flags(capsys):
         assert flag in text
 
 
-def test_fp8_on_the_cpu_is_a_clear_error(sd3_folder, inputs, tmp_path):
-    with pytest.raises(RuntimeError, match="FP8 needs a CUDA GPU"):
-        main([str(inputs), "-o", str(tmp_path / "o"), *FAST, *model_flags(sd3_folder),
-              "--fp8", "--device", "cpu"])
+def test_fp8_on_the_cpu_is_a_clear_error(sd3_folder, inputs, tmp_path, capsys):
+    assert main([str(inputs), "-o", str(tmp_path / "o"), *FAST, *model_flags(sd3_folder),
+                 "--fp8", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fp8" in err[0] and "FP8 needs a CUDA GPU" in err[0]
 
 
 def free_port() -> int:
@@ -116,3 +117,96 @@ def test_two_processes_split_a_folder_and_match_one_process(sd3_folder, inputs, 
     assert one == two == ["a.png", "b.png", "c.png", "d.png", "e.png"]
     for name in one:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def _stat(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_ctrl_c_then_skip_existing_does_only_the_missing_files(sd3_folder, inputs, tmp_path,
+                                                               monkeypatch, capsys):
+    """Ctrl-C after two images: complete files only, exit 130; the rerun with --skip-existing
+    writes the other three and leaves the two untouched; without it, the rerun is refused."""
+    from scoredistill.sr import files
+
+    (inputs / "broken.png").unlink()
+    (inputs / "small.png").unlink()
+    out = tmp_path / "out"
+    argv = [str(inputs), "-o", str(out), *FAST, *model_flags(sd3_folder), "--batch-size", "1"]
+    real_output, done = files._output, []
+
+    def interrupt_at_the_third(sr, image):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(1)
+        return real_output(sr, image)
+
+    monkeypatch.setattr(files, "_output", interrupt_at_the_third)
+    try:
+        status = main(argv)
+    except KeyboardInterrupt:  # would stop pytest itself
+        status = "KeyboardInterrupt escaped"
+    assert status == 130
+    assert "--skip-existing" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # no temp files
+    before = _stat(out)
+    monkeypatch.setattr(files, "_output", real_output)
+    assert main(argv) == 2
+    assert "2 output file(s) already exist" in capsys.readouterr().err
+    assert _stat(out) == before
+    assert main([*argv, "--skip-existing"]) == 0
+    assert "skipping 2 existing output(s)" in capsys.readouterr().out
+    after = _stat(out)
+    assert sorted(after) == ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    assert {k: after[k] for k in before} == before
+
+
+def test_an_internal_error_fails_one_image_with_its_type(sd3_folder, inputs, tmp_path,
+                                                         monkeypatch, capsys, caplog):
+    """A bug hit by two images: both reported with the exception's type, the traceback logged
+    once, the other images written."""
+    from scoredistill.sr import files
+
+    (inputs / "broken.png").unlink()
+    (inputs / "small.png").unlink()
+    real = files.load_image
+
+    def load(path, **kw):
+        if Path(path).name in ("b.png", "d.png"):
+            raise ZeroDivisionError("division by zero")
+        return real(path, **kw)
+
+    monkeypatch.setattr(files, "load_image", load)
+    out = tmp_path / "out"
+    assert main([str(inputs), "-o", str(out), *FAST, *model_flags(sd3_folder)]) == 1
+    failed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 2 and all("ZeroDivisionError" in f and "internal error" in f
+                                    for f in failed)
+    assert sum(r.exc_info is not None for r in caplog.records) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png", "e.png"]
+
+
+def test_version_and_defaults_in_help(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"scoredistill-sr {version('scoredistill')}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 4.0)", "(default: 512)", "(default: wavelet)", "(default: 64 8)",
+                  "--skip-existing", "--overwrite"):
+        assert shown in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_pickled_embeds_are_refused_without_suggesting_unsafe_loading(tmp_path):
+    from scoredistill.sr.loading import read_embeds
+    from tests.bad_input_files import embeds_pt
+
+    embeds_pt(tmp_path / "emb", pickled=tmp_path / "ran")
+    with pytest.raises(ValueError, match="refusing to load") as info:
+        read_embeds(tmp_path / "emb")
+    assert "weights_only" not in str(info.value) and not (tmp_path / "ran").exists()

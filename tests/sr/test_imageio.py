@@ -182,6 +182,37 @@ def test_save_png_replaces_atomically_leaving_no_temp_files(tmp_path):
     assert load_image(target).rgb.min() == 1.0
 
 
+@pytest.mark.parametrize("exists", [False, True])
+def test_ctrl_c_mid_write_leaves_no_temp_file_and_the_old_file(tmp_path, monkeypatch, exists):
+    from scoredistill.sr import imageio
+
+    target = tmp_path / "out.png"
+    if exists:
+        save_png(torch.zeros(3, 4, 4), target)
+    before = target.read_bytes() if exists else None
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(imageio.os, "fsync", interrupted)  # after the data, before the rename
+    with pytest.raises(KeyboardInterrupt):
+        save_png(torch.ones(3, 4, 4), target)
+    assert [p.name for p in tmp_path.iterdir()] == (["out.png"] if exists else [])
+    assert (target.read_bytes() if exists else None) == before
+
+
+def test_save_png_without_overwrite_keeps_an_existing_file(tmp_path):
+    target = tmp_path / "out.png"
+    save_png(torch.zeros(3, 4, 4), target)
+    before = target.read_bytes()
+    with pytest.raises(FileExistsError, match=r"out\.png exists; not replaced"):
+        save_png(torch.ones(3, 4, 4), target, overwrite=False)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+    save_png(torch.ones(3, 4, 4), tmp_path / "new.png", overwrite=False)
+    assert load_image(tmp_path / "new.png").rgb.min() == 1.0
+
+
 @pytest.mark.parametrize("channels", [1, 3, 4])
 def test_save_png_16bit_round_trips_exactly(tmp_path, channels):
     levels = torch.from_numpy(RNG.integers(0, 65536, (channels, 5, 6)))
