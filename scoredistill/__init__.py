@@ -3,6 +3,7 @@
 from .analytic import FullGaussianMixture, GaussianMixture
 from .batching import predict_batched
 from .guidance import CFG
+from .losses.decoupled import DecoupledDMDLoss
 from .losses.diffusion import DiffusionLoss, DiffusionOutput
 from .losses.distill import (
     DistillOutput,
@@ -36,6 +37,7 @@ __all__ = [
     "Cond",
     "DASMSampler",
     "DMDLoss",
+    "DecoupledDMDLoss",
     "DiffusionLoss",
     "DiffusionOutput",
     "DistillOutput",

@@ -1,0 +1,159 @@
+"""Decoupled DMD: DMD's CFG-teacher gradient as two terms, each with its weight and noise level."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..batching import predict_batched
+from ..conditioning import expand_cond, leaves
+from ..guidance import CFG
+from ..messages import brief
+from ..parametrization import check_alpha_nonzero, expand_like, to_x0_eps
+from ..protocols import Cond, ScoreModel
+from ..samplers.timesteps import IndexSampler, UniformIndex
+from ..schedules import index_alpha_sigma
+from .distill import DistillOutput
+from .surrogate import Surrogate, check_surrogate, surrogate_loss
+from .validation import FiniteChecks, check_inputs, check_option
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoupledDMDLoss:
+    """Decoupled DMD (Liu et al. 2025, arXiv 2511.22677): DM and CFG-augmentation terms.
+
+    With ``teacher=CFG(T, alpha, null)`` DMD's direction splits as ``f_fake - f_cfg =
+    (f_fake - T_cond) - (alpha - 1)(T_cond - T_null)`` (x0 predictions): the distribution-matching
+    (DM) term and the CFG-augmentation (CA) term. Here each is taken at its own noise level,
+    ``x_dm = a z_hat + s eps`` at ``dm_index`` and ``x_ca`` at ``ca_index`` (own noise), and
+    ``grad = dm_weight * N_dm (F(x_dm) - T_cond(x_dm))
+    - ca_weight * (alpha - 1) N_ca (T_cond(x_ca) - T_null(x_ca))``, with ``N`` each term's DMD
+    normaliser ``1 / mean|z_hat - T_cond x0|`` at its own level (``normalise=False``: none).
+    All four predictions come from one `predict_batched` call. With equal levels and noise,
+    unit weights and no normaliser this is `DMDLoss` with the CFG teacher and no normaliser.
+
+    The paper draws the CA level cleaner than the student's input; the indices are in sampling
+    order (higher is cleaner), so for a few-step student at step index ``k`` pass
+    ``ca_index >= k`` (for a one-step student any level is cleaner than its pure-noise input).
+    The value returned is the ``surrogate`` of ``grad`` (`surrogate_loss`).
+    Shapes: ``z_hat`` (B, ...); ``dm_index``, ``ca_index`` (B,) int64.
+
+    Example:
+        >>> loss_fn = DecoupledDMDLoss(ca_index_sampler=UniformIndex(500, 980))
+        >>> out = loss_fn(z_hat, cond, teacher=CFG(model, 4.0, null), fake=fake)
+    """
+
+    dm_weight: float = 1.0
+    ca_weight: float = 1.0
+    dm_index_sampler: IndexSampler = field(default_factory=lambda: UniformIndex(20, 980))
+    ca_index_sampler: IndexSampler = field(default_factory=lambda: UniformIndex(20, 980))
+    normalise: bool = True
+    surrogate: Surrogate = "half_mse"
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("dm_weight", "ca_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    math.isfinite(value)):
+                raise ValueError(f"DecoupledDMDLoss({name}=...): expected a finite number, got "
+                                 f"{brief(value)}")
+        for name in ("dm_index_sampler", "ca_index_sampler"):
+            if not callable(getattr(self, name)):
+                raise ValueError(f"DecoupledDMDLoss({name}=...): expected an IndexSampler such "
+                                 f"as UniformIndex(20, 980), got {brief(getattr(self, name))}")
+        for name in ("normalise", "check_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DecoupledDMDLoss({name}=...): expected True or False, got "
+                                 f"{brief(getattr(self, name))}")
+        check_option("DecoupledDMDLoss", "surrogate", lambda: check_surrogate(self.surrogate))
+
+    @property
+    def uses(self) -> frozenset[str]:
+        """The optional keyword inputs a call reads: ``fake`` only."""
+        return frozenset({"fake"})
+
+    def select_inputs(self, **inputs: object) -> dict[str, object]:
+        """``inputs`` without ``z`` and ``dasm_bias``, which this loss does not use."""
+        return {k: v for k, v in inputs.items() if k not in {"z", "dasm_bias"}}
+
+    def __call__(
+        self, z_hat: Tensor, cond: Cond = None, *, teacher: CFG, fake: ScoreModel,
+        dm_index: Tensor | None = None, ca_index: Tensor | None = None,
+        noise: Tensor | None = None, ca_noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DistillOutput:
+        """The loss for ``z_hat`` (B, ...); indices and noises drawn with ``generator`` when not
+        given. ``index``, ``timesteps``, ``sigmas`` of the output are (B, 2): DM, then CA."""
+        if not isinstance(teacher, CFG):
+            raise ValueError("DecoupledDMDLoss needs teacher=CFG(model, alpha, null_cond): the CA "
+                             "term is (alpha - 1)(model(cond) - model(null))")
+        if fake is None:
+            raise ValueError("DecoupledDMDLoss needs a fake-score model `fake` (DM term)")
+        model, schedule = teacher.model, teacher.schedule
+        if fake.schedule != schedule:
+            raise ValueError("teacher and fake must share one noise schedule")
+        b, dev = z_hat.shape[0], z_hat.device
+        where = generator.device if generator is not None else dev
+        levels = []
+        for index, sampler, eps in ((dm_index, self.dm_index_sampler, noise),
+                                    (ca_index, self.ca_index_sampler, ca_noise)):
+            if index is None:
+                index = sampler(b, schedule.num_steps, generator=generator, device=dev)
+            if eps is None:
+                eps = torch.randn(z_hat.shape, generator=generator, device=where).to(dev)
+            check_inputs(z_hat, None, eps, cond, index, None)
+            levels.append((index, eps))
+        (i_dm, n_dm), (i_ca, n_ca) = levels
+        points = torch.stack([i_dm, i_ca], dim=1)
+        t_all, a_all, s_all = index_alpha_sigma(schedule, points)
+        if any(m.prediction == "epsilon" for m in (model, fake)):
+            check_alpha_nonzero(a_all, "DecoupledDMDLoss")
+        checks = FiniteChecks() if self.check_finite else None
+        if checks is not None:
+            for name, value in (("z_hat", z_hat), ("noise", n_dm), ("ca_noise", n_ca)):
+                checks.note_input(name, value)
+            checks.note_input("cond", leaves(cond))
+            checks.note_input("the teacher's null_cond", leaves(teacher.null_cond))
+
+        x = z_hat.detach().float()
+        a = [expand_like(a_all[:, k], x) for k in range(2)]
+        s = [expand_like(s_all[:, k], x) for k in range(2)]
+        x_dm, x_ca = a[0] * x + s[0] * n_dm.float(), a[1] * x + s[1] * n_ca.float()
+        null = expand_cond(teacher.null_cond, b, "null_cond")
+        calls = [(model, x_dm, t_all[:, 0], cond), (fake, x_dm, t_all[:, 0], cond),
+                 (model, x_ca, t_all[:, 1], cond), (model, x_ca, t_all[:, 1], null)]
+        roles = ["teacher", "fake", "teacher", "teacher"]
+        with torch.no_grad():
+            preds = [p.float() for p in predict_batched(calls, roles)]
+        if checks is not None:
+            for role, pred, level in zip(roles, preds, ("DM", "DM", "CA", "CA"), strict=True):
+                checks.note_model(role, pred, f" at the {level} level")
+        k_of = (0, 0, 1, 1)
+        x0 = [to_x0_eps(p, c[0].prediction, c[1], a[k], s[k])[0]
+              for p, c, k in zip(preds, calls, k_of, strict=True)]
+        cond_dm, fake_dm, cond_ca, null_ca = x0
+        dm = fake_dm - cond_dm
+        ca = -(teacher.scale - 1.0) * (cond_ca - null_ca)
+        if self.normalise:
+            for term, ref in (("dm", cond_dm), ("ca", cond_ca)):
+                norm = 1.0 / (x - ref).abs().flatten(1).mean(dim=1)
+                if checks is not None:
+                    checks.note(norm, FloatingPointError,
+                                f"non-finite values in the {term.upper()} term's normaliser "
+                                "1 / mean|z_hat - teacher_x0|: z_hat equals the teacher's x0 "
+                                "for a sample, a division by zero")
+                if term == "dm":
+                    dm = dm * expand_like(norm, x)
+                else:
+                    ca = ca * expand_like(norm, x)
+        if checks is not None:
+            checks.raise_first()
+        grad = self.dm_weight * dm + self.ca_weight * ca
+        norms = {"dm": (self.dm_weight * dm).flatten(1).norm(dim=1)[:, None],
+                 "ca": (self.ca_weight * ca).flatten(1).norm(dim=1)[:, None]}
+        return DistillOutput(surrogate_loss(z_hat, grad, self.surrogate), grad,
+                             {"dm": dm, "ca": ca}, norms, points, t_all, s_all)
