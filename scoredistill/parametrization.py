@@ -45,6 +45,13 @@ def to_x0_eps(pred: Tensor, kind: Prediction, x_t: Tensor, alpha: Tensor,
 
     ``epsilon`` divides by ``alpha`` (undefined at ``alpha = 0``: see `check_alpha_nonzero`),
     ``x0`` by ``sigma``; ``v`` and ``flow`` never divide by zero.
+
+    Args:
+        pred: The prediction (B, ...).
+        kind: Its parametrisation.
+        x_t: The noisy input (B, ...) it was made at.
+        alpha: Signal scales broadcastable to ``x_t`` (`expand_like`).
+        sigma: Noise scales broadcastable to ``x_t``.
     """
     if kind == "epsilon":
         eps = pred
@@ -78,7 +85,16 @@ def from_x0_eps(x0: Tensor, eps: Tensor, kind: Prediction, alpha: Tensor,
 
 def convert(pred: Tensor, src: Prediction, dst: Prediction, x_t: Tensor, alpha: Tensor,
             sigma: Tensor) -> Tensor:
-    """Convert a prediction from parametrisation ``src`` to ``dst`` at ``x_t``. Shapes: (B, ...)."""
+    """Convert a prediction from parametrisation ``src`` to ``dst`` at ``x_t``. Shapes: (B, ...).
+
+    Args:
+        pred: The prediction (B, ...) in ``src``.
+        src: Its parametrisation.
+        dst: The parametrisation returned.
+        x_t: The noisy input (B, ...) it was made at.
+        alpha: Signal scales broadcastable to ``x_t`` (`expand_like`).
+        sigma: Noise scales broadcastable to ``x_t``.
+    """
     if src == dst:
         return pred
     return from_x0_eps(*to_x0_eps(pred, src, x_t, alpha, sigma), dst, alpha, sigma)
@@ -90,6 +106,15 @@ def ddim_step(x_t: Tensor, pred: Tensor, kind: Prediction, alpha: Tensor, sigma:
 
     For rectified flow this is exactly the Euler step of TSD-SR Eq. (6):
     ``x_next = x_t + (sigma_next - sigma) * u``. Shapes: (B, ...).
+
+    Args:
+        x_t: The noisy sample (B, ...) at ``(alpha, sigma)``.
+        pred: The model's prediction (B, ...) at ``x_t``.
+        kind: Its parametrisation.
+        alpha: Signal scales at ``x_t``, broadcastable to it.
+        sigma: Noise scales at ``x_t``.
+        alpha_next: Signal scales of the target level.
+        sigma_next: Noise scales of the target level.
     """
     x0, eps = to_x0_eps(pred, kind, x_t, alpha, sigma)
     return alpha_next * x0 + sigma_next * eps

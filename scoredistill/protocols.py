@@ -25,6 +25,9 @@ class NoiseSchedule(Protocol):
     The table is in sampling order: index 0 is the noisiest level and the index grows toward clean
     data, as in SD3's ``FlowMatchEulerDiscreteScheduler.timesteps``. ``t`` is the timestep in the
     units the network was trained with (SD3: ``sigma * 1000``; DDPM: the integer step).
+
+    Attributes:
+        num_steps: The table's length N; indices run 0..N-1.
     """
 
     num_steps: int
@@ -44,6 +47,10 @@ class ScoreModel(Protocol):
 
     Shapes: ``x_t`` (B, ...), ``t`` (B,) in the schedule's units, ``cond`` a pytree of (B, ...)
     tensors or None; the output has ``x_t``'s shape.
+
+    Attributes:
+        prediction: What the output means: "epsilon", "v", "x0" or "flow".
+        schedule: The noise schedule whose timesteps ``t`` the model takes.
     """
 
     prediction: Prediction

@@ -313,7 +313,7 @@ class ScoreDistillationLoss:
 
         Returns:
             The ``surrogate``'s value (`DistillOutput.loss`) with the gradients, norms and
-            evaluated points.
+                evaluated points.
 
         Raises:
             ValueError: For an input the loss does not use (see `uses`), a missing one, and a

@@ -29,7 +29,14 @@ def surrogate_loss(x: Tensor, grad: Tensor, form: Surrogate = "half_mse") -> Ten
     gradient is ``grad / numel``): it turns a gradient that skips the U-Net Jacobian into an
     ordinary loss. "mse" is the authors' ``F.mse_loss(latents, (latents - grad).detach())`` of
     OSEDiff and PiSA-SR, so its value is the one they log. Computed in float32.
-    Shapes: ``x`` and ``grad`` (B, ...).
+
+    Args:
+        x: The tensor the gradient flows to (B, ...), e.g. the student's output.
+        grad: The direction (B, ...), held constant.
+        form: "half_mse" (``c = 0.5``) or "mse" (``c = 1``).
+
+    Raises:
+        ValueError: For shapes that differ or an unknown ``form``.
     """
     if grad.shape != x.shape:
         raise ValueError(f"grad shape {tuple(grad.shape)} != x shape {tuple(x.shape)}")
