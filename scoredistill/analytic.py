@@ -197,8 +197,13 @@ class FullGaussianMixture(_MixtureScoreModel):
 
     def component_log_joint(self, x: Tensor, alpha: Tensor | None = None,
                             sigma: Tensor | None = None) -> Tensor:
-        """``log pi_k p_t(x | k)`` (B, K): of clean samples by default, else of the noisy
-        marginal at per-sample ``alpha``, ``sigma`` (B,). Its softmax is EM's responsibility."""
+        """``log pi_k p_t(x | k)`` (B, K); its softmax is EM's responsibility.
+
+        Args:
+            x: Samples (B, *event_shape) with D features.
+            alpha: Per-sample signal scales (B,) of the noisy marginal; None: clean samples.
+            sigma: Per-sample noise scales (B,); None: clean samples.
+        """
         flat = self._flat(x)
         one = torch.ones(flat.shape[0], dtype=flat.dtype, device=flat.device)
         alpha = one if alpha is None else alpha.to(flat.dtype)

@@ -169,9 +169,14 @@ class FluxScoreModel:
                        scheduler_config: Mapping[str, Any] | None = None) -> FluxScoreModel:
         """The model with FLUX's schedule for (height, width) latents (before 2x2 packing).
 
-        ``scheduler_config`` is the checkpoint's FlowMatch scheduler config; without it FLUX.1-dev's
-        (dynamic shifting, base/max shift 0.5/1.15 at 256/4096 tokens). A config without dynamic
-        shifting (FLUX.1-schnell: shift 1) uses its fixed ``shift`` and fits any latent size.
+        Args:
+            module: diffusers' ``FluxTransformer2DModel``.
+            height: The latent height H (even).
+            width: The latent width W (even).
+            scheduler_config: The checkpoint's FlowMatch scheduler config; None: FLUX.1-dev's
+                (dynamic shifting, base/max shift 0.5/1.15 at 256/4096 tokens). A config without
+                dynamic shifting (FLUX.1-schnell: shift 1) uses its fixed ``shift`` and fits any
+                latent size.
         """
         config = scheduler_config or {"use_dynamic_shifting": True}
         return cls(module, flow_schedule(config, lambda config: resolution_shift(

@@ -105,9 +105,16 @@ class Flux2ScoreModel:
         """The model with FLUX.2's schedule for (height, width) transformer latents.
 
         The shift is `empirical_shift` ``(height * width, num_inference_steps)``, the ``mu`` that
-        ``Flux2Pipeline`` passes to its dynamic-shifting scheduler (its default: 50 steps);
-        a ``scheduler_config`` without ``use_dynamic_shifting`` uses its fixed ``shift`` and fits
-        any latent size.
+        ``Flux2Pipeline`` passes to its dynamic-shifting scheduler.
+
+        Args:
+            module: diffusers' ``Flux2Transformer2DModel``.
+            height: The transformer latent height h.
+            width: The transformer latent width w.
+            num_inference_steps: The sampling step count the shift is fitted for
+                (``Flux2Pipeline``'s default: 50).
+            scheduler_config: The checkpoint's FlowMatch scheduler config; one without
+                ``use_dynamic_shifting`` uses its fixed ``shift`` and fits any latent size.
         """
         config = scheduler_config or {"use_dynamic_shifting": True}
         return cls(module, flow_schedule(

@@ -197,8 +197,18 @@ def load_lora(path: str | Path, module: nn.Module, adapter: str, *,
               prefix: str = "transformer") -> None:
     """Load a LoRA file into adapter ``adapter`` of ``module``, creating it if it is missing.
 
-    An existing adapter must have exactly the file's modules and shapes (strict). A file with
-    modules the module lacks is a `LoraMismatchError` naming what the file seems to be.
+    An existing adapter must have exactly the file's modules and shapes (strict).
+
+    Args:
+        path: The ``.safetensors`` LoRA file.
+        module: The module to load it into.
+        adapter: The adapter's name.
+        prefix: The key prefix in the file (diffusers' "transformer", "unet", ...).
+
+    Raises:
+        LoraMismatchError: For a file with modules the module lacks, naming what the file
+            seems to be.
+        ValueError: For a file that cannot be read as a LoRA file.
     """
     state, fields = read_lora(path, prefix)
     _check_modules(path, state, module)
@@ -222,7 +232,15 @@ def load_lora(path: str | Path, module: nn.Module, adapter: str, *,
 def load_tsdsr_release(directory: str | Path, *, transformer: nn.Module | None = None,
                        vae: nn.Module | None = None, adapter: str = "student",
                        vae_adapter: str = "default") -> None:
-    """Load the TSD-SR release's ``transformer.safetensors`` / ``vae.safetensors`` LoRAs."""
+    """Load the TSD-SR release's ``transformer.safetensors`` / ``vae.safetensors`` LoRAs.
+
+    Args:
+        directory: The release's folder holding the two files.
+        transformer: The SD3 transformer to load the student LoRA into (None: skipped).
+        vae: The VAE to load the encoder LoRA into (None: skipped).
+        adapter: The transformer adapter's name.
+        vae_adapter: The VAE adapter's name.
+    """
     directory = Path(directory)
     if transformer is not None:
         load_lora(directory / RELEASED_FILES["transformer"], transformer, adapter)
