@@ -15,9 +15,15 @@ from .losses.distill import (
     trajectory_directions,
 )
 from .losses.implicit import SiDLoss, SIMLoss
-from .losses.matching import CSDLoss, DMDLoss
+from .losses.matching import CSDLoss, DMDLoss, FDistillLoss
 from .losses.surrogate import surrogate_loss
-from .losses.weighting import distill_weighting, dmd_normalizer, sample_weighting, sd3_loss_weight
+from .losses.weighting import (
+    distill_weighting,
+    dmd_normalizer,
+    f_distill_weight,
+    sample_weighting,
+    sd3_loss_weight,
+)
 from .one_step import one_step
 from .parametrization import convert, ddim_step, from_x0_eps, to_x0_eps
 from .protocols import Cond, NoiseSchedule, Prediction, ScoreModel
@@ -41,6 +47,7 @@ __all__ = [
     "DiffusionLoss",
     "DiffusionOutput",
     "DistillOutput",
+    "FDistillLoss",
     "FullGaussianMixture",
     "GaussianMixture",
     "IndexSampler",
@@ -64,6 +71,7 @@ __all__ = [
     "distill_weighting",
     "dmd_normalizer",
     "empirical_shift",
+    "f_distill_weight",
     "from_x0_eps",
     "index_alpha_sigma",
     "one_step",

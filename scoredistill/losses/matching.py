@@ -7,12 +7,17 @@ batched model call per point and compose with the other terms and with DASM.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from ..protocols import Prediction
+import torch
+from torch import Tensor
+
+from ..messages import brief
+from ..protocols import Cond, Prediction
 from ..samplers.timesteps import IndexSampler, UniformIndex
-from .distill import ScoreDistillationLoss, Term
-from .weighting import SampleWeighting, Weighting
+from .distill import DistillOutput, ScoreDistillationLoss, Term
+from .validation import check_option
+from .weighting import SampleWeighting, Weighting, f_distill_weight, sample_weighting
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,3 +98,54 @@ class CSDLoss(ScoreDistillationLoss):
 
     def mix(self) -> dict[Term, float]:
         return {"csd": self.scale}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FDistillLoss(DMDLoss):
+    """f-distill (Xu et al. 2025, arXiv 2502.15681): DMD's direction weighted by ``h(r)``.
+
+    ``grad = h(r) / mean h(r) * DMD's grad`` per sample, ``r`` the density ratio read from a
+    discriminator's logit at the same noisy sample (`f_distill_weight`: clamped, exponentiated,
+    clipped to ``ratio_range``, detached). ``divergence="reverse_kl"`` gives ``h = 1``, i.e.
+    `DMDLoss`. The head producing the logit is the caller's (it is trained with its own GAN
+    loss); a call takes it as ``logit=`` (B,). The value returned is the ``surrogate`` of
+    ``grad``, as for DMD. Shapes: ``z_hat`` (B, ...).
+
+    Attributes:
+        divergence: "reverse_kl", "kl", "js" or "squared_hellinger" (`F_DIVERGENCES`).
+        ratio_range: ``(low, high)`` the clip of ``r`` (FastGen's defaults 0.1, 20).
+
+    Example:
+        >>> logit = head(teacher_features).squeeze(1)  # (B,), the caller's discriminator
+        >>> out = FDistillLoss(divergence="js")(z_hat, cond, teacher=t, fake=f, logit=logit)
+    """
+
+    divergence: str = "js"
+    ratio_range: tuple[float, float] = (0.1, 20.0)
+
+    def __post_init__(self) -> None:
+        check_option("FDistillLoss", "divergence",
+                     lambda: f_distill_weight(self.divergence, torch.zeros(1)))
+        low, high = self.ratio_range if isinstance(self.ratio_range, tuple) and len(
+            self.ratio_range) == 2 else (None, None)
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)) \
+                or not 0 < low < high < float("inf"):
+            raise ValueError("FDistillLoss(ratio_range=...): expected (low, high) with "
+                             f"0 < low < high, got {brief(self.ratio_range)}")
+        super().__post_init__()
+
+    def __call__(self, z_hat: Tensor, cond: Cond = None, *, logit: Tensor,
+                 **inputs: object) -> DistillOutput:
+        """DMD's call (`ScoreDistillationLoss.__call__`, same keywords) plus ``logit`` (B,),
+        the discriminator's logit per sample of ``z_hat``."""
+        if logit.shape != (z_hat.shape[0],):
+            raise ValueError(f"logit must have shape ({z_hat.shape[0]},), one per sample of "
+                             f"z_hat, got {tuple(logit.shape)}")
+        h = f_distill_weight(self.divergence, logit.to(z_hat.device), *self.ratio_range)
+        base = None if self.sample_weighting is None else sample_weighting(self.sample_weighting)
+
+        def weight(x: Tensor, teacher_x0: Tensor) -> Tensor:
+            return h if base is None else h * base(x, teacher_x0)
+
+        dmd = replace(self, sample_weighting=weight)
+        return ScoreDistillationLoss.__call__(dmd, z_hat, cond, **inputs)  # type: ignore[arg-type]

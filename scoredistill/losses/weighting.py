@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 Weighting = Callable[[Tensor, Tensor], Tensor]
@@ -53,6 +54,37 @@ def sample_weighting(name: str | SampleWeighting) -> SampleWeighting:
         raise ValueError(f"unknown sample weighting {name!r}; expected one of "
                          f"{sorted(SAMPLE_WEIGHTINGS)} or a callable (z_hat, teacher_x0) -> (B,)")
     return SAMPLE_WEIGHTINGS[name]
+
+
+F_DIVERGENCES: dict[str, Callable[[Tensor], Tensor]] = {
+    # h(r) = f''(r) r^2 up to a constant factor, which the batch-mean normalisation removes.
+    "reverse_kl": torch.ones_like,  # f = -log r: DMD
+    "kl": lambda r: r,  # f = r log r
+    "js": lambda r: r / (1 + r),  # Jensen-Shannon
+    "squared_hellinger": torch.sqrt,  # f = (sqrt(r) - 1)^2: h = sqrt(r) / 2
+}
+"""f-distill's weightings ``h(r)`` by divergence (Xu et al. 2025, arXiv 2502.15681, Table 1)."""
+
+
+def f_distill_weight(divergence: str, logit: Tensor, low: float = 0.1,
+                     high: float = 20.0) -> Tensor:
+    """f-distill's per-sample weight ``h(r) / mean h(r)`` (B,) from a discriminator's logit (B,).
+
+    ``r = clip(exp(clamp(logit, -10, 10)), low, high)``, detached: the density ratio
+    ``p_data / p_student`` a discriminator ``sigmoid(logit)`` trained to tell data (1) from
+    student samples (0) estimates; then ``h`` of `F_DIVERGENCES` normalised by its batch mean,
+    as NVlabs FastGen's ``_get_f_div_weighting_h`` (whose defaults these are) does; FastGen also
+    divides ``r`` by its mean in 10 time bins first, which this function leaves out.
+    """
+    if divergence not in F_DIVERGENCES:
+        raise ValueError(f"unknown f-divergence {divergence!r}; expected one of "
+                         f"{sorted(F_DIVERGENCES)}")
+    if logit.ndim != 1 or not logit.is_floating_point():
+        raise ValueError(f"logit must be a floating (B,) tensor (one discriminator logit per "
+                         f"sample), got {logit.dtype} {tuple(logit.shape)}")
+    ratio = logit.detach().float().clamp(-10.0, 10.0).exp().clamp(low, high)
+    h = F_DIVERGENCES[divergence](ratio)
+    return h / h.mean()
 
 
 def sd3_loss_weight(scheme: str, sigma: Tensor) -> Tensor:
