@@ -398,6 +398,14 @@ def _diffusion(d, x0=None, **over):
     return DiffusionLoss()(d["z_hat"] if x0 is None else x0, d["cond"], **kw)
 
 
+def _sr_pipe():
+    """A TSDSRPipeline on the random tiny model (its input checks run before the model)."""
+    from scoredistill.sr.loading import load_model
+    from scoredistill.sr.pipeline import TSDSRPipeline
+
+    return TSDSRPipeline(load_model(random_backbone()), tiles=None)
+
+
 LIBRARY = [  # (id, call, exception, words)
     ("empty batch TSD", lambda d: _tsd(d, z_hat=d["z_hat"][:0], z=d["z"][:0],
                                        cond=d["cond"][:0], index=d["index"][:0]),
@@ -480,6 +488,14 @@ LIBRARY = [  # (id, call, exception, words)
      "DMDLoss does not use z="),
     ("z given to sds", lambda d: SDSLoss()(d["z_hat"], d["cond"], teacher=d["teacher"],
                                            z=d["z"]), ValueError, "SDSLoss does not use z="),
+    # issue 21 (SR pipeline): out-of-range images were silently clamped (bad case 2)
+    ("SR 0..255 floats", lambda d: _sr_pipe()(torch.rand(3, 16, 16) * 255), ValueError,
+     "image 0 has float values in [0"),
+    ("SR [-1, 1] floats", lambda d: _sr_pipe()([torch.rand(3, 16, 16), torch.rand(3, 16, 16)
+                                                * 2 - 1]), ValueError,
+     "image 1 has float values in [-"),
+    ("SR NaN image", lambda d: _sr_pipe()(torch.full((3, 16, 16), math.nan)), ValueError,
+     "image 0 holds NaN"),
 ]
 
 

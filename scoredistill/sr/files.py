@@ -247,7 +247,7 @@ def _run(pipe: TSDSRPipeline, batch: list[_Loaded], options: SROptions,
     """The batch's outputs; if it fails (e.g. out of memory), each image alone; failures
     recorded."""
     try:
-        return list(zip(batch, pipe([item.image.rgb for item in batch], options), strict=True))
+        return list(zip(batch, pipe.run([item.image.rgb for item in batch], options), strict=True))
     except Exception as exc:
         if pipe.device.type == "cuda":
             torch.cuda.empty_cache()

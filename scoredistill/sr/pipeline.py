@@ -2,28 +2,45 @@
 
 Each LQ image is bicubic-upsampled by ``upscale`` (its short side raised to ``process_size``
 first, then the result resized back), padded to a multiple of VAE factor x patch size (16 for
-SD3), encoded, moved by one transformer call at t = 1000 (``z_hat = z_L - v(z_L, 1000, c)``),
-decoded and colour-aligned to the upsampled LQ. The transformer's latent tiles of all images go
-through it ``batch_size`` at a time; the VAE runs whole images of equal size batched, and larger
-ones by tiles with the whole image's GroupNorm statistics, ``vae_batch_size`` tiles per call.
+SD3), encoded, moved by one transformer call at t = 1000 (``z_hat = z_L - s v(z_L, 1000, c)``,
+``s`` the strength; 1 is TSD-SR's step), decoded and colour-aligned to the upsampled LQ. The
+transformer's latent tiles of all images go through it ``batch_size`` at a time; the VAE runs
+whole images of equal size batched, and larger ones by tiles with the whole image's GroupNorm
+statistics, ``vae_batch_size`` tiles per call.
+
+The pipeline follows diffusers' conventions: PIL / numpy / tensor inputs, ``output_type``, an
+output dataclass, ``torch_dtype=``, ``.to()``, ``save_pretrained`` / ``from_pretrained``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.utils import BaseOutput
+from PIL import Image
 from torch import Tensor
 
 from scoredistill.adapters import SD3ScoreModel
 from scoredistill.conditioning import expand_cond
-from scoredistill.sr import fast
-from scoredistill.sr.colorfix import color_fix
+from scoredistill.sr import fast, model_folder
+from scoredistill.sr.colorfix import COLOR_FIXES, color_fix
+from scoredistill.sr.images import (
+    ImageInput,
+    OutputType,
+    check_image,
+    check_output_type,
+    from_tensors,
+    to_tensors,
+)
 from scoredistill.sr.latents import decode, encode, one_step
 from scoredistill.sr.loading import Backbone, SRModel, load_model
 from scoredistill.sr.tiling import TileConfig, tile_starts, tiled_decode, tiled_encode, tiled_map
@@ -36,20 +53,60 @@ MIN_SIDE = 8
 
 @dataclass(frozen=True)
 class SROptions:
-    """What to make of each image: the scale, the short side the model works at, colour fix."""
+    """What to make of each image.
+
+    Attributes:
+        upscale: output size / input size.
+        process_size: the short side the model works at, at least (raised to it, then the
+            output resized back).
+        color: colour fix against the upsampled input: "wavelet", "adain" or "none".
+        strength: ``s`` in ``z_hat = z_L - s v(z_L, 1000, c)``, in [0, 1]: 1 is the model's
+            output (TSD-SR), 0 the input's latent decoded (the VAE's reconstruction of the
+            bicubic upsample), between them a straight line in latent space. Above 1 the step
+            would overshoot the clean estimate the student was trained to give, so it is refused.
+    """
 
     upscale: float = 4.0
     process_size: int = 512
     color: str = "wavelet"
+    strength: float = 1.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.upscale) and self.upscale > 0):
             raise ValueError(f"upscale must be a positive number, got {self.upscale}")
-        if self.process_size < 1:
-            raise ValueError(f"process_size must be positive, got {self.process_size}")
+        if not isinstance(self.process_size, int) or self.process_size < 1:
+            raise ValueError(f"process_size must be a positive integer, got "
+                             f"{self.process_size!r}")
+        if self.color not in COLOR_FIXES:
+            raise ValueError(f"unknown colour fix {self.color!r}; choose from "
+                             f"{', '.join(COLOR_FIXES)}")
+        check_strength(self.strength)
+
+
+def check_strength(strength: float) -> None:
+    """ValueError unless ``strength`` is in [0, 1] (see :class:`SROptions`)."""
+    if not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
+        raise ValueError(f"strength must be in [0, 1] (1: the model's output, 0: the input's "
+                         f"latent decoded), got {strength}")
 
 
 DEFAULT_OPTIONS = SROptions()
+
+
+@dataclass
+class TSDSROutput(BaseOutput):
+    """What :class:`TSDSRPipeline` returns (diffusers' ``BaseOutput``: ``out.images`` or
+    ``out[0]``).
+
+    Attributes:
+        images: one per input image (sizes may differ, so always a list): PIL RGB images,
+            (H, W, 3) float32 arrays in [0, 1] ("np") or (3, H, W) float32 tensors in [0, 1] on
+            the pipeline's device ("pt").
+        timings: seconds per stage of this call when the pipeline's timer is enabled, else None.
+    """
+
+    images: list[Image.Image] | list[np.ndarray] | list[Tensor]
+    timings: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,10 +117,11 @@ class _Prepared:
 
 
 class TSDSRPipeline:
-    """Load once, super-resolve many images: ``pipe(images) -> outputs``.
+    """Load once, super-resolve many images: ``pipe(images).images``.
 
     Args:
         model: the merged, QKV-fused model (:func:`~scoredistill.sr.loading.load_model`).
+        options: the defaults of each call (a model folder's, from :meth:`from_pretrained`).
         tiles: tile sides and overlaps of the three stages; None runs every stage whole.
         batch_size: transformer tiles per call, from one image or several.
         vae_batch_size: VAE inputs (whole images of one size, or tiles) per call (default
@@ -77,23 +135,27 @@ class TSDSRPipeline:
         timer: per-stage timing (:class:`~scoredistill.sr.timing.StageTimer`, off by default).
 
     Example:
-        >>> pipe = TSDSRPipeline.from_pretrained("sd3", lora="ckpt", device="cuda",
-        ...                                      dtype=torch.bfloat16)  # doctest: +SKIP
-        >>> outputs = pipe([image_a, image_b])  # (3, h, w) in [0, 1] each  # doctest: +SKIP
+        >>> pipe = TSDSRPipeline.from_pretrained("sd3", lora="ckpt", torch_dtype=torch.bfloat16
+        ...                                      ).to("cuda")  # doctest: +SKIP
+        >>> out = pipe([Image.open("a.png"), Image.open("b.jpg")], upscale=4)  # doctest: +SKIP
+        >>> out.images[0].save("a_x4.png")  # doctest: +SKIP
     """
 
-    def __init__(self, model: SRModel, *, tiles: TileConfig | None = DEFAULT_TILES,
-                 batch_size: int = 8, vae_batch_size: int | None = None, compile: bool = False,
+    def __init__(self, model: SRModel, *, options: SROptions = DEFAULT_OPTIONS,
+                 tiles: TileConfig | None = DEFAULT_TILES, batch_size: int = 8,
+                 vae_batch_size: int | None = None, compile: bool = False,
                  cuda_graphs: bool | None = None, channels_last: bool = False, fp8: bool = False,
                  timer: StageTimer | None = None) -> None:
         if batch_size < 1 or (vae_batch_size is not None and vae_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size}, {vae_batch_size}")
-        self.model, self.tiles, self.batch_size = model, tiles, batch_size
+        if not isinstance(options, SROptions):
+            raise TypeError(f"options must be an SROptions, got {type(options).__name__}")
+        self.model, self.options, self.tiles, self.batch_size = model, options, tiles, batch_size
         self.vae_batch_size = vae_batch_size or batch_size
         self.timer = timer or StageTimer()
         self.device = model.cond["prompt_embeds"].device
         self.dtype = next(model.vae.parameters()).dtype
-        self.channels_last = channels_last
+        self.channels_last, self.fp8 = channels_last, fp8
         if fp8:
             fast.quantize_fp8(model.student.module)
         if channels_last:
@@ -116,46 +178,132 @@ class TSDSRPipeline:
     @classmethod
     def from_pretrained(cls, backbone: Backbone | str | os.PathLike, *,
                         lora: str | Path | None = None, release: str | Path | None = None,
-                        embeds: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                        embeds: str | Path | None = None, torch_dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", fuse_qkv: bool = True,
-                        **options: object) -> TSDSRPipeline:
-        """Load an SD3 folder (or loaded parts) and our LoRA checkpoint or the release's files
-        (:func:`~scoredistill.sr.loading.load_model`), then build the pipeline with ``options``."""
-        model = load_model(backbone, lora=lora, release=release, embeds=embeds, dtype=dtype,
-                           device=device, fuse_qkv=fuse_qkv)
-        return cls(model, **options)  # type: ignore[arg-type]
+                        dtype: torch.dtype | None = None, **kwargs: Any) -> TSDSRPipeline:
+        """Load a model folder (:meth:`save_pretrained`'s, alone), or an SD3 folder (or loaded
+        parts) with our LoRA checkpoint or the release's files
+        (:func:`~scoredistill.sr.loading.load_model`); then build the pipeline with ``kwargs``.
 
-    # --- images in [0, 1] -------------------------------------------------------------------
+        ``torch_dtype`` (default float32; ``dtype`` is an alias kept for earlier callers) and
+        ``device`` apply to the weights (loaded parts are cast and moved in place) and the
+        prompt. A model folder's options become the pipeline's defaults unless ``options`` is
+        given.
+        """
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"torch_dtype={torch_dtype} and dtype={dtype} disagree: give "
+                             "torch_dtype only")
+        torch_dtype = torch_dtype or dtype or torch.float32
+        if not isinstance(torch_dtype, torch.dtype):
+            raise TypeError(f"torch_dtype must be a torch.dtype such as torch.float16, got "
+                            f"{torch_dtype!r}")
+        if model_folder.is_model_folder(backbone):
+            if lora is not None or release is not None or embeds is not None:
+                raise ValueError(f"{backbone} is a model folder (LoRA merged, prompt included): "
+                                 "give lora, release and embeds only with an SD3 folder")
+            backbone, saved = model_folder.load_model_folder(backbone, torch_dtype, device)
+            if "options" not in kwargs:
+                try:
+                    kwargs["options"] = SROptions(**saved)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"{model_folder.CONFIG_FILE}'s options: {exc}") from None
+        elif isinstance(backbone, Backbone):  # loaded parts: cast and moved like a folder's
+            for module in (backbone.transformer, backbone.vae):
+                module.to(device=device, dtype=torch_dtype)
+        model = load_model(backbone, lora=lora, release=release, embeds=embeds,
+                           dtype=torch_dtype, device=device, fuse_qkv=fuse_qkv)
+        return cls(model, **kwargs)
 
-    def check(self, image: Tensor) -> None:
-        """ValueError unless ``image`` is a (3, h, w) image of at least MIN_SIDE px a side."""
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"expected a (3, h, w) image, got shape {tuple(image.shape)}")
-        h, w = image.shape[-2:]
-        if min(h, w) < MIN_SIDE:
-            raise ValueError(f"image is {w}x{h} px; at least {MIN_SIDE} px per side is needed")
+    def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the model as a folder that :meth:`from_pretrained` loads alone: the merged
+        student, the VAE, the default prompt and a JSON with :attr:`options`
+        (:mod:`~scoredistill.sr.model_folder`), atomically; an existing folder is replaced only
+        with ``overwrite`` and only if it is a model folder."""
+        if self.fp8:
+            raise ValueError("an FP8-quantised transformer cannot be saved: save the pipeline "
+                             "before fp8=True")
+        return model_folder.save_model_folder(self.model, dataclasses.asdict(self.options),
+                                              directory, overwrite=overwrite)
+
+    def to(self, device: str | torch.device | torch.dtype | None = None,
+           dtype: torch.dtype | None = None) -> TSDSRPipeline:
+        """Move (and cast) the transformer, the VAE and the prompt, as diffusers' pipelines:
+        ``pipe.to("cuda")``, ``pipe.to(torch.float16)``, ``pipe.to("cuda", torch.bfloat16)``;
+        returns the pipeline. ``cuda_graphs``' default is decided at construction: build a
+        compiled pipeline on its device (``from_pretrained(..., device=...)``)."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device if dtype is None else dtype
+        if self.fp8:
+            raise ValueError("an FP8-quantised pipeline cannot be moved: build it on its device")
+        for module in (self.model.student.module, self.model.vae):
+            module.to(device=device, dtype=dtype)
+        cond = {k: v.to(device=device, dtype=dtype) for k, v in self.model.cond.items()}
+        self.model = dataclasses.replace(self.model, cond=cond)
+        self.device = cond["prompt_embeds"].device
+        self.dtype = next(self.model.vae.parameters()).dtype
+        return self
+
+    # --- images ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def __call__(self, images: Sequence[Tensor], options: SROptions = DEFAULT_OPTIONS
-                 ) -> list[Tensor]:
-        """Super-resolve (3, h, w) images in [0, 1] (any device, any sizes) to
-        (3, round(h * upscale), round(w * upscale)) in [0, 1] on the pipeline's device."""
-        for image in images:
-            self.check(image)
+    def __call__(self, image: ImageInput | Sequence[ImageInput],
+                 options: SROptions | None = None, *, upscale: float | None = None,
+                 process_size: int | None = None, color: str | None = None,
+                 strength: float | None = None, output_type: OutputType = "pil",
+                 return_dict: bool = True) -> TSDSROutput | tuple[list, dict[str, float] | None]:
+        """Super-resolve one image or a list, as diffusers' pipelines take them: PIL images,
+        numpy arrays (H, W, C) / (B, H, W, C), tensors (C, H, W) / (B, C, H, W); uint8, or floats
+        in [0, 1] (:func:`~scoredistill.sr.images.to_tensors`; anything else is refused, naming
+        the image). Each output is ``round(h * upscale)`` x ``round(w * upscale)``.
+
+        ``options`` (default :attr:`options`) with the given keywords replacing its fields.
+        Returns a :class:`TSDSROutput`, or ``(images, timings)`` if not ``return_dict``.
+        """
+        check_output_type(output_type)
+        overrides = dict(upscale=upscale, process_size=process_size, color=color,
+                         strength=strength)
+        options = dataclasses.replace(options or self.options,
+                                      **{k: v for k, v in overrides.items() if v is not None})
+        tensors = to_tensors(image, MIN_SIDE)
+        before = self.timer.totals() if self.timer.enabled else None
+        outputs = self._super_resolve(tensors, options)
+        timings = None
+        if before is not None:
+            timings = {k: v - before.get(k, 0.0) for k, v in self.timer.totals().items()
+                       if v != before.get(k)}
+        images = from_tensors(outputs, output_type)
+        return TSDSROutput(images, timings) if return_dict else (images, timings)
+
+    @torch.no_grad()
+    def run(self, images: Sequence[Tensor], options: SROptions | None = None) -> list[Tensor]:
+        """Super-resolve (3, h, w) float images in [0, 1] (any device, any sizes) to
+        (3, round(h * upscale), round(w * upscale)) float32 in [0, 1] on the pipeline's device:
+        the tensors-only form of ``__call__`` (the file loop's), with no conversion."""
+        for i, image in enumerate(images):
+            self.check(image, f"image {i}")
+        return self._super_resolve(images, options or self.options)
+
+    def check(self, image: Tensor, label: str = "image") -> None:
+        """ValueError unless ``image`` is a (3, h, w) float image in [0, 1] of at least MIN_SIDE
+        px a side."""
+        check_image(image, label, MIN_SIDE)
+
+    def _super_resolve(self, images: Sequence[Tensor], options: SROptions) -> list[Tensor]:
         prepared = [self._prepare(image, options) for image in images]
-        decoded = self.forward([p.x for p in prepared])
+        decoded = self.forward([p.x for p in prepared], options.strength)
         with self.timer.stage("colour fix + resize", self.device):
             return [self._finish(p, sr, options) for p, sr in zip(prepared, decoded, strict=True)]
 
-    def work_size(self, height: int, width: int, options: SROptions = DEFAULT_OPTIONS
+    def work_size(self, height: int, width: int, options: SROptions | None = None
                   ) -> tuple[tuple[int, int], tuple[int, int]]:
         """The output size of an ``height`` x ``width`` image and the size the model runs at."""
+        options = options or self.options
         target = (round(height * options.upscale), round(width * options.upscale))
         # The model saw >= 512 px crops: raise the short side to process_size (release: LQ 128).
         grow = max(1.0, options.process_size / min(target))
         return target, (round(target[0] * grow), round(target[1] * grow))
 
-    def latent_tiles(self, height: int, width: int, options: SROptions = DEFAULT_OPTIONS) -> int:
+    def latent_tiles(self, height: int, width: int, options: SROptions | None = None) -> int:
         """How many transformer tiles an ``height`` x ``width`` input makes (for batching)."""
         if self.tiles is None:
             return 1
@@ -186,17 +334,22 @@ class TSDSRPipeline:
     # --- model inputs in [-1, 1] ------------------------------------------------------------
 
     @torch.no_grad()
-    def forward(self, xs: Sequence[Tensor]) -> list[Tensor]:
-        """``D(z_L - v(z_L, 1000, c))``, ``z_L = E(x)`` (posterior mode) of each (B, 3, H, W) in
-        [-1, 1] (sides multiples of ``model.multiple``), float32 in [-1, 1]."""
+    def forward(self, xs: Sequence[Tensor], strength: float = 1.0) -> list[Tensor]:
+        """``D(z_L - s v(z_L, 1000, c))``, ``z_L = E(x)`` (posterior mode), ``s`` the
+        ``strength``, of each (B, 3, H, W) in [-1, 1] (sides multiples of ``model.multiple``),
+        float32 in [-1, 1]."""
+        check_strength(strength)
         with self.timer.stage("VAE encode", self.device):
             latents = self._vae(xs, self._encode, "encoder")
         with self.timer.stage("transformer", self.device):
             tiles = self.tiles
             tile = max(max(z.shape[-2:]) for z in latents) if tiles is None else tiles.latent
-            latents = tiled_map(self._step, latents, tile=tile,
-                                overlap=0 if tiles is None else tiles.latent_overlap,
-                                align=self._patch, batch_size=self.batch_size)
+            steps = tiled_map(self._step, latents, tile=tile,
+                              overlap=0 if tiles is None else tiles.latent_overlap,
+                              align=self._patch, batch_size=self.batch_size)
+            # z_L + s (G(z_L) - z_L) = z_L - s v: a straight line, so the tiles' blend commutes
+            # with it; lerp gives z_L exactly at s = 0 and G(z_L) exactly at s = 1.
+            latents = [torch.lerp(z, g, strength) for z, g in zip(latents, steps, strict=True)]
         with self.timer.stage("VAE decode", self.device):
             return self._vae(latents, self._decode, "decoder")
 

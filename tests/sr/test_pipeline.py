@@ -34,12 +34,12 @@ def model():
 
 def test_tiles_batched_equal_tiles_one_at_a_time(model):
     x = [image(24, 40, 0)]
-    one = TSDSRPipeline(model, tiles=SMALL_TILES, batch_size=1, vae_batch_size=1)(x, OPTIONS)
-    many = TSDSRPipeline(model, tiles=SMALL_TILES, batch_size=8, vae_batch_size=8)(x, OPTIONS)
+    one = TSDSRPipeline(model, tiles=SMALL_TILES, batch_size=1, vae_batch_size=1).run(x, OPTIONS)
+    many = TSDSRPipeline(model, tiles=SMALL_TILES, batch_size=8, vae_batch_size=8).run(x, OPTIONS)
     assert one[0].shape == (3, 48, 80)
     torch.testing.assert_close(many[0], one[0], **TOL)
     # Tiling changes the output (the test would pass trivially if nothing were tiled) ...
-    whole = TSDSRPipeline(model, tiles=None)(x, OPTIONS)[0]
+    whole = TSDSRPipeline(model, tiles=None).run(x, OPTIONS)[0]
     assert (whole - one[0]).abs().max() > 1e-3
 
 
@@ -47,10 +47,10 @@ def test_images_batched_equal_images_one_at_a_time(model):
     images = [image(24, 40, 1), image(16, 16, 2), image(24, 40, 3), image(40, 24, 4)]
     for tiles in (SMALL_TILES, None):
         pipe = TSDSRPipeline(model, tiles=tiles, batch_size=16)
-        together = pipe(images, OPTIONS)
+        together = pipe.run(images, OPTIONS)
         for img, out in zip(images, together, strict=True):
             assert out.shape == (3, 2 * img.shape[1], 2 * img.shape[2])
-            torch.testing.assert_close(out, pipe([img], OPTIONS)[0], **TOL)
+            torch.testing.assert_close(out, pipe.run([img], OPTIONS)[0], **TOL)
 
 
 def test_untiled_forward_is_decode_of_one_step_of_encode(model):
@@ -68,18 +68,18 @@ def test_latent_tiles_counts_the_transformer_windows(model):
     pipe._step = lambda z: calls.append(z.shape[0]) or step(z)  # count the tiles it is given
     for h, w in ((24, 40), (16, 16), (8, 8)):
         calls.clear()
-        pipe([image(h, w, 0)], OPTIONS)
+        pipe.run([image(h, w, 0)], OPTIONS)
         assert sum(calls) == pipe.latent_tiles(h, w, OPTIONS)
 
 
 def test_stage_timer_reports_every_stage_only_when_enabled(model):
     timer = StageTimer(enabled=True)
-    TSDSRPipeline(model, timer=timer)([image(16, 16, 0)], OPTIONS)
+    TSDSRPipeline(model, timer=timer).run([image(16, 16, 0)], OPTIONS)
     totals = timer.totals()
     assert {"VAE encode", "transformer", "VAE decode"} <= totals.keys()
     assert all(s > 0 for s in totals.values())
     quiet = StageTimer()
-    TSDSRPipeline(model, timer=quiet)([image(16, 16, 0)], OPTIONS)
+    TSDSRPipeline(model, timer=quiet).run([image(16, 16, 0)], OPTIONS)
     assert quiet.totals() == {}
 
 
@@ -94,7 +94,7 @@ def test_bad_arguments_are_refused(model):
     with pytest.raises(ValueError, match="batch sizes"):
         TSDSRPipeline(model, batch_size=0)
     with pytest.raises(ValueError, match="at least 8 px"):
-        TSDSRPipeline(model)([image(4, 30, 0)], OPTIONS)
+        TSDSRPipeline(model).run([image(4, 30, 0)], OPTIONS)
 
 
 @pytest.mark.slow
@@ -108,10 +108,10 @@ def test_compiled_equals_eager_on_the_cpu(model, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # no cache shared with others
     # Three images within one tile of every stage, one tiled by all three.
     images = [image(16, 16, 6), image(16, 16, 7), image(16, 16, 8), image(24, 40, 9)]
-    eager = TSDSRPipeline(model, batch_size=4, tiles=SMALL_TILES)(images, OPTIONS)
+    eager = TSDSRPipeline(model, batch_size=4, tiles=SMALL_TILES).run(images, OPTIONS)
     counters.clear()
-    compiled = TSDSRPipeline(model, batch_size=4, tiles=SMALL_TILES, compile=True)(images,
-                                                                                  OPTIONS)
+    compiled = TSDSRPipeline(model, batch_size=4, tiles=SMALL_TILES, compile=True).run(images,
+                                                                                      OPTIONS)
     # Compiled for real (a fallback to eager would pass the comparison trivially): at least the
     # transformer, the encoder, the decoder and the tiled VAE's norms each became a graph.
     assert counters["stats"]["unique_graphs"] >= 4, dict(counters["stats"])
