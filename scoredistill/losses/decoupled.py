@@ -41,6 +41,17 @@ class DecoupledDMDLoss:
     The value returned is the ``surrogate`` of ``grad`` (`surrogate_loss`).
     Shapes: ``z_hat`` (B, ...); ``dm_index``, ``ca_index`` (B,) int64.
 
+    Attributes:
+        dm_weight: The DM term's weight.
+        ca_weight: The CA term's weight.
+        dm_index_sampler: The DM term's index (B,) (default DMD2's 20..979 of 1000).
+        ca_index_sampler: The CA term's index (B,); draw it cleaner (higher) than the
+            student's input level.
+        normalise: Each term times its own DMD normaliser ``1 / mean|z_hat - teacher_cond_x0|``.
+        surrogate: "half_mse" or "mse" (`surrogate_loss`).
+        check_finite: Raise on non-finite inputs (ValueError) or model outputs and normalisers
+            (FloatingPointError), one host sync per call.
+
     Example:
         >>> loss_fn = DecoupledDMDLoss(ca_index_sampler=UniformIndex(500, 980))
         >>> out = loss_fn(z_hat, cond, teacher=CFG(model, 4.0, null), fake=fake)
@@ -86,8 +97,23 @@ class DecoupledDMDLoss:
         noise: Tensor | None = None, ca_noise: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> DistillOutput:
-        """The loss for ``z_hat`` (B, ...); indices and noises drawn with ``generator`` when not
-        given. ``index``, ``timesteps``, ``sigmas`` of the output are (B, 2): DM, then CA."""
+        """The loss for the student's output ``z_hat`` (B, ...).
+
+        Args:
+            z_hat: The student's output (B, ...); the gradient flows to it.
+            cond: The condition pytree (batch B).
+            teacher: ``CFG(model, alpha, null_cond)``: the CA term's ``alpha`` is its scale.
+            fake: The fake-score model (unguided).
+            dm_index: The DM term's indices (B,) int64; drawn when None.
+            ca_index: The CA term's indices (B,) int64; drawn when None.
+            noise: The DM term's noise (B, ...); drawn when None.
+            ca_noise: The CA term's noise (B, ...); drawn when None.
+            generator: The generator for what is drawn.
+
+        Returns:
+            A `DistillOutput` with ``grads`` "dm" and "ca" (before the weights) and
+            ``index``, ``timesteps``, ``sigmas`` (B, 2): DM level, then CA level.
+        """
         if not isinstance(teacher, CFG):
             raise ValueError("DecoupledDMDLoss needs teacher=CFG(model, alpha, null_cond): the CA "
                              "term is (alpha - 1)(model(cond) - model(null))")

@@ -47,10 +47,13 @@ class InputGradientLoss:
     through ``f_r(x_t)`` and ``f_f(x_t)`` (both calls in one `predict_batched` call, per-sample
     timesteps) but into neither model's parameters.
 
-    Fields: ``time_weighting`` w(t) by name ("uniform", "sigma", "sigma2") or ``(alpha, sigma)
-    -> (B,)``; ``index_sampler`` the per-sample index into ``teacher.schedule``;
-    ``check_finite`` raise on non-finite inputs (ValueError) or model outputs
-    (FloatingPointError), one host sync per call.
+    Attributes:
+        time_weighting: w(t) by name ("uniform", "sigma", "sigma2") or a callable
+            ``(alpha, sigma) -> (B,)``.
+        index_sampler: The per-sample index (B,) into ``teacher.schedule`` (default DMD2's
+            20..979 of 1000).
+        check_finite: Raise on non-finite inputs (ValueError) or model outputs and normalisers
+            (FloatingPointError), one host sync per call.
     """
 
     time_weighting: str | Weighting = "uniform"
@@ -90,10 +93,25 @@ class InputGradientLoss:
     ) -> DistillOutput:
         """The loss for the student's output ``z_hat`` (B, ...), differentiable w.r.t. it.
 
-        ``cond`` the condition pytree (batch B); ``index`` (B,) int64 indices into
-        ``teacher.schedule`` and ``noise`` (B, ...), each drawn with ``generator`` when not
-        given. ``grad`` of the output is ``numel * d loss / d z_hat`` (the convention of the
-        other losses, whose ``half_mse`` surrogate has gradient ``grad / numel``).
+        Args:
+            z_hat: The student's output (B, ...); the gradient flows to it only.
+            cond: The condition pytree (batch B).
+            teacher: The teacher ScoreModel (a `CFG` is guided in its own parametrisation).
+            fake: The fake-score model.
+            index: Indices (B,) int64 into ``teacher.schedule``; drawn when None.
+            noise: The injected noise (B, ...); drawn when None.
+            generator: The generator for what is drawn.
+
+        Returns:
+            A `DistillOutput`: ``loss`` the method's value with its exact gradient w.r.t.
+            ``z_hat``; ``grad`` is ``numel * d loss / d z_hat`` (the other losses' convention:
+            their ``half_mse`` surrogate has gradient ``grad / numel``); ``index``,
+            ``timesteps``, ``sigmas`` (B, 1).
+
+        Raises:
+            ValueError: A missing fake, mismatched schedules or inputs, or a model whose
+                prediction carries no gradient w.r.t. its input.
+            FloatingPointError: A non-finite model output or normaliser.
         """
         owner = type(self).__name__
         if fake is None:
@@ -172,6 +190,9 @@ class SiDLoss(InputGradientLoss):
     exactly `DMDLoss`'s, and ``alpha`` drops out. ``alpha`` 1.2 is the EDM version's (the
     authors' ``run_sid.sh``); SiD-LSG uses 1. Shapes: ``z_hat`` (B, ...).
 
+    Attributes:
+        alpha: SiD's alpha (>= 0): 1.2 as the EDM version, 1 as SiD-LSG.
+
     Example:
         >>> out = SiDLoss(alpha=1.2)(z_hat, cond, teacher=teacher, fake=fake)
         >>> out.loss.backward()  # gradient into the student only
@@ -213,6 +234,11 @@ class SIMLoss(InputGradientLoss):
     ``2 (f_r - f_f)^T (f_f - x)``. The value returned is w(t) times the per-sample loss,
     summed over a sample's elements and averaged over all elements of the batch.
     Shapes: ``z_hat`` (B, ...).
+
+    Attributes:
+        c: The pseudo-Huber constant (>= 0) in x0 units, required (the paper leaves it to the
+            user; Dive3D uses 0, the normalised direction, undefined where ``f_r = f_f``);
+            None for the squared-L2 distance.
 
     Example:
         >>> out = SIMLoss(c=1.0)(z_hat, cond, teacher=teacher, fake=fake)
