@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +13,7 @@ from ..guidance import CFG
 from ..messages import brief
 from ..parametrization import check_alpha_nonzero, expand_like, to_x0_eps
 from ..protocols import Cond, ScoreModel
-from ..samplers.timesteps import IndexSampler, UniformIndex
+from ..samplers.timesteps import IndexSampler, UniformIndex, check_number
 from ..schedules import index_alpha_sigma
 from .distill import DistillOutput
 from .surrogate import Surrogate, check_surrogate, surrogate_loss
@@ -67,11 +66,8 @@ class DecoupledDMDLoss:
 
     def __post_init__(self) -> None:
         for name in ("dm_weight", "ca_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not (
-                    math.isfinite(value)):
-                raise ValueError(f"DecoupledDMDLoss({name}=...): expected a finite number, got "
-                                 f"{brief(value)}")
+            check_option("DecoupledDMDLoss", name,
+                         lambda name=name: check_number(getattr(self, name), name))
         for name in ("dm_index_sampler", "ca_index_sampler"):
             if not callable(getattr(self, name)):
                 raise ValueError(f"DecoupledDMDLoss({name}=...): expected an IndexSampler such "

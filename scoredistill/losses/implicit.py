@@ -22,18 +22,17 @@ from ..guidance import CFG
 from ..messages import brief
 from ..parametrization import check_alpha_nonzero, expand_like, to_x0_eps
 from ..protocols import Cond, ScoreModel
-from ..samplers.timesteps import IndexSampler, UniformIndex
+from ..samplers.timesteps import IndexSampler, UniformIndex, check_number
 from ..schedules import index_alpha_sigma
 from .distill import DistillOutput
 from .validation import FiniteChecks, check_inputs, check_option
 from .weighting import Weighting, distill_weighting
 
 
-def _number(owner: str, name: str, value: object, low: float = 0.0) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-            value >= low and value < float("inf")):
-        raise ValueError(f"{owner}({name}=...): expected a finite number >= {low:g}, got "
-                         f"{brief(value)}")
+def _non_negative(owner: str, name: str, value: float) -> None:
+    check_option(owner, name, lambda: check_number(value, name))
+    if value < 0:
+        raise ValueError(f"{owner}({name}=...): {name} must be >= 0, got {value}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,7 +201,7 @@ class SiDLoss(InputGradientLoss):
     name = "sid"
 
     def __post_init__(self) -> None:
-        _number("SiDLoss", "alpha", self.alpha)
+        _non_negative("SiDLoss", "alpha", self.alpha)
         super().__post_init__()
 
     def objective(self, x: Tensor, f_r: Tensor, f_f: Tensor, checks: FiniteChecks | None
@@ -249,7 +248,7 @@ class SIMLoss(InputGradientLoss):
 
     def __post_init__(self) -> None:
         if self.c is not None:
-            _number("SIMLoss", "c", self.c)
+            _non_negative("SIMLoss", "c", self.c)
         super().__post_init__()
 
     def objective(self, x: Tensor, f_r: Tensor, f_f: Tensor, checks: FiniteChecks | None
