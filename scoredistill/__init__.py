@@ -3,6 +3,7 @@
 from .analytic import FullGaussianMixture, GaussianMixture
 from .batching import predict_batched
 from .guidance import CFG
+from .losses.adversarial import gan_discriminator_loss, gan_generator_loss
 from .losses.decoupled import DecoupledDMDLoss
 from .losses.diffusion import DiffusionLoss, DiffusionOutput
 from .losses.distill import (
@@ -73,6 +74,8 @@ __all__ = [
     "empirical_shift",
     "f_distill_weight",
     "from_x0_eps",
+    "gan_discriminator_loss",
+    "gan_generator_loss",
     "index_alpha_sigma",
     "one_step",
     "predict_batched",
