@@ -107,6 +107,19 @@ def test_a_failed_save_leaves_nothing_and_keeps_the_earlier_folder(pipe, tmp_pat
     assert not (tmp_path / "new").exists()
     assert (path / "vae" / WEIGHTS_FILE).read_bytes() == before
     assert leftovers(tmp_path) == []
+    monkeypatch.setattr(model_folder, "_save_module", save)
+    rename = os.replace
+
+    def fail_moving_in(src, dst):  # the last step: the finished folder renamed into place
+        if ".tmp-" in os.fspath(src):
+            raise OSError(18, "Invalid cross-device link")
+        rename(src, dst)
+
+    monkeypatch.setattr(model_folder.os, "replace", fail_moving_in)
+    with pytest.raises(OSError, match="cross-device"):
+        pipe.save_pretrained(path, overwrite=True)
+    assert (path / "vae" / WEIGHTS_FILE).read_bytes() == before  # put back
+    assert leftovers(tmp_path) == []
 
 
 def test_damaged_or_incomplete_folders_are_named(pipe, tmp_path):
