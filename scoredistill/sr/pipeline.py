@@ -209,7 +209,9 @@ class TSDSRPipeline:
                     raise ValueError(f"{model_folder.CONFIG_FILE}'s options: {exc}") from None
         elif isinstance(backbone, Backbone):  # loaded parts: cast and moved like a folder's
             for module in (backbone.transformer, backbone.vae):
-                module.to(device=device, dtype=torch_dtype)
+                # nn.Module.to: diffusers' override warns about fp32-kept modules, which only
+                # matters for weights loaded with `torch_dtype` (as models/tiny.py notes).
+                torch.nn.Module.to(module, device=device, dtype=torch_dtype)
         model = load_model(backbone, lora=lora, release=release, embeds=embeds,
                            dtype=torch_dtype, device=device, fuse_qkv=fuse_qkv)
         return cls(model, **kwargs)
@@ -236,7 +238,7 @@ class TSDSRPipeline:
         if self.fp8:
             raise ValueError("an FP8-quantised pipeline cannot be moved: build it on its device")
         for module in (self.model.student.module, self.model.vae):
-            module.to(device=device, dtype=dtype)
+            torch.nn.Module.to(module, device=device, dtype=dtype)  # no diffusers warning
         cond = {k: v.to(device=device, dtype=dtype) for k, v in self.model.cond.items()}
         self.model = dataclasses.replace(self.model, cond=cond)
         self.device = cond["prompt_embeds"].device
