@@ -2,6 +2,7 @@
 
     scoredistill-sr LQ_DIR -o SR_DIR --pretrained SD3_DIR --tsdsr-release REL_DIR
     scoredistill-sr LQ_DIR -o SR_DIR --pretrained SD3_DIR --lora CKPT --embeds DIR
+    scoredistill-sr LQ_DIR -o SR_DIR --model MODEL_DIR  # a save_pretrained folder, alone
     scoredistill-sr LQ_DIR -o SR_DIR ... --compile --dtype bf16 --batch-size 8  # fast GPU run
     torchrun --nproc-per-node 8 -m scoredistill.sr.cli LQ_DIR -o SR_DIR ...  # or accelerate launch
 
@@ -34,6 +35,7 @@ once the outputs in flight are written, with exit status 130: rerun with --skip-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -62,7 +64,8 @@ from scoredistill.sr.fast import check_fp8
 from scoredistill.sr.files import plan_outputs, super_resolve_files
 from scoredistill.sr.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_images
 from scoredistill.sr.loading import DTYPES, Backbone, ModelFileError, check_sd3_folder
-from scoredistill.sr.pipeline import MIN_SIDE, SROptions, TSDSRPipeline
+from scoredistill.sr.model_folder import CONFIG_FILE, is_model_folder
+from scoredistill.sr.pipeline import DEFAULT_OPTIONS, MIN_SIDE, SROptions, TSDSRPipeline
 from scoredistill.sr.tiling import TileConfig
 from scoredistill.sr.timing import StageTimer
 
@@ -86,12 +89,19 @@ def build_parser(description: str, *, pretrained_required: bool,
     existing.add_argument("--skip-existing", action="store_true",
                           help="do only the outputs that do not exist yet: rerun a stopped run "
                                "with it to resume")
-    parser.add_argument("--upscale", type=number(float, low=0, low_open=True), default=4.0,
-                        help="output size / input size")
-    parser.add_argument("--process-size", type=number(int, low=MIN_SIDE), default=512,
-                        help="short side the model works at (smaller outputs are resized)")
-    parser.add_argument("--color-fix", choices=list(COLOR_FIXES), default="wavelet",
-                        help="align the output's colours to the upsampled input")
+    # None: the model folder's saved option, else SROptions' default (named in the help).
+    parser.add_argument("--upscale", type=number(float, low=0, low_open=True),
+                        help=f"output size / input size (default {DEFAULT_OPTIONS.upscale:g})")
+    parser.add_argument("--process-size", type=number(int, low=MIN_SIDE),
+                        help="short side the model works at (smaller outputs are resized; "
+                             f"default {DEFAULT_OPTIONS.process_size})")
+    parser.add_argument("--color-fix", choices=list(COLOR_FIXES),
+                        help="align the output's colours to the upsampled input (default "
+                             f"{DEFAULT_OPTIONS.color})")
+    parser.add_argument("--strength", type=number(float, low=0, high=1),
+                        help="fidelity / realism: z_hat = z_L - strength * v; 0 gives the "
+                             "input's own VAE reconstruction, 1 the model (default "
+                             f"{DEFAULT_OPTIONS.strength:g})")
     parser.add_argument("--max-pixels", type=number(int, low=1), default=DEFAULT_MAX_PIXELS,
                         help="refuse inputs of more pixels (decompression bombs)")
     speed = parser.add_argument_group("speed and memory")
@@ -127,9 +137,13 @@ def build_parser(description: str, *, pretrained_required: bool,
     model.add_argument("--device", type=device_type, default=None,
                        help="default cuda (cuda:LOCAL_RANK when launched as several processes) "
                             "if available, else cpu")
-    model.add_argument("--pretrained", type=existing_dir, required=pretrained_required,
+    model.add_argument("--model", type=existing_dir,
+                       help="a model folder (TSDSRPipeline.save_pretrained; `make demo` writes "
+                            "one): the merged model, its prompt and its default options, alone")
+    model.add_argument("--pretrained", type=existing_dir,
                        help="local SD3 diffusers folder"
-                            + ("" if pretrained_required else " (default: tiny model)"))
+                            + (" (this or --model is required)" if pretrained_required
+                               else " (default: tiny model)"))
     group = model.add_mutually_exclusive_group()
     group.add_argument("--lora", type=existing_dir, help="our checkpoint folder (save_lora files)")
     group.add_argument("--tsdsr-release", type=existing_dir, help="the authors' weights folder")
@@ -207,6 +221,7 @@ def _run(argv: Sequence[str] | None, default_backbone: DefaultBackbone | None,
          description: str, prog: str) -> int:
     parser = build_parser(description, pretrained_required=default_backbone is None, prog=prog)
     args = parser.parse_args(argv)
+    _check_model_flags(args, parser, pretrained_required=default_backbone is None)
     if args.input.is_dir():
         inputs, in_dir = list_images(args.input), args.input
         if not inputs:
@@ -234,7 +249,7 @@ def _run(argv: Sequence[str] | None, default_backbone: DefaultBackbone | None,
         pipe = _load(args, default_backbone, dtype, device, tiles, timer)
         start = time.perf_counter()
         failed |= super_resolve_files(
-            pipe, jobs, SROptions(args.upscale, args.process_size, args.color_fix),
+            pipe, jobs, _options(args, pipe.options),
             workers=args.workers, progress=not args.no_progress and rank == 0,
             max_pixels=args.max_pixels, overwrite=args.overwrite)
         seconds = time.perf_counter() - start
@@ -250,16 +265,43 @@ def _run(argv: Sequence[str] | None, default_backbone: DefaultBackbone | None,
     return EXIT_ITEMS_FAILED if failed else EXIT_OK
 
 
+def _check_model_flags(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
+                       pretrained_required: bool) -> None:
+    """--model stands alone; without it, scoredistill-sr needs --pretrained."""
+    if args.model is not None:
+        given = [flag for flag in FLAGS.values() if getattr(args, flag[2:].replace("-", "_"))]
+        if given:
+            parser.error(f"--model {args.model} holds the merged model and its prompt: drop "
+                         f"{', '.join(given)}")
+    elif pretrained_required and args.pretrained is None:
+        parser.error("give --model MODEL_DIR, or --pretrained SD3_DIR with --lora or "
+                     "--tsdsr-release")
+
+
+def _options(args: argparse.Namespace, defaults: SROptions) -> SROptions:
+    """The pipeline's options (a model folder's saved ones, or SROptions') with the flags given
+    replacing their fields."""
+    given = dict(upscale=args.upscale, process_size=args.process_size, color=args.color_fix,
+                 strength=args.strength)
+    return dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None})
+
+
 def _load(args: argparse.Namespace, default_backbone: DefaultBackbone | None,
           dtype: torch.dtype, device: str, tiles: TileConfig | None, timer: StageTimer
           ) -> TSDSRPipeline:
     """The pipeline the flags describe; a missing, damaged or mismatched file is one line
     naming its flag."""
     try:
-        if args.pretrained is not None:
+        if args.model is not None:
+            if not is_model_folder(args.model):
+                raise ModelFileError("model", f"{args.model} is no model folder: it has no "
+                                     f"{CONFIG_FILE} (TSDSRPipeline.save_pretrained writes one)")
+            backbone = args.model
+        elif args.pretrained is not None:
             check_sd3_folder(args.pretrained)
-        backbone = (args.pretrained if args.pretrained is not None
-                    else default_backbone(dtype, device))  # type: ignore[misc]
+            backbone = args.pretrained
+        else:
+            backbone = default_backbone(dtype, device)  # type: ignore[misc]
         return TSDSRPipeline.from_pretrained(
             backbone, lora=args.lora, release=args.tsdsr_release, embeds=args.embeds,
             dtype=dtype, device=device, fuse_qkv=args.fuse_qkv, tiles=tiles,
@@ -267,7 +309,7 @@ def _load(args: argparse.Namespace, default_backbone: DefaultBackbone | None,
             compile=args.compile, cuda_graphs=args.cuda_graphs,
             channels_last=args.channels_last, fp8=args.fp8, timer=timer)
     except ModelFileError as exc:
-        flag = FLAGS[exc.argument]
+        flag = "--model" if args.model is not None else FLAGS.get(exc.argument, "--model")
         value = getattr(args, flag[2:].replace("-", "_"))
         raise UserError(f"{flag} {value}: {' '.join(str(exc).split())}") from None
     except (FileNotFoundError, ValueError) as exc:  # a folder without the files it should hold

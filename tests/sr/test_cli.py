@@ -210,3 +210,59 @@ def test_pickled_embeds_are_refused_without_suggesting_unsafe_loading(tmp_path):
     with pytest.raises(ValueError, match="refusing to load") as info:
         read_embeds(tmp_path / "emb")
     assert "weights_only" not in str(info.value) and not (tmp_path / "ran").exists()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A model folder (save_pretrained) of the tiny backbone with its own default options."""
+    from scoredistill.sr.loading import load_model
+    from scoredistill.sr.pipeline import SROptions, TSDSRPipeline
+
+    pipe = TSDSRPipeline(load_model(random_backbone()),
+                         options=SROptions(upscale=2.0, process_size=32, color="adain"))
+    return pipe.save_pretrained(tmp_path_factory.mktemp("model") / "m")
+
+
+def test_model_folder_alone_runs_with_its_saved_options(model_dir, tmp_path):
+    """--model needs nothing else; the folder's options are the defaults, and a flag given
+    replaces its own field only (compared with the pipeline the folder loads into)."""
+    from scoredistill.sr.pipeline import TSDSRPipeline
+
+    src = write(tmp_path / "x.png", RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    assert main([str(src), "-o", str(out), "--model", str(model_dir), "--no-progress"]) == 0
+    got = np.asarray(Image.open(out / "x.png"))
+    assert got.shape == (40, 48, 3)  # the folder's upscale 2, not the default 4
+    want = TSDSRPipeline.from_pretrained(model_dir)(Image.open(src), output_type="np").images[0]
+    assert np.abs(got.astype(float) - np.round(want * 255)).max() <= 1
+    assert main([str(src), "-o", str(tmp_path / "o3"), "--model", str(model_dir),
+                 "--no-progress", "--upscale", "3", "--strength", "0.5"]) == 0
+    assert Image.open(tmp_path / "o3" / "x.png").size == (72, 60)
+
+
+@pytest.mark.parametrize("extra", [["--pretrained", "{sd3}"], ["--lora", "{sd3}"],
+                                   ["--embeds", "{sd3}"]])
+def test_model_folder_refuses_other_model_flags(model_dir, sd3_folder, tmp_path, capsys, extra):
+    src = write(tmp_path / "x.png", RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    argv = [str(src), "-o", str(tmp_path / "o"), "--model", str(model_dir),
+            *(a.format(sd3=sd3_folder) for a in extra)]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model" in err[0] and extra[0] in err[0]
+
+
+def test_no_model_at_all_is_one_line(tmp_path, capsys):
+    src = write(tmp_path / "x.png", RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    with pytest.raises(SystemExit) as exc:
+        main([str(src), "-o", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    assert "--model" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_a_folder_that_is_no_model_folder_names_the_flag(sd3_folder, tmp_path, capsys):
+    src = write(tmp_path / "x.png", RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    assert main([str(src), "-o", str(tmp_path / "o"), "--model", str(sd3_folder)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("scoredistill-sr: error: --model") and "scoredistill_sr.json" in line
