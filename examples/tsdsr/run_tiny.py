@@ -6,8 +6,10 @@ Pre-fits (or loads from cache) the embedded tiny SD3-shaped backbone, trains the
 scikit-image's bundled photos, super-resolves the held-out photos (``DRAWS`` Real-ESRGAN
 degradations of each, fixed seeds) with the untrained and the trained student via infer.py (AdaIN
 colour fix, the release's evaluation setting), and writes ``metrics.md`` (PSNR/SSIM on Y, LPIPS with
-a RANDOM AlexNet backbone), ``metrics.json`` (the same, per image), the SR folders and
-``grid_<name>.png`` (LQ bicubic | untrained | trained | HQ) under ``--out``. Exits 1 if the trained
+a RANDOM AlexNet backbone, the grid-artifact measure), ``metrics.json`` (the same, per image),
+the SR folders, ``overview.png`` (one row per held-out pair: LQ | bicubic | untrained | trained |
+HQ) and ``model/``, the trained student as a model folder that ``scoredistill-sr --model`` runs
+on your own images (the command is printed at the end), under ``--out``. Exits 1 if the trained
 student is not better than the untrained one on both held-out PSNR and SSIM. LPIPS is reported, not
 checked: with random weights it is no perceptual metric (it ranks the untrained student's smooth
 output above bicubic).
@@ -36,6 +38,8 @@ from examples.tsdsr.train import main as train_main
 from examples.tsdsr.training.checkpoint import checkpoints
 from examples.tsdsr.training.models import make_lpips
 from scoredistill.sr.imageio import list_images, load_image, save_png, write_atomic
+from scoredistill.sr.loading import Backbone
+from scoredistill.sr.pipeline import SROptions, TSDSRPipeline
 
 # The release evaluates with AdaIN (its inference default is wavelet). Measured on the held-out
 # pairs after 300 steps: AdaIN 22.11 dB / SSIM 0.553, wavelet 22.02 / 0.541, none 20.81 / 0.530.
@@ -80,11 +84,33 @@ def write_bicubic(lq_dir: Path, hq_dir: Path, out_dir: Path) -> None:
                  out_dir / hq.name)
 
 
-def write_grids(out: Path, hq_dir: Path, columns: Sequence[str]) -> None:
-    """``grid_<name>.png``: the ``columns`` folders' images, then the HQ, side by side."""
+def write_overview(path: Path, lq_dir: Path, hq_dir: Path, columns: Sequence[Path]) -> None:
+    """One image of every held-out pair, a row each: the LQ (nearest-neighbour to the HQ's size,
+    so its pixels show), the ``columns`` folders' images, then the HQ; rows padded white to the
+    widest."""
+    rows = []
     for hq in list_images(hq_dir):
-        row = [load_image(out / c / hq.name).rgb for c in columns] + [load_image(hq).rgb]
-        save_png(torch.cat(row, dim=-1), out / f"grid_{hq.stem}.png")
+        target = load_image(hq).rgb
+        lq = torch.nn.functional.interpolate(load_image(lq_dir / hq.name).rgb[None],
+                                             size=tuple(target.shape[-2:]), mode="nearest")[0]
+        rows.append(torch.cat([lq, *(load_image(c / hq.name).rgb for c in columns), target],
+                              dim=-1))
+    width = max(r.shape[-1] for r in rows)
+    save_png(torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[-1]), value=1.0)
+                        for r in rows], dim=-2), path)
+
+
+def save_model(backbone: Backbone, lora: Path, embeds: Path | None, folder: Path) -> Path:
+    """The student of checkpoint ``lora`` as a model folder (:meth:`TSDSRPipeline.save_pretrained`)
+    with the demo's evaluation options as its defaults."""
+    pipe = TSDSRPipeline.from_pretrained(backbone, lora=lora, embeds=embeds,
+                                         options=SROptions(process_size=128, color=COLOR_FIX))
+    return pipe.save_pretrained(folder, overwrite=True)
+
+
+def cli_line(model_dir: Path) -> str:
+    """The command that runs the saved model on a user's own images."""
+    return f"scoredistill-sr --model {model_dir} YOUR_IMAGES -o YOUR_OUTPUT_DIR"
 
 
 def score(sr_dir: Path, hq_dir: Path) -> dict:
@@ -125,17 +151,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if infer.main(cli) != 0:
             return 1
         rows[name] = score(sr_dir, val_dir)
-    write_grids(args.out, val_dir, ("sr_bicubic", "sr_untrained", "sr_trained"))
-    table = ["| held-out SR | PSNR (Y) ↑ | SSIM (Y) ↑ | LPIPS (random AlexNet) ↓ |",
-             "|---|---:|---:|---:|"]
+    write_overview(args.out / "overview.png", lq_dir, val_dir,
+                   [args.out / f"sr_{n}" for n in ("bicubic", "untrained", "trained")])
+    model_dir = save_model(fitted_backbone(), checkpoints(args.out / "train" / "checkpoints")[-1],
+                           embeds, args.out / "model")
+    table = ["| held-out SR | PSNR (Y) ↑ | SSIM (Y) ↑ | LPIPS (random AlexNet) ↓ | grid (dB) ↓ |",
+             "|---|---:|---:|---:|---:|"]
     for name, report in rows.items():
         mean = report["average"]
+        grid = "n/a" if mean.get("grid") is None else f"{mean['grid']:.2f}"
         table.append(f"| {name} | {mean['psnr']:.3f} | {mean['ssim']:.4f} | "
-                     f"{mean['lpips_random_alexnet']:.4f} |")
+                     f"{mean['lpips_random_alexnet']:.4f} | {grid} |")
     text = "\n".join(table) + (
         f"\n\n{len(HELD_OUT)} held-out photos ({', '.join(HELD_OUT)}), {DRAWS} x4 Real-ESRGAN "
-        f"LQ each; grids: LQ bicubic | untrained | trained | HQ. Tiny backbone pre-fit "
-        f"(or cache load) {fit_s:.0f} s, training {train_s:.0f} s, total "
+        f"LQ each; overview.png: LQ | bicubic | untrained | trained | HQ. Grid: the power at the "
+        f"16 px period's harmonics over their neighbours (about 0 dB without a grid). Tiny "
+        f"backbone pre-fit (or cache load) {fit_s:.0f} s, training {train_s:.0f} s, total "
         f"{time.perf_counter() - start:.0f} s.\n")
     write_atomic(args.out / "metrics.md", text.encode())
     write_atomic(args.out / "metrics.json", (json.dumps(rows, indent=1) + "\n").encode())
@@ -144,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               for n in ("untrained", "trained", "bicubic (no model)"))
     print(f"held-out PSNR {before[0]:.3f} -> {after[0]:.3f} dB (bicubic {bicubic[0]:.3f}), "
           f"SSIM {before[1]:.4f} -> {after[1]:.4f} (bicubic {bicubic[1]:.4f})")
+    print(f"the trained model is saved in {model_dir}; run it on your own images with\n"
+          f"  {cli_line(model_dir)}")
     if not (after[0] > before[0] and after[1] > before[1]):
         print("FAILED: the trained student did not improve on the untrained one", file=sys.stderr)
         return 1
