@@ -8,6 +8,12 @@
 
     scoredistill-sr LQ_DIR -o SR_DIR ... --skip-existing  # resume: only the missing outputs
 
+``--model`` loads a model folder (:meth:`TSDSRPipeline.save_pretrained`'s; ``make demo``
+writes one) alone: its saved options (upscale, process size, colour fix, strength) are the
+defaults, and ``--upscale``, ``--process-size``, ``--color-fix`` and ``--strength`` given on the
+command line replace their own field. ``--strength S`` in [0, 1] trades realism for fidelity:
+``z_hat = z_L - S * v``, 0 the input's own VAE reconstruction, 1 the model.
+
 Output: ``<out>/<stem>.png`` (16 bit for 16-bit inputs, else 8 bit; alpha re-attached, grey
 stays grey), written to a hidden temp file and renamed, so an output name never holds a part
 of a file (Ctrl-C included). A file already at an output name is never replaced unless
