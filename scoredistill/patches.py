@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .analytic import FullGaussianMixture
+from .atomic import save_safetensors
 from .em import fit_full_mixture
 from .posterior import LinearGaussianPosterior, PosteriorTeacher, lq_condition
 from .protocols import Prediction
@@ -129,7 +129,7 @@ class PatchSR:
         return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
     def _load_or_fit(self) -> tuple[dict[str, Tensor], float, float]:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         folder = self.cache_dir or Path(tempfile.gettempdir()) / "scoredistill-patches"
         path = folder / f"gmm-{self._fit_key()}.safetensors"
@@ -142,11 +142,7 @@ class PatchSR:
                               reg=self.reg, seed=self.seed)
         t = {"means": gm.means, "covs": gm.covs, "weights": gm.weights,
              "pixel_mean": torch.tensor(mean), "pixel_std": torch.tensor(std)}
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".safetensors")
-        os.close(fd)
-        save_file({k: v.contiguous() for k, v in t.items()}, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        save_safetensors(t, path)  # atomic: a concurrent reader never sees half a file
         return t, mean, std
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

@@ -11,8 +11,6 @@ The TSD-SR release ships two such files, ``transformer.safetensors`` (the studen
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable
@@ -21,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from ..atomic import save_safetensors
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -107,20 +107,6 @@ def lora_state_dict(module: nn.Module, adapter: str) -> dict[str, Tensor]:
     return out
 
 
-def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _jsonable(value: Any) -> Any:
     return sorted(value) if isinstance(value, set | frozenset) else value
 
@@ -155,7 +141,7 @@ def save_lora(path: str | Path, module: nn.Module, adapter: str, *,
     if config is not None:
         fields = {f"{prefix}.{k}": _jsonable(getattr(config, k)) for k in _CONFIG_FIELDS}
         metadata[METADATA_KEY] = json.dumps(fields, indent=2, sort_keys=True)
-    _atomic_save(tensors, Path(path), metadata)
+    save_safetensors(tensors, path, metadata)
     return Path(path)
 
 

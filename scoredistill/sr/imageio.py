@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from scoredistill.atomic import new_file_mode
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 89_478_485
 """Pillow's decompression-bomb limit (about 9459 x 9459 px), applied to every decoder path."""
@@ -191,13 +193,6 @@ def _rename_new(tmp_name: str, path: Path) -> None:
         os.replace(tmp_name, path)
         return
     os.unlink(tmp_name)
-
-
-def new_file_mode() -> int:
-    """0666 less the process's umask: the mode ``open(path, "w")`` gives a new file."""
-    umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _pil_to_array(img: Image.Image) -> tuple[np.ndarray, bool]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from scoredistill.sr.imageio import new_file_mode
+from scoredistill.atomic import new_file_mode
 from scoredistill.sr.loading import KEYS, Backbone, SRModel, load_sd3
 
 CONFIG_FILE = "scoredistill_sr.json"

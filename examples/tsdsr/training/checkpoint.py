@@ -30,9 +30,9 @@ from torch import Tensor
 from examples.tsdsr.training.models import VAE_ADAPTER, TSDSRModels
 from examples.tsdsr.training.sharding import is_sharded
 from scoredistill.adapters import load_lora, lora_state_dict, save_lora
+from scoredistill.atomic import new_file_mode
 from scoredistill.cli import UserError
 from scoredistill.messages import brief
-from scoredistill.sr.imageio import new_file_mode
 
 log = logging.getLogger("tsdsr.train")
 PATTERN = re.compile(r"step-(\d{8})")
