@@ -58,3 +58,14 @@ def test_jpeg_codec_option():
     assert exit_info.value.code == 2
     with pytest.raises(ValueError, match="jpeg_codec must be one of diffjpeg, libjpeg"):
         TrainConfig(jpeg_codec="pillow")
+
+
+def test_tsd_space_reaches_the_loss_and_is_checked():
+    """--tsd-space picks TSDLoss's space; the release's velocity space is the default."""
+    from examples.tsdsr.training.config import TrainConfig
+    from examples.tsdsr.training.step import Losses
+
+    assert Losses.from_config(TrainConfig()).tsd.space == "flow"
+    assert Losses.from_config(TrainConfig(tsd_space="epsilon")).tsd.space == "epsilon"
+    with pytest.raises(ValueError, match="tsd_space must be one of flow, epsilon"):
+        TrainConfig(tsd_space="eps")

@@ -39,6 +39,7 @@ CHANGES = {
     "mse_weight": {"mse_weight": 0.0},
     "gamma": {"gamma": 0.5},
     "tsd_lambda": {"tsd_lambda": 0.5},
+    "tsd_space": {"tsd_space": "epsilon"},
     "cfg_scale": {"cfg_scale": 1.0},
     "index_low": {"index_low": 100},
     "index_high": {"index_high": 900},

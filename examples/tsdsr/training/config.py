@@ -55,6 +55,9 @@ class TrainConfig:
     mse_weight: float = 1.0  # the release's latent MSE (on); 0 turns it off
     gamma: float = 1.0
     tsd_lambda: float = 0.7
+    # The space TSD's differences are taken in: "flow" (SD3's own velocity, the release's) or
+    # "epsilon", where TSM's two parts cancel at low noise (docs: "Which space for TSM/TSD").
+    tsd_space: str = "flow"
     cfg_scale: float = 7.5
     index_low: int = 50  # TSD and fake-score indices ~ U{index_low, ..., index_high - 1}
     index_high: int = 950
@@ -133,6 +136,7 @@ BOUNDS: dict[str, dict[str, Any]] = {
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "fake_weighting": ("none", "sigma_sqrt", "cosmap"),
+    "tsd_space": ("flow", "epsilon"),
     "lr_scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                      "constant_with_warmup"),
     "mixed_precision": ("no", "fp16", "bf16"),

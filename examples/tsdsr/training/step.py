@@ -35,7 +35,7 @@ class Losses:
                             tuple(config.dasm_bias)) if config.use_dasm else None)
         # check_finite=False: the step checks the total loss itself and skips, not raises.
         return cls(TSDLoss(lam=config.tsd_lambda, dasm=dasm, index_sampler=index,
-                           check_finite=False),
+                           space=config.tsd_space, check_finite=False),
                    DiffusionLoss(loss_weighting=config.fake_weighting, index_sampler=index,
                                  check_finite=False))
 
