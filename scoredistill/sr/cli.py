@@ -12,7 +12,9 @@
 writes one) alone: its saved options (upscale, process size, colour fix, strength) are the
 defaults, and ``--upscale``, ``--process-size``, ``--color-fix`` and ``--strength`` given on the
 command line replace their own field. ``--strength S`` in [0, 1] trades realism for fidelity:
-``z_hat = z_L - S * v``, 0 the input's own VAE reconstruction, 1 the model.
+``z_hat = z_L - S * v``, 0 the input's own VAE reconstruction, 1 the model. ``--compare`` also
+writes ``<out>/compare/<stem>.png``: the input's bicubic upsampling beside the output, with
+their centres zoomed 2x below (guarded like the outputs).
 
 Output: ``<out>/<stem>.png`` (16 bit for 16-bit inputs, else 8 bit; alpha re-attached, grey
 stays grey), written to a hidden temp file and renamed, so an output name never holds a part
@@ -97,17 +99,22 @@ def build_parser(description: str, *, pretrained_required: bool,
                                "with it to resume")
     # None: the model folder's saved option, else SROptions' default (named in the help).
     parser.add_argument("--upscale", type=number(float, low=0, low_open=True),
-                        help=f"output size / input size (default {DEFAULT_OPTIONS.upscale:g})")
+                        help="output size / input size (default: "
+                             f"{DEFAULT_OPTIONS.upscale:g}, or the --model folder's)")
     parser.add_argument("--process-size", type=number(int, low=MIN_SIDE),
-                        help="short side the model works at (smaller outputs are resized; "
-                             f"default {DEFAULT_OPTIONS.process_size})")
+                        help="short side the model works at, smaller outputs are resized "
+                             f"(default: {DEFAULT_OPTIONS.process_size}, or the --model "
+                             "folder's)")
     parser.add_argument("--color-fix", choices=list(COLOR_FIXES),
-                        help="align the output's colours to the upsampled input (default "
-                             f"{DEFAULT_OPTIONS.color})")
+                        help="align the output's colours to the upsampled input (default: "
+                             f"{DEFAULT_OPTIONS.color}, or the --model folder's)")
     parser.add_argument("--strength", type=number(float, low=0, high=1),
-                        help="fidelity / realism: z_hat = z_L - strength * v; 0 gives the "
-                             "input's own VAE reconstruction, 1 the model (default "
-                             f"{DEFAULT_OPTIONS.strength:g})")
+                        help="fidelity / realism: z_hat = z_L - strength * v, 0 gives the "
+                             "input's own VAE reconstruction, 1 the model (default: "
+                             f"{DEFAULT_OPTIONS.strength:g}, or the --model folder's)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also write <out>/compare/<stem>.png: the bicubic upsampling | the "
+                             "SR output, their centres zoomed 2x below")
     parser.add_argument("--max-pixels", type=number(int, low=1), default=DEFAULT_MAX_PIXELS,
                         help="refuse inputs of more pixels (decompression bombs)")
     speed = parser.add_argument_group("speed and memory")
@@ -211,16 +218,19 @@ def _check_fp8(device: str) -> None:
 def _select(jobs: list[tuple[Path, Path]], args: argparse.Namespace, prefix: str
             ) -> list[tuple[Path, Path]]:
     """``jobs`` less those whose output exists (--skip-existing), or all of them
-    (--overwrite); without either, an existing output is a :class:`UserError`."""
-    existing = [dst for _, dst in jobs if os.path.lexists(dst)]
+    (--overwrite); without either, an existing output (or --compare picture) is a
+    :class:`UserError`."""
+    compare = [args.out / "compare" / dst.name for _, dst in jobs] if args.compare else []
+    existing = [p for p in [dst for _, dst in jobs] + compare if os.path.lexists(p)]
     if not existing or args.overwrite:
         return jobs
     if not args.skip_existing:
         raise UserError(f"{len(existing)} output file(s) already exist in {args.out} (first: "
-                        f"{existing[0].name}): pass --skip-existing to do only the missing ones "
-                        "(resume) or --overwrite to replace them")
-    print(f"{prefix}skipping {len(existing)} existing output(s) in {args.out} (--skip-existing)")
-    return [(src, dst) for src, dst in jobs if dst not in set(existing)]
+                        f"{existing[0].relative_to(args.out)}): pass --skip-existing to do only "
+                        "the missing ones (resume) or --overwrite to replace them")
+    done = {dst for _, dst in jobs if os.path.lexists(dst)}  # an SR output marks its input done
+    print(f"{prefix}skipping {len(done)} existing output(s) in {args.out} (--skip-existing)")
+    return [(src, dst) for src, dst in jobs if dst not in done]
 
 
 def _run(argv: Sequence[str] | None, default_backbone: DefaultBackbone | None,
@@ -238,6 +248,7 @@ def _run(argv: Sequence[str] | None, default_backbone: DefaultBackbone | None,
         raise UserError(f"--out {args.out} is the input folder; refusing to write next to inputs")
     tiles = _tiles(args)
     writable_dir(args.out, "--out")
+    compare_dir = writable_dir(args.out / "compare", "--compare") if args.compare else None
     rank, world, local_rank = process_share()
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
     jobs, failed = plan_outputs(inputs, args.out, max_pixels=args.max_pixels)
@@ -257,7 +268,7 @@ def _run(argv: Sequence[str] | None, default_backbone: DefaultBackbone | None,
         failed |= super_resolve_files(
             pipe, jobs, _options(args, pipe.options),
             workers=args.workers, progress=not args.no_progress and rank == 0,
-            max_pixels=args.max_pixels, overwrite=args.overwrite)
+            max_pixels=args.max_pixels, overwrite=args.overwrite, compare_dir=compare_dir)
         seconds = time.perf_counter() - start
     done = len(jobs) - sum(1 for src, _ in jobs if str(src) in failed)
     if done:

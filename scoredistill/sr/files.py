@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from scoredistill.cli import out_of_memory
+from scoredistill.sr.compare import side_by_side
 from scoredistill.sr.imageio import DEFAULT_MAX_PIXELS, LoadedImage, load_image, save_png
 from scoredistill.sr.pipeline import DEFAULT_OPTIONS, MIN_SIDE, SROptions, TSDSRPipeline, resize
 
@@ -159,11 +160,14 @@ def check_output_size(height: int, width: int, options: SROptions) -> None:
 def super_resolve_files(pipe: TSDSRPipeline, jobs: Sequence[tuple[Path, Path]],
                         options: SROptions = DEFAULT_OPTIONS, *, workers: int = 2,
                         progress: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                        overwrite: bool = True) -> dict[str, str]:
+                        overwrite: bool = True, compare_dir: Path | None = None
+                        ) -> dict[str, str]:
     """Super-resolve each ``(src, dst)`` (RGB/RGBA/grey, 8/16 bit) and write ``dst`` as a PNG
     at the input's bit depth, atomically; returns ``{src: reason}`` for the files that failed
     (inputs above ``max_pixels`` among them: see :func:`~scoredistill.sr.imageio.load_image`).
     ``overwrite=False``: a ``dst`` that exists when its image is done is kept, and reported.
+    ``compare_dir``: also write ``compare_dir / dst.name``, bicubic | SR with a zoomed centre
+    (:func:`~scoredistill.sr.compare.side_by_side`), 8 bit.
 
     Images are gathered, in order, until they make ``pipe.batch_size`` transformer tiles (a
     large image alone makes many), and super-resolved together; a batch that runs out of
@@ -180,13 +184,18 @@ def super_resolve_files(pipe: TSDSRPipeline, jobs: Sequence[tuple[Path, Path]],
         for batch in _batches(pipe, _prefetch(reader, jobs, pin, ahead, pipe, failed, bar,
                                               max_pixels, options)):
             for item, sr in _run(pipe, batch, options, failed):
-                try:
-                    host, event = _download(_output(sr, item.image))
-                except Exception as exc:
-                    failed.add(item.src, exc)
-                    continue
-                writes.append((item.src, writer.submit(_write, host, event, item.dst,
-                                                       item.image.bits, overwrite)))
+                outputs = [(item.dst, item.image.bits, lambda: _output(sr, item.image))]  # noqa: B023
+                if compare_dir is not None:
+                    outputs.append((compare_dir / item.dst.name, 8,
+                                    lambda: side_by_side(item.image.rgb, sr)))  # noqa: B023
+                for dst, bits, make in outputs:
+                    try:
+                        host, event = _download(make())
+                    except Exception as exc:
+                        failed.add(item.src, exc)
+                        break
+                    writes.append((item.src, writer.submit(_write, host, event, dst, bits,
+                                                           overwrite)))
             bar.update(len(batch))
         start = time.perf_counter()
         for src, future in writes:

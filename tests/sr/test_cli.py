@@ -196,7 +196,8 @@ def test_version_and_defaults_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("(default: 4.0)", "(default: 512)", "(default: wavelet)", "(default: 64 8)",
+    for shown in ("(default: 4, or the --model folder's)", "(default: 512,",
+                  "(default: wavelet,", "(default: 1,", "(default: 64 8)",
                   "--skip-existing", "--overwrite"):
         assert shown in text
     assert "(default: None)" not in text and "(default: False)" not in text
@@ -266,3 +267,22 @@ def test_a_folder_that_is_no_model_folder_names_the_flag(sd3_folder, tmp_path, c
     assert main([str(src), "-o", str(tmp_path / "o"), "--model", str(sd3_folder)]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("scoredistill-sr: error: --model") and "scoredistill_sr.json" in line
+
+
+def test_compare_writes_before_after_pictures_and_guards_them(model_dir, tmp_path, capsys):
+    """--compare: <out>/compare/<stem>.png is side_by_side(input, the SR output as written);
+    an existing picture is refused like an existing output."""
+    from scoredistill.sr.compare import side_by_side
+
+    src = write(tmp_path / "x.png", RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    argv = [str(src), "-o", str(out), "--model", str(model_dir), "--no-progress", "--compare"]
+    assert main(argv) == 0
+    sr = torch.from_numpy(np.array(Image.open(out / "x.png"))).permute(2, 0, 1) / 255
+    lq = torch.from_numpy(np.array(Image.open(src))).permute(2, 0, 1) / 255
+    picture = np.asarray(Image.open(out / "compare" / "x.png")).astype(float)
+    want = side_by_side(lq, sr).permute(1, 2, 0).numpy() * 255
+    assert picture.shape == (80, 96, 3) and np.abs(picture - want).max() <= 1.01
+    (out / "x.png").unlink()  # the picture alone still counts as an existing output
+    assert main(argv) == 2
+    assert "compare/x.png" in capsys.readouterr().err
