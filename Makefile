@@ -45,6 +45,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.inference --quick --out $$out && \
 	$(BIN)/python -m benchmarks.tiled_vae --quick --out $$out && \
 	$(BIN)/python -m benchmarks.sr_throughput --quick --out $$out && \
+	$(BIN)/python -m benchmarks.sr_strength --quick --out $$out && \
 	$(BIN)/python -m benchmarks.compare_losses --quick --no-docs-assets --out $$out && \
 	$(BIN)/python -m benchmarks.natural_patches --quick --no-docs-assets --out $$out
 

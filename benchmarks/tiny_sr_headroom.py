@@ -48,18 +48,20 @@ def residual_cnn(width: int = 32, depth: int = 5) -> nn.Module:
     return nn.Sequential(*layers, nn.Conv2d(width, 3, 3, padding=1))
 
 
-def held_out_pairs(seed: int) -> list[tuple[Tensor, Tensor]]:
-    """The demo's held-out (bicubic-upsampled LQ, HQ) pairs, each (1, 3, H, W) in [0, 1]."""
+def demo_pairs(seed: int) -> list[tuple[str, Tensor, Tensor]]:
+    """The demo's held-out ``(name, LQ (1, 3, h, w), HQ (1, 3, 4h, 4w))`` in [0, 1], as
+    ``run_tiny`` writes them (its seed 0: the LQ images ``make demo`` scores)."""
     with tempfile.TemporaryDirectory() as tmp:
-        _, photos = write_tiny_data(tmp)  # as run_tiny writes them
+        _, photos = write_tiny_data(tmp)
         hq_dir, lq_dir = Path(tmp) / "pairs_hq", Path(tmp) / "pairs_lq"
         write_pairs(photos, hq_dir, lq_dir, seed=seed)
-        pairs = []
-        for path in list_images(hq_dir):
-            hq = load_image(path).rgb[None]
-            lq = load_image(lq_dir / path.name).rgb[None]
-            pairs.append((upsample_lq(lq, size=tuple(hq.shape[-2:])), hq))
-    return pairs
+        return [(path.name, load_image(lq_dir / path.name).rgb[None], load_image(path).rgb[None])
+                for path in list_images(hq_dir)]
+
+
+def held_out_pairs(seed: int) -> list[tuple[Tensor, Tensor]]:
+    """The demo's held-out (bicubic-upsampled LQ, HQ) pairs, each (1, 3, H, W) in [0, 1]."""
+    return [(upsample_lq(lq, size=tuple(hq.shape[-2:])), hq) for _, lq, hq in demo_pairs(seed)]
 
 
 @torch.no_grad()
