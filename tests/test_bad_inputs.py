@@ -256,7 +256,7 @@ CASES = [
          ("--lora", "ckpt/transformer.safetensors"),
          setup=files.call(files.checkpoint_with_vae_lora_as_transformer, "{ws}/ckpt")),
     Case("infer upscale 0.001, folder goes on", "infer", (*INFER, "--upscale", "0.001"), 1,
-         ("x.png", "makes this 24x20 px image 0x0 px", "--upscale above 0.025"),
+         ("x.png", "makes this 24x20 px image 0x0 px", "upscale above 0.025"),
          setup=files.call(files.png, "{ws}/lq/big.png", 520, 520),
          check=files.outputs("big.png")),
     Case("infer same-stem clash: the readable one goes through", "infer", INFER, 1,

@@ -148,15 +148,6 @@ def _write(host: Tensor, event: torch.cuda.Event | None, dst: Path, bits: int,
     save_png(host, dst, bits=bits, overwrite=overwrite)
 
 
-def check_output_size(height: int, width: int, options: SROptions) -> None:
-    """ValueError if ``upscale`` makes an ``height`` x ``width`` image less than 1 px a side."""
-    out_h, out_w = round(height * options.upscale), round(width * options.upscale)
-    if min(out_h, out_w) < 1:
-        raise ValueError(f"upscale {options.upscale:g} makes this {width}x{height} px image "
-                         f"{out_w}x{out_h} px: give a --upscale above "
-                         f"{0.5 / min(height, width):g} for it")
-
-
 def super_resolve_files(pipe: TSDSRPipeline, jobs: Sequence[tuple[Path, Path]],
                         options: SROptions = DEFAULT_OPTIONS, *, workers: int = 2,
                         progress: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -225,7 +216,6 @@ def _prefetch(reader: ThreadPoolExecutor, jobs: Sequence[tuple[Path, Path]], pin
         try:
             item = future.result()
             pipe.check(item.image.rgb)
-            check_output_size(*item.image.rgb.shape[-2:], options)
             tiles = pipe.latent_tiles(*item.image.rgb.shape[-2:], options)
         except Exception as exc:
             failed.add(src, exc)

@@ -301,6 +301,10 @@ class TSDSRPipeline:
         """The output size of an ``height`` x ``width`` image and the size the model runs at."""
         options = options or self.options
         target = (round(height * options.upscale), round(width * options.upscale))
+        if min(target) < 1:
+            raise ValueError(f"upscale {options.upscale:g} makes this {width}x{height} px image "
+                             f"{target[1]}x{target[0]} px: give an upscale above "
+                             f"{0.5 / min(height, width):g} for it")
         # The model saw >= 512 px crops: raise the short side to process_size (release: LQ 128).
         grow = max(1.0, options.process_size / min(target))
         return target, (round(target[0] * grow), round(target[1] * grow))

@@ -169,3 +169,11 @@ def test_torch_dtype_and_to_cast_and_move_the_model():
                                       dtype=torch.float32)
     with pytest.raises(TypeError, match=r"torch_dtype must be a torch\.dtype.*got 'fp16'"):
         TSDSRPipeline.from_pretrained(random_backbone(), torch_dtype="fp16")  # type: ignore
+
+
+def test_an_upscale_that_leaves_no_pixel_is_one_line(pipe):
+    """SROptions accepts any upscale > 0; an image it would shrink below 1 px is refused by
+    name (it was a ZeroDivisionError)."""
+    with pytest.raises(ValueError, match=r"upscale 0.001 makes this 24x16 px image 0x0 px: "
+                                         r"give an upscale above 0.03125"):
+        pipe(torch.rand(3, 16, 24), upscale=0.001)
