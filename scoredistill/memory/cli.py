@@ -1,0 +1,110 @@
+"""``scoredistill-plan``: the peak memory, FLOPs and compute floor of a TSD-SR train step or an
+SR run at real backbone sizes, traced on fake tensors (no GPU, no weights, no memory).
+
+    scoredistill-plan train --model sd3-medium --size 512 --batch 1
+    scoredistill-plan train --model path/to/sd3-folder --checkpointing
+    scoredistill-plan sr --model sd3-medium --input 1024x1024 --upscale 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+
+import torch
+
+from scoredistill.cli import ArgumentParser, UserError, add_version, entry_point, number
+
+from .backbones import SPECS, BackboneSpec, read_spec
+from .report import render
+from .steps import SROptions, TrainOptions, plan_sr, plan_train
+
+PROG = "scoredistill-plan"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The two subcommands and their flags."""
+    parser = ArgumentParser(prog=PROG, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version(parser)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="one TSD-SR training iteration (Alg. 1)")
+    sr = commands.add_parser("sr", help="the SR pipeline on a batch of images")
+    for sub in (train, sr):
+        sub.add_argument("--model", default="sd3-medium",
+                         help=f"a built-in config ({', '.join(SPECS)}), or a local SD3 folder "
+                              "or transformer config.json")
+        sub.add_argument("--dtype", choices=DTYPES, default="bf16", help="the weights' dtype")
+    train.add_argument("--size", type=number(int, 16), default=512, help="crop side, px")
+    train.add_argument("--batch", type=number(int, 1), default=1)
+    for role in ("student", "fake", "vae"):
+        train.add_argument(f"--{role}-rank", type=number(int, 1), default=64)
+    train.add_argument("--checkpointing", action="store_true",
+                       help="gradient checkpointing in the transformer and the VAE")
+    train.add_argument("--no-dasm", action="store_true", help="TSD at one point, not DASM")
+    train.add_argument("--no-lpips", action="store_true", help="without the LPIPS loss")
+    sr.add_argument("--input", type=size, default=(256, 256), metavar="HxW",
+                    help="input image size, px")
+    sr.add_argument("--upscale", type=number(float, 0, low_open=True), default=4.0)
+    sr.add_argument("--images", type=number(int, 1), default=1, help="images per call")
+    sr.add_argument("--batch", type=number(int, 1), default=8,
+                    help="transformer tiles per call")
+    sr.add_argument("--no-tiles", action="store_true", help="every stage on the whole image")
+    sr.add_argument("--channels-last", action="store_true", help="the VAE in channels-last")
+    return parser
+
+
+def size(text: str) -> tuple[int, int]:
+    """An argparse ``type``: ``HxW`` in pixels."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match or min(int(match[1]), int(match[2])) < 8:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in px (each >= 8), e.g. "
+                                         f"512x768, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def spec_of(model: str) -> BackboneSpec:
+    """A built-in config by name, else a local folder or config.json (UserError if neither)."""
+    if model in SPECS:
+        return SPECS[model]
+    try:
+        return read_spec(model)
+    except ValueError as exc:
+        raise UserError(f"--model {model}: not a built-in config ({', '.join(SPECS)}) and "
+                        f"{exc}") from None
+
+
+@entry_point(PROG)
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    spec, dtype = spec_of(args.model), DTYPES[args.dtype]
+    from diffusers.utils import logging
+
+    logging.set_verbosity_error()  # the "keep modules in float32" notice for built configs
+    if args.command == "train":
+        opts = TrainOptions(size=args.size, batch=args.batch, dtype=dtype,
+                            student_rank=args.student_rank, fake_rank=args.fake_rank,
+                            vae_rank=args.vae_rank, dasm=not args.no_dasm,
+                            lpips=not args.no_lpips, checkpointing=args.checkpointing)
+        plan = plan_train(spec, opts)
+        title = (f"Train step, {args.model}, {args.dtype} weights, fp32 LoRA (ranks "
+                 f"{opts.student_rank}/{opts.fake_rank}/{opts.vae_rank}), {opts.size} px, "
+                 f"batch {opts.batch}, DASM {'on' if opts.dasm else 'off'}, LPIPS "
+                 f"{'on' if opts.lpips else 'off'}, checkpointing "
+                 f"{'on' if opts.checkpointing else 'off'}; AdamW for both roles")
+    else:
+        sr_opts = SROptions(height=args.input[0], width=args.input[1], upscale=args.upscale,
+                            images=args.images, batch=args.batch, tiles=not args.no_tiles,
+                            dtype=dtype, channels_last=args.channels_last)
+        plan = plan_sr(spec, sr_opts)
+        title = (f"SR, {args.model}, {args.dtype}, {args.images} x {args.input[0]}x"
+                 f"{args.input[1]} px, upscale {args.upscale:g}, transformer batch "
+                 f"{args.batch}, tiles {'off' if args.no_tiles else 'default'}")
+    print(render(title + " (traced on fake tensors with CPU kernels)", plan))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

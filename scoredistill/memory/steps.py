@@ -1,0 +1,262 @@
+"""The steps the planner traces, written with the code the recipe and the SR CLI run.
+
+``train``: one iteration of TSD-SR's Alg. 1 as ``examples/tsdsr/training/step.py`` runs it
+(student = VAE encoder with its LoRA + transformer LoRA, one step at t = 1000, decode, LPIPS,
+latent MSE, TSD with DASM and CFG through the shared backbone's fused calls, AdamW with clipping;
+then the fake-score loss and its AdamW step). ``sr``: :class:`~scoredistill.sr.TSDSRPipeline` on
+a batch of images with the given tiles. Each builds either fake tensors (the plan) or real ones
+(the validation run), then runs the same function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import Backbone, BackboneSpec, build_meta, build_real, make_fake
+from .trace import Allocated, Phase, Placeholders, Plan, allocated_peak, run_phases, trace
+
+Step = list[Phase]
+
+
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """The recipe's knobs that change memory (defaults: TSD-SR's paper settings)."""
+
+    size: int = 512  # LQ (upsampled) and HQ crop side, px
+    batch: int = 1
+    dtype: torch.dtype = torch.bfloat16  # the frozen weights'; LoRA weights stay fp32
+    student_rank: int = 64
+    fake_rank: int = 64
+    vae_rank: int = 64
+    dasm: bool = True
+    cfg_scale: float = 7.5
+    lpips: bool = True
+    checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class SROptions:
+    """What the SR CLI runs: ``images`` inputs of ``height`` x ``width`` px, upscaled."""
+
+    height: int = 256
+    width: int = 256
+    upscale: float = 4.0
+    images: int = 1
+    batch: int = 8  # transformer tiles per call (the pipeline's batch_size)
+    tiles: bool = True  # today's TileConfig defaults; False runs every stage whole
+    dtype: torch.dtype = torch.bfloat16
+    channels_last: bool = False  # the pipeline's channels-last VAE
+
+
+def _lpips() -> nn.Module:
+    import lpips
+
+    # Random AlexNet and linear layers: the same shapes (and memory) as the published weights.
+    return lpips.LPIPS(net="alex", pretrained=False, pnet_rand=True, verbose=False
+                       ).eval().requires_grad_(False)
+
+
+def _train_models(parts: Backbone, opts: TrainOptions) -> Any:
+    """The recipe's LoRA roles on the backbone (models.build_models), on meta or real weights."""
+    from scoredistill.adapters import (
+        ATTENTION_TARGETS,
+        STUDENT_TARGETS,
+        SD3ScoreModel,
+        add_vae_lora,
+        lora_config,
+        lora_roles,
+    )
+
+    if opts.checkpointing:
+        parts.transformer.enable_gradient_checkpointing()
+        parts.vae.enable_gradient_checkpointing()
+    roles = lora_roles(SD3ScoreModel(parts.transformer),
+                       student=lora_config(STUDENT_TARGETS, opts.student_rank),
+                       fake=lora_config(ATTENTION_TARGETS, opts.fake_rank))
+    add_vae_lora(parts.vae, opts.vae_rank, "default")
+    for p in (*roles.student.parameters(), *roles.fake.parameters(), *_vae_lora(parts.vae)):
+        p.data = p.data.float()  # fp32 LoRA weights (models.build_models, the release)
+    return roles
+
+
+def _vae_lora(vae: nn.Module) -> list[nn.Parameter]:
+    from scoredistill.adapters import lora_state_dict
+
+    return list(lora_state_dict(vae, "default").values())
+
+
+def _train_step(roles: Any, parts: Backbone, spec: BackboneSpec, opts: TrainOptions,
+                device: str) -> tuple[list[nn.Module], Step, list[Any]]:
+    """The iteration and what exists before it (optimisers, the batch)."""
+    from scoredistill import CFG, DASMSampler, DiffusionLoss, TSDLoss
+    from scoredistill.sr.latents import decode, encode, one_step
+
+    vae = parts.vae
+    lpips = _lpips() if opts.lpips else None
+    student = [*roles.student.parameters(), *_vae_lora(vae)]
+    fake = roles.fake.parameters()
+    optimisers = [torch.optim.AdamW(student, lr=5e-6), torch.optim.AdamW(fake, lr=5e-6)]
+    b, s, dims = opts.batch, opts.size, spec.transformer
+    lq, hq = (torch.rand(b, 3, s, s, device=device) * 2 - 1 for _ in range(2))
+
+    def prompt(n: int) -> dict[str, torch.Tensor]:
+        return {"prompt_embeds": torch.randn(n, spec.tokens, dims["joint_attention_dim"],
+                                             device=device, dtype=opts.dtype),
+                "pooled_projections": torch.randn(n, dims["pooled_projection_dim"],
+                                                  device=device, dtype=opts.dtype)}
+
+    cond, default, null = prompt(b), prompt(1), prompt(1)
+    tsd = TSDLoss(lam=0.7, dasm=DASMSampler() if opts.dasm else None, check_finite=False)
+    fake_loss = DiffusionLoss(check_finite=False)
+
+    def update(loss: torch.Tensor, params: list[nn.Parameter], opt: Any) -> None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    z_hat_box: list[torch.Tensor] = []
+
+    def generator_step() -> Callable[[], None]:
+        with _autocast(device, opts.dtype):
+            z_lq = encode(vae, lq, posterior="sample")
+            z_hat = one_step(roles.student, z_lq, {k: v.expand(b, *v.shape[1:])
+                                                   for k, v in default.items()})
+            x_hat = decode(vae, z_hat)
+            with torch.no_grad(), _adapters_off(vae):
+                z = encode(vae, hq, posterior="mode")
+            loss = F.mse_loss(z_hat, z) + tsd(
+                z_hat, cond, teacher=CFG(roles.teacher, opts.cfg_scale, null),
+                fake=CFG(roles.fake, opts.cfg_scale, null), z=z).loss
+            if lpips is not None:
+                loss = loss + lpips(x_hat, hq).mean()
+        z_hat_box.append(z_hat.detach())
+        return lambda: update(loss, student, optimisers[0])
+
+    def fake_step() -> Callable[[], None]:
+        with _autocast(device, opts.dtype):
+            out = fake_loss(z_hat_box.pop(), cond, model=roles.fake).loss
+        return lambda: update(out, fake, optimisers[1])
+
+    modules = [parts.transformer, vae, *([lpips] if lpips is not None else [])]
+    batch = [lq, hq, *cond.values(), *default.values(), *null.values()]
+    return modules, [generator_step, fake_step], [*optimisers, *batch]
+
+
+@contextlib.contextmanager
+def _adapters_off(module: nn.Module) -> Iterator[None]:
+    module.disable_adapters()
+    try:
+        yield
+    finally:
+        module.enable_adapters()
+
+
+def _autocast(device: str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    # The recipe's accelerate mixed precision: autocast to the weights' half dtype.
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype)
+
+
+def _sr_models(parts: Backbone, opts: SROptions) -> None:
+    """Frozen and QKV-fused, as ``load_model`` leaves them (the LoRA merged: no extra weights);
+    the VAE's weights in channels-last here, where the pipeline would (fake weights cannot be
+    converted in place)."""
+    from scoredistill.sr import fast
+
+    for module in (parts.transformer, parts.vae):
+        module.requires_grad_(False)
+        module.fuse_qkv_projections()
+    if opts.channels_last:
+        fast.to_channels_last(parts.vae)
+
+
+def _sr_step(parts: Backbone, spec: BackboneSpec, opts: SROptions, device: str
+             ) -> tuple[list[nn.Module], Step, list[Any]]:
+    from scoredistill.adapters import SD3ScoreModel
+    from scoredistill.sr.loading import SRModel
+    from scoredistill.sr.pipeline import DEFAULT_TILES, TSDSRPipeline
+    from scoredistill.sr.pipeline import SROptions as PipelineOptions
+
+    dims = spec.transformer
+    cond = {"prompt_embeds": torch.randn(1, spec.tokens, dims["joint_attention_dim"],
+                                         device=device, dtype=opts.dtype),
+            "pooled_projections": torch.randn(1, dims["pooled_projection_dim"], device=device,
+                                              dtype=opts.dtype)}
+    pipe = TSDSRPipeline(SRModel(SD3ScoreModel(parts.transformer), parts.vae, cond),
+                         tiles=DEFAULT_TILES if opts.tiles else None, batch_size=opts.batch)
+    pipe.channels_last = opts.channels_last  # inputs too; the weights were done by _sr_models
+    images = [torch.rand(3, opts.height, opts.width, device=device) for _ in range(opts.images)]
+    options = PipelineOptions(upscale=opts.upscale)
+
+    def step() -> None:
+        with torch.no_grad():
+            pipe._super_resolve(images, options)  # run() minus the value checks
+        return None
+
+    return [parts.transformer, parts.vae], [step], [*cond.values(), *images]
+
+
+def plan_train(spec: BackboneSpec, opts: TrainOptions, device: str = "cpu") -> Plan:
+    """The train iteration traced on fake ``device`` tensors."""
+    meta = _meta(spec, opts.dtype)
+    roles = _train_models(meta, opts)
+    return _trace_fake(meta, device, lambda: _train_step(roles, meta, spec, opts, device))
+
+
+def plan_sr(spec: BackboneSpec, opts: SROptions, device: str = "cpu") -> Plan:
+    """The SR pipeline's run traced on fake ``device`` tensors."""
+    meta = _meta(spec, opts.dtype)
+    _sr_models(meta, opts)
+    return _trace_fake(meta, device, lambda: _sr_step(meta, spec, opts, device))
+
+
+def _meta(spec: BackboneSpec, dtype: torch.dtype) -> Backbone:
+    meta = build_meta(spec)
+    meta.transformer.to(dtype)
+    meta.vae.to(dtype)
+    return meta
+
+
+def _trace_fake(meta: Backbone, device: str,
+                setup: Callable[[], tuple[list[nn.Module], Step, list[Any]]]) -> Plan:
+    # LoRA layers are added on the meta modules (peft moves them with .to(), which fake
+    # parameters refuse), then every weight becomes a fake tensor and the step is set up.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), Placeholders():
+        for module in (meta.transformer, meta.vae):
+            make_fake(module, device)
+        modules, step, external = setup()
+        return trace(step, modules, external)
+
+
+def measure_train(spec: BackboneSpec, opts: TrainOptions) -> Allocated:
+    """Peak bytes allocated during a REAL CPU run of the train iteration (weights included)."""
+    def setup() -> Callable[[], None]:
+        parts = build_real(spec, opts.dtype)
+        phases = _train_step(_train_models(parts, opts), parts, spec, opts, "cpu")[1]
+        return lambda: run_phases(phases)
+
+    return allocated_peak(setup)
+
+
+def measure_sr(spec: BackboneSpec, opts: SROptions) -> Allocated:
+    """Peak bytes allocated during a REAL CPU run of the SR pipeline (weights included)."""
+    def setup() -> Callable[[], None]:
+        parts = build_real(spec, opts.dtype)
+        _sr_models(parts, opts)
+        phases = _sr_step(parts, spec, opts, "cpu")[1]
+        return lambda: run_phases(phases)
+
+    return allocated_peak(setup)

@@ -1,0 +1,213 @@
+"""Trace one step on fake tensors: PyTorch's MemTracker (peak by category and module) and
+FlopCounterMode (FLOPs). Nothing is allocated, so any backbone size traces on any machine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+GIB = 2**30
+Phase = Callable[[], "Callable[[], None] | None"]
+"""A step's forward part; it returns what to run after it (backward, optimiser step), or None."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A traced step: bytes at the peak by MemTracker category ("Parameter", "Gradient",
+    "Optstate", "Activation", "Temp", "Buffer", "Other") with "Total"; the ``top`` modules as
+    (name, peak bytes while it ran, bytes it added over its start); FLOPs; the bytes every
+    step must at least read (parameters and buffers once)."""
+
+    peak: dict[str, int]
+    top: list[tuple[str, int, int]]
+    flops: int
+    min_bytes: int
+
+    @property
+    def total(self) -> int:
+        """Peak bytes allocated."""
+        return self.peak["Total"]
+
+
+class _Step(nn.Module):
+    # MemTracker refuses a root module called twice ("multiple iterative calls"): each phase's
+    # forward runs as the call of its own parent module. Its input is a scalar that requires
+    # grad but feeds no graph, so that ModTracker ends the parent when its forward returns.
+    # ModTracker resets its module stack when a backward ends, so backward runs outside.
+    def __init__(self, step: Phase, modules: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.step = step
+        for module in modules:
+            self.add_module(type(module).__name__, module)
+
+    def forward(self, anchor: torch.Tensor) -> Callable[[], None] | None:
+        return self.step()
+
+
+class Placeholders(TorchDispatchMode):
+    """Python reads of a fake tensor's value (``bool(t)``, ``t.item()``) give ``False`` for
+    booleans and 1 otherwise, instead of failing: in the traced steps these are validity checks
+    (False: nothing bad) and AdamW's step counter, values that change no tensor's size."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return False if args[0].dtype == torch.bool else 1
+        return func(*args, **(kwargs or {}))
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def _frozen_params_without_hooks(tracker: Any, modules: Sequence[nn.Module]) -> None:
+    # MemTracker hooks every parameter's gradient, and registering a hook on a frozen one
+    # raises: mark the frozen (base) weights as hooked already; they never get a gradient.
+    for module in modules:
+        for p in module.parameters():
+            if not p.requires_grad:
+                tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+
+
+def _tracker() -> Any:
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+
+    class Tracker(MemTracker):
+        """MemTracker with one change: its per-op peak update visits the active modules only.
+
+        Upstream walks every module seen so far on every op and keeps those whose name is
+        active: O(ops x modules), 80 s for the tiny preset's step. The same update, same
+        result, from a name index (rebuilt when a module is first seen)."""
+
+        _index: tuple[int, dict[str, list[Any]]] = (-1, {})
+
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            if self._index[0] != len(self.memory_tracking):
+                index: dict[str, list[Any]] = {}
+                for stats in self.memory_tracking.values():
+                    index.setdefault(stats.mod_fqn, []).append(stats)
+                self._index = (len(self.memory_tracking), index)
+            curr_snap = self._curr_mem_snap
+            for name in self._mod_tracker.parents:
+                for stats in self._index[1].get(name, ()):
+                    if peak_state in stats.snapshots:
+                        for dev, dev_snap in curr_snap.items():
+                            if stats.local_peak.get(dev, 0) < dev_snap[_TOTAL_KEY]:
+                                stats.local_peak[dev] = dev_snap[_TOTAL_KEY]
+                                stats.snapshots[peak_state][-1][dev] = dict(dev_snap)
+            for dev, dev_snap in curr_snap.items():
+                if self._peak_mem.get(dev, 0) < dev_snap[_TOTAL_KEY]:
+                    self._peak_mem[dev] = dev_snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = dict(dev_snap)
+
+    return Tracker()
+
+
+def trace(phases: Sequence[Phase], modules: Sequence[nn.Module],
+          external: Sequence[Any] = (), top: int = 10) -> Plan:
+    """Run a step's ``phases`` in order under MemTracker and FlopCounterMode; ``modules`` (and
+    ``external``: optimisers, input tensors) exist before it and are counted from the start."""
+    from torch.distributed._tools.mem_tracker import _ModState
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tracker = _tracker()
+    tracker.track_external(*modules, *external)
+    _frozen_params_without_hooks(tracker, modules)
+    roots = [_Step(phase, modules) for phase in phases]
+    with tracker, FlopCounterMode(display=False) as flops:
+        for root in roots:
+            after = root(torch.zeros((), requires_grad=True))
+            if after is not None:
+                after()
+    (device, peak), = tracker.get_tracker_snapshot("peak").items()
+    rows = []
+    for module, stats in tracker.memory_tracking.items():
+        if not isinstance(module, nn.Module) or device not in stats.local_peak:
+            continue
+        start = stats.snapshots.get(_ModState.PRE_FW, [{}])[0].get(device, {}).get("Total", 0)
+        name = stats.mod_fqn.partition(".")[2]  # without the phase's parent module
+        if name:
+            rows.append((name, stats.local_peak[device], stats.local_peak[device] - start))
+    # What a module's call adds over its start (activations, temporaries) ranks it; deeper
+    # modules first on ties, as they name the place more precisely.
+    rows.sort(key=lambda r: (-r[2], -r[0].count(".")))
+    weights = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
+    min_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+    return Plan({getattr(k, "value", k): int(v) for k, v in peak.items()}, rows[:top],
+                int(flops.get_total_flops()), min_bytes)
+
+
+def run_phases(phases: Sequence[Phase]) -> None:
+    """Run a step's phases as :func:`trace` does, untraced."""
+    for phase in phases:
+        after = phase()
+        if after is not None:
+            after()
+
+
+@dataclass(frozen=True)
+class Allocated:
+    """A real run's peak bytes, with and without kernel scratch (memory an operator allocates
+    and frees before it returns: oneDNN's reordered inputs, im2col buffers; the trace sees
+    tensors between operators only, so ``without_scratch`` is what it predicts)."""
+
+    peak: int
+    without_scratch: int
+
+
+def allocated_peak(setup: Callable[[], Callable[[], None]]) -> Allocated:
+    """Peak bytes the CPU allocator held while the step ``setup()`` returns ran (what setup
+    allocated and still holds included).
+
+    Read from ``torch.profiler``'s allocator records (``profile_memory=True``): every
+    allocation and free, in order, with its address and the operator it happened in;
+    independent of MemTracker.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run = setup()
+        with record_function(_MARK):
+            run()
+    nodes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        stack.extend(node.children)
+    mark, = (n for n in nodes if n.name == _MARK)
+    records = sorted((n.start_time_ns, n.typed[1].alloc_size, n.typed[1].ptr, id(n.parent))
+                     for n in nodes if n.typed[0] == _EventType.Allocation)
+    scratch = _scratch(records)
+    current = clean_current = peak = clean = 0
+    for time, size, ptr, _ in records:
+        current += size
+        if (time, ptr) not in scratch:
+            clean_current += size
+        if mark.start_time_ns <= time <= mark.end_time_ns:
+            peak, clean = max(peak, current), max(clean, clean_current)
+    return Allocated(peak, clean)
+
+
+def _scratch(records: list[tuple[int, int, int, int]]) -> set[tuple[int, int]]:
+    """(time, address) of the allocations and frees of blocks one operator both allocated
+    and freed."""
+    open_: dict[int, tuple[int, int]] = {}  # address -> (time allocated, operator)
+    out = set()
+    for time, size, ptr, parent in records:
+        if size > 0:
+            open_[ptr] = (time, parent)
+        elif ptr in open_:
+            start, owner = open_.pop(ptr)
+            if owner == parent:
+                out.update({(start, ptr), (time, ptr)})
+    return out
+
+
+_MARK = "scoredistill.memory.step"
