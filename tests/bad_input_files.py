@@ -231,6 +231,17 @@ SAFETENSORS_DISK_FULL = SafetensorError(
     "Error while serializing: I/O error: No space left on device (os error 28)")
 
 
+def disk_full_at(module: str, name: str) -> Setup:
+    """The disk is full when ``module.name`` (a writer the recipe imported) is called."""
+    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
+        import importlib
+
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+        mp.setattr(importlib.import_module(module), name, full)
+    return setup
+
+
 def disk_full_at_save(error: Exception) -> Setup:
     """The disk fills up while a checkpoint's state is written (its LoRA files are in the temp
     folder already, the state file half written)."""

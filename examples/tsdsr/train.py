@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,12 @@ from tqdm import tqdm
 
 from examples.tsdsr.data import DegradationConfig, PairedSRDataset
 from examples.tsdsr.precompute import precompute
-from examples.tsdsr.training.checkpoint import gather_lora, load_checkpoint, save_checkpoint
+from examples.tsdsr.training.checkpoint import (
+    gather_lora,
+    load_checkpoint,
+    save_checkpoint,
+    write_error,
+)
 from examples.tsdsr.training.config import TrainConfig, parse_config, save_config
 from examples.tsdsr.training.data import CaptionedCrops, StepBatches, derive_seed, make_loader
 from examples.tsdsr.training.models import build_models
@@ -164,6 +169,25 @@ def train(config: TrainConfig) -> Path:
         return _train(config, accelerator)
 
 
+def main_process_writes(accelerator: Any, what: str, write: Callable[[], object]) -> None:
+    """``write()`` on the main process; a file-system failure there (a full disk, a lost folder:
+    `write_error`) stops every process with one line (a collective: none waits for it)."""
+    failed = None
+    if accelerator.is_main_process:
+        try:
+            write()
+        except UserError as exc:
+            failed = exc
+        except Exception as exc:
+            problem = write_error(exc)
+            if problem is None:
+                raise
+            failed = UserError(f"cannot write {what} ({problem}): make room or fix the folder, "
+                               "then rerun (with --resume latest once a checkpoint exists)")
+    if any_process(accelerator, failed is not None):
+        raise failed or UserError(f"process 0 could not write {what} (see its message)")
+
+
 def _train(config: TrainConfig, accelerator: Any) -> Path:
     """:func:`train` after its checks, with the output folder locked for this run."""
     from accelerate.utils import set_seed
@@ -224,18 +248,14 @@ def _train(config: TrainConfig, accelerator: Any) -> Path:
                  for n, o in (("student", student), ("fake", fake))
                  for part in ("optimizer", "scheduler")}
         lora = gather_lora(models) if sharded else None
-        failed = None
-        if accelerator.is_main_process:
+
+        def write() -> None:
             state["scaler"] = accelerator.scaler.state_dict() if accelerator.scaler else None
-            try:
-                save_checkpoint(ckpt_root, step, models, {**state, "skipped": dict(skipped),
-                                                          "config": dataclasses.asdict(config)},
-                                config.checkpoints_keep, lora=lora)
-            except UserError as exc:  # a full disk: every process stops, none waits for it
-                failed = exc
-        if any_process(accelerator, failed is not None):
-            raise failed or UserError(f"process 0 could not write checkpoint step {step} (see "
-                                      "its message)")
+            save_checkpoint(ckpt_root, step, models, {**state, "skipped": dict(skipped),
+                                                      "config": dataclasses.asdict(config)},
+                            config.checkpoints_keep, lora=lora)
+
+        main_process_writes(accelerator, f"checkpoint step {step}", write)
         return ckpt_root / f"step-{step:08d}"
 
     def run_validation(step: int) -> None:
@@ -246,9 +266,8 @@ def _train(config: TrainConfig, accelerator: Any) -> Path:
             if accelerator.is_main_process:
                 log.info("step %d validation: %s", step, metrics)
 
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.json")
+    main_process_writes(accelerator, str(out / "config.json"), lambda: (
+        out.mkdir(parents=True, exist_ok=True), save_config(config, out / "config.json")))
     accelerator.init_trackers("tsdsr", config=_hparams(config))
     with StopOnSignal() as stop:  # before the loader's workers start, so they inherit it
         if start == 0:

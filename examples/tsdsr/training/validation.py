@@ -3,6 +3,7 @@ SSIM and the grid-artifact measure."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +12,12 @@ from torch import Tensor
 
 from examples.tsdsr.data import DegradationConfig, degrade, upsample_lq
 from examples.tsdsr.evaluation.metrics import GRID_PERIOD, grid_db, psnr_y, ssim_y
+from examples.tsdsr.training.checkpoint import write_error
 from examples.tsdsr.training.models import TSDSRModels
 from examples.tsdsr.training.step import student_forward
 from scoredistill.sr.imageio import list_images, load_image, save_png
+
+log = logging.getLogger("tsdsr.train")
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,14 @@ def validate(models: TSDSRModels, pairs: list[ValPair], default: dict[str, Tenso
     for pair in pairs:
         sr = super_resolve(models, pair.lq[None].to(device), default)[0].cpu().clamp(0, 1)
         if write:
-            save_png(torch.cat([pair.lq, sr, pair.hq], dim=-1),
-                     Path(out_dir) / f"step-{step:08d}_{pair.name}.png")
+            path = Path(out_dir) / f"step-{step:08d}_{pair.name}.png"
+            try:
+                save_png(torch.cat([pair.lq, sr, pair.hq], dim=-1), path)
+            except Exception as exc:  # a picture is not worth the run: the metrics go on
+                problem = write_error(exc)
+                if problem is None:
+                    raise
+                log.warning("could not write validation image %s (%s)", path, problem)
         psnr.append(float(psnr_y(sr[None], pair.hq[None])))
         ssim.append(float(ssim_y(sr[None], pair.hq[None])))
         grid.append(grid_db(sr[None], grid_period))
