@@ -17,11 +17,11 @@ from ..samplers.timesteps import IndexSampler, UniformIndex, check_number
 from ..schedules import index_alpha_sigma
 from .distill import DistillOutput
 from .surrogate import Surrogate, check_surrogate, surrogate_loss
-from .validation import FiniteChecks, check_inputs, check_option
+from .validation import FakeOnlyInputs, FiniteChecks, check_inputs, check_option, draw_level
 
 
 @dataclass(frozen=True, kw_only=True)
-class DecoupledDMDLoss:
+class DecoupledDMDLoss(FakeOnlyInputs):
     """Decoupled DMD (Liu et al. 2025, arXiv 2511.22677): DM and CFG-augmentation terms.
 
     With ``teacher=CFG(T, alpha, null)`` DMD's direction splits as ``f_fake - f_cfg =
@@ -78,15 +78,6 @@ class DecoupledDMDLoss:
                                  f"{brief(getattr(self, name))}")
         check_option("DecoupledDMDLoss", "surrogate", lambda: check_surrogate(self.surrogate))
 
-    @property
-    def uses(self) -> frozenset[str]:
-        """The optional keyword inputs a call reads: ``fake`` only."""
-        return frozenset({"fake"})
-
-    def select_inputs(self, **inputs: object) -> dict[str, object]:
-        """``inputs`` without ``z`` and ``dasm_bias``, which this loss does not use."""
-        return {k: v for k, v in inputs.items() if k not in {"z", "dasm_bias"}}
-
     def __call__(
         self, z_hat: Tensor, cond: Cond = None, *, teacher: CFG, fake: ScoreModel,
         dm_index: Tensor | None = None, ca_index: Tensor | None = None,
@@ -118,15 +109,11 @@ class DecoupledDMDLoss:
         model, schedule = teacher.model, teacher.schedule
         if fake.schedule != schedule:
             raise ValueError("teacher and fake must share one noise schedule")
-        b, dev = z_hat.shape[0], z_hat.device
-        where = generator.device if generator is not None else dev
+        b = z_hat.shape[0]
         levels = []
         for index, sampler, eps in ((dm_index, self.dm_index_sampler, noise),
                                     (ca_index, self.ca_index_sampler, ca_noise)):
-            if index is None:
-                index = sampler(b, schedule.num_steps, generator=generator, device=dev)
-            if eps is None:
-                eps = torch.randn(z_hat.shape, generator=generator, device=where).to(dev)
+            index, eps = draw_level(z_hat, schedule.num_steps, sampler, index, eps, generator)
             check_inputs(z_hat, None, eps, cond, index, None)
             levels.append((index, eps))
         (i_dm, n_dm), (i_ca, n_ca) = levels

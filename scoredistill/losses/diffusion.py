@@ -20,7 +20,7 @@ from ..parametrization import (
 from ..protocols import Cond, Prediction, ScoreModel
 from ..samplers.timesteps import IndexSampler, UniformIndex
 from ..schedules import index_alpha_sigma
-from .validation import FiniteChecks, check_inputs, check_option
+from .validation import FiniteChecks, check_inputs, check_option, draw_level
 from .weighting import sd3_loss_weight
 
 
@@ -99,13 +99,8 @@ class DiffusionLoss:
         """
         space = check_prediction(self.space)
         x0 = x0.detach()
-        b, dev = x0.shape[0], x0.device
-        if index is None:
-            index = self.index_sampler(b, model.schedule.num_steps, generator=generator,
-                                       device=dev)
-        if noise is None:
-            where = generator.device if generator is not None else dev
-            noise = torch.randn(x0.shape, generator=generator, device=where).to(dev)
+        index, noise = draw_level(x0, model.schedule.num_steps, self.index_sampler, index, noise,
+                                  generator)
         check_inputs(x0, None, noise, cond, index, None, x_name="x0")
         t, alpha, sigma = index_alpha_sigma(model.schedule, index)
         if model.prediction == "epsilon" and space != "epsilon":

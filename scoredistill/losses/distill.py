@@ -27,7 +27,7 @@ from ..samplers.dasm import DASMSampler
 from ..samplers.timesteps import IndexSampler, UniformIndex
 from ..schedules import index_alpha_sigma
 from .surrogate import Surrogate, check_surrogate, surrogate_loss
-from .validation import FiniteChecks, check_inputs, check_option
+from .validation import FiniteChecks, check_inputs, check_option, draw_level
 from .weighting import (
     SampleWeighting,
     Weighting,
@@ -337,11 +337,8 @@ class ScoreDistillationLoss:
         space = check_prediction(self.space or teacher.prediction)
 
         b, dev = z_hat.shape[0], z_hat.device
-        if index is None:
-            index = self.index_sampler(b, schedule.num_steps, generator=generator, device=dev)
-        if noise is None:
-            where = generator.device if generator is not None else dev
-            noise = torch.randn(z_hat.shape, generator=generator, device=where).to(dev)
+        index, noise = draw_level(z_hat, schedule.num_steps, self.index_sampler, index, noise,
+                                  generator)
         if self.dasm is not None:
             if dasm_bias is None:
                 dasm_bias = self.dasm.draw_bias(b, generator=generator, device=dev)

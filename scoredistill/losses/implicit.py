@@ -25,7 +25,7 @@ from ..protocols import Cond, ScoreModel
 from ..samplers.timesteps import IndexSampler, UniformIndex, check_number
 from ..schedules import index_alpha_sigma
 from .distill import DistillOutput
-from .validation import FiniteChecks, check_inputs, check_option
+from .validation import FakeOnlyInputs, FiniteChecks, check_inputs, check_option, draw_level
 from .weighting import Weighting, distill_weighting
 
 
@@ -36,7 +36,7 @@ def _non_negative(owner: str, name: str, value: float) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class InputGradientLoss:
+class InputGradientLoss(FakeOnlyInputs):
     """Base of SiD and SIM: ``objective(x, f_r, f_f)`` with its gradient through both models.
 
     ``f_r``, ``f_f`` are the teacher's and fake score's x0 predictions at ``x_t = alpha_t x +
@@ -76,15 +76,6 @@ class InputGradientLoss:
         """The per-element loss (B, ...) whose sum over a sample is the method's loss."""
         raise NotImplementedError
 
-    @property
-    def uses(self) -> frozenset[str]:
-        """The optional keyword inputs a call reads: ``fake`` only (no ``z``, no DASM)."""
-        return frozenset({"fake"})
-
-    def select_inputs(self, **inputs: object) -> dict[str, object]:
-        """``inputs`` without ``z`` and ``dasm_bias``, which this loss does not use."""
-        return {k: v for k, v in inputs.items() if k not in {"z", "dasm_bias"}}
-
     def __call__(
         self, z_hat: Tensor, cond: Cond = None, *, teacher: ScoreModel, fake: ScoreModel,
         index: Tensor | None = None, noise: Tensor | None = None,
@@ -118,12 +109,8 @@ class InputGradientLoss:
         schedule = teacher.schedule
         if fake.schedule != schedule:
             raise ValueError("teacher and fake must share one noise schedule")
-        b, dev = z_hat.shape[0], z_hat.device
-        if index is None:
-            index = self.index_sampler(b, schedule.num_steps, generator=generator, device=dev)
-        if noise is None:
-            where = generator.device if generator is not None else dev
-            noise = torch.randn(z_hat.shape, generator=generator, device=where).to(dev)
+        index, noise = draw_level(z_hat, schedule.num_steps, self.index_sampler, index, noise,
+                                  generator)
         check_inputs(z_hat, None, noise, cond, index, None)
         t, alpha, sigma = index_alpha_sigma(schedule, index)
         if any(m.prediction == "epsilon" for m in (teacher, fake)):

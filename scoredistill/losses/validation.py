@@ -98,3 +98,30 @@ class FiniteChecks:
         for good, (error, message) in zip(ok, self._errors, strict=True):
             if not good:
                 raise error(message)
+
+
+def draw_level(x: Tensor, num_steps: int, sampler: Callable[..., Tensor], index: Tensor | None,
+               noise: Tensor | None, generator: torch.Generator | None
+               ) -> tuple[Tensor, Tensor]:
+    """A loss call's ``index`` (B,) and ``noise`` (x's shape), each drawn with ``generator``
+    (on its device, then moved to ``x``'s) where the caller gave none."""
+    if index is None:
+        index = sampler(x.shape[0], num_steps, generator=generator, device=x.device)
+    if noise is None:
+        where = generator.device if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, device=where).to(x.device)
+    return index, noise
+
+
+class FakeOnlyInputs:
+    """The optional keyword inputs of a loss that reads ``fake`` and neither ``z`` nor
+    ``dasm_bias`` (SiD, SIM, decoupled DMD), as `ScoreDistillationLoss.uses` states them."""
+
+    @property
+    def uses(self) -> frozenset[str]:
+        """The optional keyword inputs a call reads: ``fake`` only."""
+        return frozenset({"fake"})
+
+    def select_inputs(self, **inputs: object) -> dict[str, object]:
+        """``inputs`` without ``z`` and ``dasm_bias``, which this loss does not use."""
+        return {k: v for k, v in inputs.items() if k not in {"z", "dasm_bias"}}
