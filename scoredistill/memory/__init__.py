@@ -3,7 +3,7 @@ compute floors, traced on fake tensors at real backbone sizes (no GPU, no memory
 
 from .backbones import SPECS, BackboneSpec, read_spec
 from .gpus import GPU, GPUS, floor_seconds
-from .steps import SROptions, TrainOptions, measure_sr, measure_train, plan_sr, plan_train
+from .steps import SRRun, TrainOptions, measure_sr, measure_train, plan_sr, plan_train
 from .trace import Allocated, Plan, allocated_peak, trace
 
 __all__ = [
@@ -13,7 +13,7 @@ __all__ = [
            "Allocated",
            "BackboneSpec",
            "Plan",
-           "SROptions",
+           "SRRun",
            "TrainOptions",
            "allocated_peak",
            "floor_seconds",

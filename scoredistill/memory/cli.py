@@ -18,7 +18,7 @@ from scoredistill.cli import ArgumentParser, UserError, add_version, entry_point
 
 from .backbones import SPECS, BackboneSpec, read_spec
 from .report import render
-from .steps import SROptions, TrainOptions, plan_sr, plan_train
+from .steps import SRRun, TrainOptions, plan_sr, plan_train
 
 PROG = "scoredistill-plan"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"{'on' if opts.lpips else 'off'}, checkpointing "
                  f"{'on' if opts.checkpointing else 'off'}; AdamW for both roles")
     else:
-        sr_opts = SROptions(height=args.input[0], width=args.input[1], upscale=args.upscale,
+        sr_opts = SRRun(height=args.input[0], width=args.input[1], upscale=args.upscale,
                             images=args.images, batch=args.batch, tiles=not args.no_tiles,
                             dtype=dtype, channels_last=args.channels_last)
         plan = plan_sr(spec, sr_opts)

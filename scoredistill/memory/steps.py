@@ -25,8 +25,6 @@ from .trace import Allocated, Phase, Placeholders, Plan, allocated_peak, run_pha
 Step = list[Phase]
 
 
-
-
 @dataclass(frozen=True)
 class TrainOptions:
     """The recipe's knobs that change memory (defaults: TSD-SR's paper settings)."""
@@ -44,7 +42,7 @@ class TrainOptions:
 
 
 @dataclass(frozen=True)
-class SROptions:
+class SRRun:
     """What the SR CLI runs: ``images`` inputs of ``height`` x ``width`` px, upscaled."""
 
     height: int = 256
@@ -168,7 +166,7 @@ def _autocast(device: str, dtype: torch.dtype) -> contextlib.AbstractContextMana
     return torch.autocast(torch.device(device).type, dtype)
 
 
-def _sr_models(parts: Backbone, opts: SROptions) -> None:
+def _sr_models(parts: Backbone, opts: SRRun) -> None:
     """Frozen and QKV-fused, as ``load_model`` leaves them (the LoRA merged: no extra weights);
     the VAE's weights in channels-last here, where the pipeline would (fake weights cannot be
     converted in place)."""
@@ -181,7 +179,7 @@ def _sr_models(parts: Backbone, opts: SROptions) -> None:
         fast.to_channels_last(parts.vae)
 
 
-def _sr_step(parts: Backbone, spec: BackboneSpec, opts: SROptions, device: str
+def _sr_step(parts: Backbone, spec: BackboneSpec, opts: SRRun, device: str
              ) -> tuple[list[nn.Module], Step, list[Any]]:
     from scoredistill.adapters import SD3ScoreModel
     from scoredistill.sr.loading import SRModel
@@ -214,7 +212,7 @@ def plan_train(spec: BackboneSpec, opts: TrainOptions, device: str = "cpu") -> P
     return _trace_fake(meta, device, lambda: _train_step(roles, meta, spec, opts, device))
 
 
-def plan_sr(spec: BackboneSpec, opts: SROptions, device: str = "cpu") -> Plan:
+def plan_sr(spec: BackboneSpec, opts: SRRun, device: str = "cpu") -> Plan:
     """The SR pipeline's run traced on fake ``device`` tensors."""
     meta = _meta(spec, opts.dtype)
     _sr_models(meta, opts)
@@ -251,7 +249,7 @@ def measure_train(spec: BackboneSpec, opts: TrainOptions) -> Allocated:
     return allocated_peak(setup)
 
 
-def measure_sr(spec: BackboneSpec, opts: SROptions) -> Allocated:
+def measure_sr(spec: BackboneSpec, opts: SRRun) -> Allocated:
     """Peak bytes allocated during a REAL CPU run of the SR pipeline (weights included)."""
     def setup() -> Callable[[], None]:
         parts = build_real(spec, opts.dtype)

@@ -10,7 +10,7 @@ from scoredistill.memory import (
     GPUS,
     SPECS,
     Allocated,
-    SROptions,
+    SRRun,
     TrainOptions,
     floor_seconds,
     measure_sr,
@@ -22,7 +22,7 @@ from scoredistill.memory.cli import main
 
 TOL = 0.05  # issue 24: predicted peak within 5% of the measured one
 TRAIN = TrainOptions(size=64, dtype=torch.float32)  # the paper's ranks (64) on the tiny preset
-SR = SROptions(height=32, width=48, upscale=4.0, images=2, batch=2, dtype=torch.float32)
+SR = SRRun(height=32, width=48, upscale=4.0, images=2, batch=2, dtype=torch.float32)
 
 
 def agree(predicted: int, measured: Allocated) -> bool:
@@ -82,3 +82,11 @@ def test_cli_refuses_an_unknown_model(capsys, tmp_path):
     assert main(["sr", "--model", str(tmp_path / "nope.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--model" in err and "sd3-medium" in err
+
+
+@pytest.mark.slow
+def test_sd3_shaped_100m_train_step_matches_a_real_run():
+    # ~100 M transformer parameters at 128 px (256 px: benchmarks/memory_plan.py, 90 s here).
+    opts = TrainOptions(size=128, dtype=torch.float32)
+    plan, measured = plan_train(SPECS["sd3-100m"], opts), measure_train(SPECS["sd3-100m"], opts)
+    assert agree(plan.total, measured), (plan.total, measured)
