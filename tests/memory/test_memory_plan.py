@@ -90,3 +90,19 @@ def test_sd3_shaped_100m_train_step_matches_a_real_run():
     opts = TrainOptions(size=128, dtype=torch.float32)
     plan, measured = plan_train(SPECS["sd3-100m"], opts), measure_train(SPECS["sd3-100m"], opts)
     assert agree(plan.total, measured), (plan.total, measured)
+
+
+def test_a_local_sd3_folder_plans_like_its_built_in_twin(tmp_path):
+    # diffusers' config.json layout: transformer/ and vae/, with "_"-prefixed bookkeeping keys.
+    import json
+
+    from scoredistill.memory import read_spec
+
+    tiny = SPECS["tiny"]
+    for part, config in (("transformer", tiny.transformer), ("vae", tiny.vae)):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "config.json").write_text(json.dumps(
+            {"_class_name": "x", "_diffusers_version": "0", **config}))
+    spec = read_spec(tmp_path, tokens=tiny.tokens)
+    run = SRRun(height=16, width=16, upscale=2.0, dtype=torch.float32)
+    assert plan_sr(spec, run).total == plan_sr(tiny, run).total
