@@ -31,8 +31,14 @@ def agree(predicted: int, measured: Allocated) -> bool:
     return abs(predicted / measured.without_scratch - 1) <= TOL
 
 
+def needs_train_extra() -> None:
+    pytest.importorskip("lpips", reason="the recipe's train step needs the train extra "
+                        "(LPIPS): pip install -e '.[train]'")
+
+
 @pytest.fixture(scope="module")
 def train_case():
+    needs_train_extra()
     return plan_train(SPECS["tiny"], TRAIN), measure_train(SPECS["tiny"], TRAIN)
 
 
@@ -87,6 +93,7 @@ def test_cli_refuses_an_unknown_model(capsys, tmp_path):
 @pytest.mark.slow
 def test_sd3_shaped_100m_train_step_matches_a_real_run():
     # ~100 M transformer parameters at 128 px (256 px: benchmarks/memory_plan.py, 90 s here).
+    needs_train_extra()
     opts = TrainOptions(size=128, dtype=torch.float32)
     plan, measured = plan_train(SPECS["sd3-100m"], opts), measure_train(SPECS["sd3-100m"], opts)
     assert agree(plan.total, measured), (plan.total, measured)

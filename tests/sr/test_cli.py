@@ -203,11 +203,22 @@ def test_version_and_defaults_in_help(capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
+class RunsCode:
+    """Pickles as a call of os.mkdir(marker): what a crafted prompt file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
 def test_pickled_embeds_are_refused_without_suggesting_unsafe_loading(tmp_path):
     from scoredistill.sr.loading import read_embeds
-    from tests.bad_input_files import embeds_pt
 
-    embeds_pt(tmp_path / "emb", pickled=tmp_path / "ran")
+    (tmp_path / "emb").mkdir()
+    torch.save({"embeds": RunsCode(tmp_path / "ran")}, tmp_path / "emb" / "prompt_embeds.pt")
+    torch.save(torch.zeros(1, 64), tmp_path / "emb" / "pool_embeds.pt")
     with pytest.raises(ValueError, match="refusing to load") as info:
         read_embeds(tmp_path / "emb")
     assert "weights_only" not in str(info.value) and not (tmp_path / "ran").exists()
