@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -78,7 +77,6 @@ LOSSES: dict[str, ScoreDistillationLoss | None] = {
 # Losses that need the exact conditional teacher (`ToySR.conditional_teacher`): exact teacher only.
 CONDITIONAL_LOSSES: dict[str, ScoreDistillationLoss] = {"+ CSD": CSDLoss()}
 METRICS = ("nll", "sliced_w2", "mse")
-DOCS_ASSETS = Path(__file__).resolve().parents[1] / "docs" / "assets" / "benchmarks"
 PROG = "benchmarks.compare_losses"
 TITLE = "Distillation losses on the toy SR problem (exact answer known)"
 
@@ -262,12 +260,9 @@ def render(report: dict[str, Any], out: Path, docs_assets: bool) -> Path:
     (and copy the plot into the docs' assets if ``docs_assets``); return the plot's path."""
     write_markdown(report, out / "compare_losses.md", notes=notes(report), columns=COLUMNS)
     budget = report["budget"]
-    png = save_plot(report["rows"], out / "compare_losses.png",
-                    title=f"{report['mode']}: {budget['seeds']} seeds")
-    if docs_assets:
-        DOCS_ASSETS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(png, DOCS_ASSETS / png.name)
-    return png
+    return options.to_docs(save_plot(report["rows"], out / "compare_losses.png",
+                                     title=f"{report['mode']}: {budget['seeds']} seeds"),
+                           docs_assets)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -277,12 +272,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=options.COUNT, help="override the number of seeds")
     parser.add_argument("--recon-weight", type=cli.number(float, low=0),
                         help="override the reconstruction weight")
-    parser.add_argument("--no-docs-assets", dest="docs_assets", action="store_false",
-                        help=f"do not copy the plot to {DOCS_ASSETS}")
-    parser.add_argument("--from-json", type=cli.existing_file, metavar="JSON",
-                        help="measure nothing: rewrite the table and plot of a finished run "
-                             "from its JSON (e.g. the committed results), into --out (default: "
-                             "the JSON's folder)")
+    options.add_docs_assets(parser)
+    options.add_from_json(parser, "the table and plot")
     args = options.parse(parser, argv)
     options.refuse_with_from_json(args, ("quick", "steps", "seeds", "recon_weight"))
     return args

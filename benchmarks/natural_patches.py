@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -38,7 +37,6 @@ from scoredistill import DASMSampler, SDSLoss, TSDLoss, TSMLoss, VSDLoss, cli
 from scoredistill.patches import PatchSR
 from scoredistill.toy import ToyTrainer
 
-DOCS_ASSETS = Path(__file__).resolve().parents[1] / "docs" / "assets" / "benchmarks"
 PROG = "benchmarks.natural_patches"
 
 
@@ -343,10 +341,7 @@ def render(report: dict[str, Any], md: Path, docs_assets: bool) -> Path:
     png = save_bars(report["rows"], report["references"], md.with_suffix(".png"),
                     f"{kind} patches: {budget['seeds']} seeds x {budget['steps']} steps"
                     + partial)
-    if docs_assets:
-        DOCS_ASSETS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(png, DOCS_ASSETS / png.name)
-    return png
+    return options.to_docs(png, docs_assets)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -355,12 +350,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--colour", action="store_true", help="8x8x3 colour patches (192-D)")
     parser.add_argument("--seeds", type=options.COUNT, help="override the number of seeds")
     parser.add_argument("--steps", type=options.COUNT, help="override the generator steps")
-    parser.add_argument("--no-docs-assets", dest="docs_assets", action="store_false",
-                        help=f"do not copy the plots to {DOCS_ASSETS}")
-    parser.add_argument("--from-json", type=cli.existing_file, metavar="JSON",
-                        help="measure nothing: rewrite the tables and bar plot of a finished "
-                             "run from its JSON (e.g. the committed results), into --out "
-                             "(default: the JSON's folder); the patch images stay as they are")
+    options.add_docs_assets(parser)
+    options.add_from_json(parser, "the tables and bar plot (the patch images stay as they are)")
     args = options.parse(parser, argv)
     options.refuse_with_from_json(args, ("quick", "colour", "seeds", "steps"))
     return args
@@ -424,8 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 **images}
         patches = save_patches(grid, out / f"{name}_patches.png",
                                f"{kind} patches, seed 0, exact teacher: 12 LQ inputs (columns)")
-        if docs_assets:
-            shutil.copy(patches, DOCS_ASSETS / patches.name)
+        options.to_docs(patches, docs_assets)
 
     run_all(problem, budget, evaluator, report)
     print(f"runtime {result['runtime']:.0f} s; plot {result['png']}")

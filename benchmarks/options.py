@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from typing import Any
 from benchmarks.report import results_dir
 from scoredistill import cli
 
+DOCS_ASSETS = Path(__file__).resolve().parents[1] / "docs" / "assets" / "benchmarks"
+"""Where the docs' pages find the benchmarks' plots."""
 COUNT = cli.number(int, low=1)
 """steps, seeds, repeats, images, batch sizes: an integer >= 1."""
 NON_NEGATIVE = cli.number(int, low=0)
@@ -149,3 +152,25 @@ def entry(main: Callable[[Sequence[str] | None], Any], prog: str) -> cli.Main:
         return cli.EXIT_OK
 
     return run
+
+
+def add_docs_assets(parser: argparse.ArgumentParser) -> None:
+    """``--no-docs-assets``: keep the plots out of the docs (see :func:`to_docs`)."""
+    parser.add_argument("--no-docs-assets", dest="docs_assets", action="store_false",
+                        help=f"do not copy the plots to {DOCS_ASSETS}")
+
+
+def add_from_json(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--from-json JSON``: re-render ``what`` of a finished run from its results JSON."""
+    parser.add_argument("--from-json", type=cli.existing_file, metavar="JSON",
+                        help=f"measure nothing: rewrite {what} of a finished run from its JSON "
+                             "(e.g. the committed results), into --out (default: the JSON's "
+                             "folder)")
+
+
+def to_docs(png: Path, docs_assets: bool) -> Path:
+    """Copy ``png`` into the docs' assets if ``docs_assets``; return ``png``."""
+    if docs_assets:
+        DOCS_ASSETS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, DOCS_ASSETS / png.name)
+    return png

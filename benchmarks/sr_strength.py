@@ -82,6 +82,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--strengths", type=cli.number(float, low=0, high=1), nargs="+",
                         default=[0.0, 0.25, 0.5, 0.75, 1.0])
     options.add_quick(parser, "smoke run: a random tiny model, strengths 0 and 1, one pair")
+    options.add_docs_assets(parser)
     args = options.parse(parser, argv)
     options.refuse_with_quick(args, {"model": "--model", "strengths": "--strengths"},
                               "a random tiny model at strengths 0 and 1 on one pair")
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> Path:
     pipe = TSDSRPipeline.from_pretrained(model)
     rows = sweep(pipe, pairs, strengths)
     plot(rows, args.out / "sr_strength.png")
+    options.to_docs(args.out / "sr_strength.png", args.docs_assets and not args.quick)
     notes = (f"Model folder {model} (options {pipe.options}); {len(pairs)} held-out pairs "
              f"({', '.join(HELD_OUT)}, Real-ESRGAN x4 draws, make demo's seeds). Grid: 10 log10 "
              "of the power at the 16 px period's harmonics over their neighbours (about 0 dB "
