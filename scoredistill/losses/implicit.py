@@ -35,6 +35,17 @@ def _non_negative(owner: str, name: str, value: float) -> None:
         raise ValueError(f"{owner}({name}=...): {name} must be >= 0, got {value}")
 
 
+# Why SiD and SIM take no DASM trajectory. Their gradient identity (SiD Thm. 1, SIM's
+# score-divergence gradient theorem) needs x_t drawn from q(x_t | x) = N(alpha_t x, sigma_t^2):
+# it is where f_f = E[x | x_t] (Tweedie) and grad log q(x_t | x) = -(x_t - alpha_t x) / sigma_t^2
+# hold. A DASM point after the first is a DDIM step of the fake from the first point, whose law
+# given x is not q(x_t | x), so both losses would lose the identity that makes their expected
+# gradient the divergence's; a single point is what index_sampler already draws.
+DASM_REFUSAL = ("SiD and SIM rest on x_t drawn from q(x_t | x) (Tweedie's E[x | x_t] and "
+                "grad log q(x_t | x)); a DASM point after the first is a DDIM step of the fake, "
+                "not such a draw, so they take no DASM trajectory")
+
+
 @dataclass(frozen=True, kw_only=True)
 class InputGradientLoss(FakeOnlyInputs):
     """Base of SiD and SIM: ``objective(x, f_r, f_f)`` with its gradient through both models.
@@ -53,14 +64,18 @@ class InputGradientLoss(FakeOnlyInputs):
             20..979 of 1000).
         check_finite: Raise on non-finite inputs (ValueError) or model outputs and normalisers
             (FloatingPointError), one host sync per call.
+        dasm: Refused unless None (`DASM_REFUSAL`): both losses rest on ``x_t ~ q(x_t | x)``.
     """
 
     time_weighting: str | Weighting = "uniform"
     index_sampler: IndexSampler = field(default_factory=lambda: UniformIndex(20, 980))
     check_finite: bool = True
+    dasm: None = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
+        if self.dasm is not None:
+            raise ValueError(f"{owner}(dasm=...): {DASM_REFUSAL}; use dasm=None")
         check_option(owner, "time_weighting", lambda: distill_weighting(self.time_weighting))
         if not callable(self.index_sampler):
             raise ValueError(f"{owner}(index_sampler=...): expected an IndexSampler such as "

@@ -9,7 +9,15 @@ differentiates it by autograd through both models' calls.
 import pytest
 import torch
 
-from scoredistill import CFG, DMDLoss, GaussianMixture, RectifiedFlow, SiDLoss, SIMLoss
+from scoredistill import (
+    CFG,
+    DASMSampler,
+    DMDLoss,
+    GaussianMixture,
+    RectifiedFlow,
+    SiDLoss,
+    SIMLoss,
+)
 from tests.losses.test_matching import x0_of
 from tests.losses.test_reference import SCALE, B, guided, levels, make
 
@@ -124,6 +132,10 @@ def test_options_and_inputs_are_checked():
         SiDLoss(alpha=float("nan"))
     with pytest.raises(ValueError, match=r"SiDLoss\(time_weighting=...\)"):
         SiDLoss(time_weighting="sigma^2")
+    for make_loss in (lambda: SiDLoss(dasm=DASMSampler()),
+                      lambda: SIMLoss(c=1.0, dasm=DASMSampler(num_points=1, weights=(1.0,)))):
+        with pytest.raises(ValueError, match=r"\(dasm=...\): .* no DASM trajectory"):
+            make_loss()
     loss = SiDLoss()
     assert loss.uses == frozenset({"fake"})
     assert set(loss.select_inputs(teacher=1, fake=2, z=3, dasm_bias=4)) == {"teacher", "fake"}

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from scoredistill import CFG, SiDLoss, SIMLoss
+from scoredistill.parametrization import ddim_step, to_x0_eps
+from scoredistill.schedules import index_alpha_sigma
 from tests.losses.test_matching import x0_of
 from tests.losses.test_reference import SCALE, guided, levels, make
 from tests.losses.test_sid import INDEX, mixture, reference, run
@@ -114,3 +116,35 @@ def test_options_are_checked():
             SIMLoss(c=bad)
     with pytest.raises(TypeError):
         SIMLoss()  # c has no default: the paper's constant is the user's choice
+
+
+def test_a_dasm_point_breaks_the_identity():
+    # Why SiDLoss and SIMLoss refuse dasm=: the identity above needs x_t ~ q(x_t | x). DASM's
+    # second point is the exact fake's DDIM step from such a draw, whose law given x is not
+    # q(x_t | x): there the mean is far from 0 (index 300 -> 800 of RectifiedFlow), while a
+    # fresh draw at the same level keeps it at 0 within 5 standard errors.
+    teacher, student = mixture(), mixture(0.5)
+    fake, schedule = mixture(0.5), teacher.schedule
+    n, g = 4000, torch.Generator().manual_seed(5)
+    (t0, t1), (a0, a1), (s0, s1) = index_alpha_sigma(schedule, torch.tensor([300, 800]))
+
+    def x0(model, x_t, t, a, s):
+        return to_x0_eps(model(x_t, t.expand(n), None), model.prediction, x_t, a, s)[0]
+
+    def batches(stepped):
+        out = []
+        for _ in range(10):
+            x = student.sample(n, g)
+            if stepped:
+                x_0 = a0 * x + s0 * torch.randn(x.shape, generator=g)
+                x_t = ddim_step(x_0, fake(x_0, t0.expand(n), None), fake.prediction, a0, s0,
+                                a1, s1)
+            else:
+                x_t = a1 * x + s1 * torch.randn(x.shape, generator=g)
+            f_r, f_f = x0(teacher, x_t, t1, a1, s1), x0(fake, x_t, t1, a1, s1)
+            out.append(((f_r - f_f) * (f_f - x)).sum(1).mean())
+        return torch.stack(out)
+
+    fresh, stepped = batches(False), batches(True)
+    assert fresh.mean().abs() < 5 * fresh.std() / 10**0.5, fresh
+    assert stepped.mean().abs() > 20 * stepped.std() / 10**0.5, stepped  # 62 measured
