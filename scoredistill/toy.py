@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .analytic import FullGaussianMixture, GaussianMixture
+from .features import FeatureLayer, as_tensor, submodule
 from .losses.diffusion import DiffusionLoss
 from .losses.distill import ScoreDistillationLoss
 from .posterior import LinearGaussianPosterior, PosteriorTeacher, lq_condition
@@ -122,6 +123,13 @@ class MLPScore(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
         return self.net(torch.cat([x_t, _time_features(t, self.schedule.num_steps)], dim=1))
+
+    def feature_layer(self, layer: str | None = None) -> FeatureLayer:
+        """The last hidden layer's activations (N, hidden) (``net.3``) by default."""
+        name = layer or "net.3"
+        return FeatureLayer(name, submodule(self, name, "MLPScore"),
+                            self.net[2].out_features if name == "net.3" else None,
+                            lambda out, _: as_tensor(out, name), spatial=False)
 
 
 class OneStepGenerator(nn.Module):

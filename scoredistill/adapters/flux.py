@@ -11,6 +11,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from ..features import FeatureLayer, middle_block, submodule, token_map
 from ..protocols import Cond, Prediction
 from ..schedules import RectifiedFlow, resolution_shift
 from .module import cast_cond, weights_dtype
@@ -131,6 +132,19 @@ def flow_schedule(config: Mapping[str, Any],
     return RectifiedFlow(shift=dynamic_shift(config), num_steps=num_steps)
 
 
+def dit_feature_layer(model: Any, layer: str | None, patch: int) -> FeatureLayer:
+    """FLUX.1's and FLUX.2's block features: image tokens as a map (N, D, H/patch, W/patch);
+    default the middle of the double- then single-stream blocks (FastGen's default)."""
+    module = model.module
+    name = layer or middle_block([("transformer_blocks", len(module.transformer_blocks)),
+                                  ("single_transformer_blocks",
+                                   len(module.single_transformer_blocks))])
+    return FeatureLayer(
+        name, submodule(module, name, type(model).__name__),
+        module.config.num_attention_heads * module.config.attention_head_dim,
+        lambda out, shape: token_map(out, name, shape[-2] // patch, shape[-1] // patch))
+
+
 def _tokens(height: int, width: int) -> int:
     return (height // 2) * (width // 2)  # one token per 2x2 latent patch
 
@@ -184,6 +198,10 @@ class FluxScoreModel:
             max_seq_len=config.get("max_image_seq_len", 4096),
             base_shift=config.get("base_shift", 0.5), max_shift=config.get("max_shift", 1.15))),
             built_size(height, width, config))
+
+    def feature_layer(self, layer: str | None = None) -> FeatureLayer:
+        """A block's image tokens as a map (N, D, H/2, W/2) (`dit_feature_layer`)."""
+        return dit_feature_layer(self, layer, 2)
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Velocity (B, C, H, W) float32 for latents ``x_t`` (B, C, H, W) at ``t`` (B,)."""

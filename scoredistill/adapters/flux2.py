@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..features import FeatureLayer
 from ..protocols import Cond, Prediction
 from ..schedules import RectifiedFlow, empirical_shift
 from .flux import (
     built_size,
     check_built_size,
+    dit_feature_layer,
     flow_schedule,
     from_tokens,
     grid_ids,
@@ -120,6 +122,10 @@ class Flux2ScoreModel:
         return cls(module, flow_schedule(
             config, lambda _: empirical_shift(height * width, num_inference_steps)),
             built_size(height, width, config))
+
+    def feature_layer(self, layer: str | None = None) -> FeatureLayer:
+        """A block's image tokens as a map (N, D, h, w) (`dit_feature_layer`)."""
+        return dit_feature_layer(self, layer, 1)
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Velocity (B, C, h, w) float32 for latents ``x_t`` (B, C, h, w) at ``t`` (B,)."""

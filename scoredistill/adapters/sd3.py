@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
 
+from ..features import FeatureLayer, middle_block, submodule, token_map
 from ..protocols import Cond, Prediction
 from ..schedules import RectifiedFlow
 from .module import cast_cond, weights_dtype
@@ -52,6 +53,16 @@ class SD3ScoreModel:
     schedule: RectifiedFlow = field(default_factory=lambda: RectifiedFlow(shift=3.0))
     prediction: ClassVar[Prediction] = "flow"
     lora_targets: ClassVar[LoraTargets] = SD3_TARGETS
+
+    def feature_layer(self, layer: str | None = None) -> FeatureLayer:
+        """A joint block's image tokens as a map (N, D, H/p, W/p); default the middle block
+        (``transformer_blocks.{L // 2}``, FastGen's default for DiTs)."""
+        name = layer or middle_block([("transformer_blocks", len(self.module.transformer_blocks))])
+        config, patch = self.module.config, self.module.config.patch_size
+        return FeatureLayer(
+            name, submodule(self.module, name, "SD3ScoreModel"),
+            config.num_attention_heads * config.attention_head_dim,
+            lambda out, shape: token_map(out, name, shape[-2] // patch, shape[-1] // patch))
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Velocity (B, C, H, W) float32 for latents ``x_t`` (B, C, H, W) at ``t`` (B,)."""

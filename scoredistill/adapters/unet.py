@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
+from ..features import FeatureLayer, as_tensor, submodule
 from ..parametrization import check_prediction
 from ..protocols import Cond, Prediction
 from ..schedules import VariancePreserving
@@ -81,6 +82,14 @@ class UNetScoreModel:
                              f"{sorted(_PREDICTION_TYPES)}")
         schedule = VariancePreserving.from_diffusers(scheduler)
         return cls(module, _PREDICTION_TYPES[kind], schedule)
+
+    def feature_layer(self, layer: str | None = None) -> FeatureLayer:
+        """The mid-block's output (N, C, H/2^k, W/2^k) by default (DMD2's bottleneck features,
+        ``classify_forward``'s last output); another layer by name if it returns one tensor."""
+        name = layer or "mid_block"
+        channels = self.module.config.block_out_channels[-1] if name == "mid_block" else None
+        return FeatureLayer(name, submodule(self.module, name, "UNetScoreModel"), channels,
+                            lambda out, _: as_tensor(out, name))
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Prediction (B, C, H, W) float32 for ``x_t`` (B, C, H, W) at steps ``t`` (B,)."""
