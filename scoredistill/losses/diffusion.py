@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..batching import check_output
 from ..conditioning import leaves
+from ..guidance import CFG
 from ..messages import brief
 from ..parametrization import (
     check_alpha_nonzero,
@@ -50,9 +51,11 @@ class DiffusionLoss:
     multiplies the loss.
 
     Called like every loss here: samples first, the model by keyword,
-    ``DiffusionLoss()(z_hat.detach(), cond, model=fake)``. A prediction of another shape than
-    ``x_t``, or not floating, is a ``ValueError`` (never broadcast). Options are checked at
-    construction.
+    ``DiffusionLoss()(z_hat.detach(), cond, model=fake)``. ``model`` may be a `CFG`: its guided
+    prediction is what is fitted, as SiD-LSG trains its fake score with scale kappa1
+    (``DiffusionLoss(space="epsilon")(x0, cond, model=CFG(fake, kappa1, null))``; see
+    `SiDLoss`). A prediction of another shape than ``x_t``, or not floating, is a
+    ``ValueError`` (never broadcast). Options are checked at construction.
 
     Attributes:
         space: The parametrisation the loss is taken in (default x0, as the TSD-SR release;
@@ -115,6 +118,8 @@ class DiffusionLoss:
             checks.note_input("x0", x0)
             checks.note_input("noise", noise)
             checks.note_input("cond", leaves(cond))
+            if isinstance(model, CFG):
+                checks.note_input("the model's null_cond", leaves(model.null_cond))
             checks.note(weight, ValueError, "non-finite values in the loss weighting "
                         f"{self.loss_weighting!r} at the drawn levels")
             checks.note_model("model", raw)

@@ -191,12 +191,22 @@ class SiDLoss(InputGradientLoss):
     exactly `DMDLoss`'s, and ``alpha`` drops out. ``alpha`` 1.2 is the EDM version's (the
     authors' ``run_sid.sh``); SiD-LSG uses 1. Shapes: ``z_hat`` (B, ...).
 
+    SiD-LSG's guidance (Zhou et al., ICLR 2025, ``mingyuanzhou/SiD-LSG``) has three scales, each
+    a `CFG` of its own network: ``teacher=CFG(T, kappa4, null)`` and ``fake=CFG(F, kappa2,
+    null)`` here, and ``DiffusionLoss(space="epsilon")(..., model=CFG(F, kappa1, null))`` for
+    the fake score's own training. They guide in epsilon space; x0 is affine in epsilon with
+    weights summing to one, so guiding the x0 predictions is the same. With ``kappa1`` or
+    ``kappa2`` not 1 the authors train the fake on prompts dropped to the null prompt 10% of
+    the time, so its null branch is fitted: that is the caller's ``cond``.
+
     Attributes:
         alpha: SiD's alpha (>= 0): 1.2 as the EDM version, 1 as SiD-LSG.
 
     Example:
         >>> out = SiDLoss(alpha=1.2)(z_hat, cond, teacher=teacher, fake=fake)
         >>> out.loss.backward()  # gradient into the student only
+        >>> lsg = SiDLoss(alpha=1.0)(z_hat, cond, teacher=CFG(teacher, 4.5, null),
+        ...                          fake=CFG(fake, 4.5, null))  # SiD-LSG, kappa4 and kappa2
     """
 
     alpha: float = 1.2
