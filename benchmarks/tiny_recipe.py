@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> Path:
     names = list(variants)
     seeds, steps = (1, 2) if args.quick else (args.seeds, args.steps)
     pairs = demo_pairs(seed=0)[:1] if args.quick else demo_pairs(seed=0)
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[1]
     per_seed: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="scoredistill-recipe-") as tmp:
         for k in range(seeds):
@@ -164,7 +165,9 @@ def main(argv: list[str] | None = None) -> Path:
              f"(the first is make demo's), mean ± sd over seeds; {COLOR_FIX} colour fix, "
              "process size 128. Grid: 10 log10 of the power at the 16 px period's harmonics "
              "over their neighbours (about 0 dB without a grid). Runtime "
-             f"{time.perf_counter() - start:.0f} s on one thread.")
+             f"{time.perf_counter() - start:.0f} s on one thread; the machine's 5-minute load "
+             f"average was {load_before:.1f} at the start and {os.getloadavg()[1]:.1f} at the "
+             "end (s/step is comparable within a run, not across machines or loads).")
     if tests:
         notes += ("\n\nPaired over seeds against " + REFERENCE + " (A − B; PSNR and SSIM "
                   "negated, so lower is better everywhere), t-test p Holm-adjusted over the "
@@ -175,6 +178,7 @@ def main(argv: list[str] | None = None) -> Path:
                         meta={"group": args.group, "steps": steps, "seeds": seeds,
                               "first_seed": FIRST_SEED,
                               "pairs": len(pairs), "runtime_s": time.perf_counter() - start,
+                              "load_average_5min": [load_before, os.getloadavg()[1]],
                               "paired_tests": tests,
                               "runs": {n: per_seed[n] for n in names}},
                         notes=notes, columns=COLUMNS, out_dir=args.out,
