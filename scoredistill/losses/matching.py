@@ -7,17 +7,65 @@ batched model call per point and compose with the other terms and with DASM.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..batching import Rider, riding
+from ..guidance import CFG
 from ..messages import brief
+from ..parametrization import expand_like
 from ..protocols import Cond, Prediction
 from ..samplers.timesteps import IndexSampler, UniformIndex
+from ..schedules import index_alpha_sigma
+from .adversarial import GANTerm, check_head, frozen_logits, gan_generator_loss
 from .distill import DistillOutput, ScoreDistillationLoss, Term
-from .validation import check_option
+from .validation import check_inputs, check_option, draw_level
 from .weighting import SampleWeighting, Weighting, f_distill_weight, sample_weighting
+
+
+@dataclass(frozen=True)
+class AdversarialOutput(DistillOutput):
+    """A DMD / f-distill output with its discriminator's part (`DistillOutput` plus these).
+
+    Attributes:
+        gan_loss: The GAN generator term's value before its weight (detached), or None.
+        gan_logit: The head's logits (B,) at the GAN sample (detached), or None.
+        ratio_logit: f-distill's logits (B,) that ``r`` was read from (detached), or None.
+    """
+
+    gan_loss: Tensor | None = None
+    gan_logit: Tensor | None = None
+    ratio_logit: Tensor | None = None
+
+
+def _check_logit(logit: Tensor, z_hat: Tensor) -> None:
+    if logit.shape != (z_hat.shape[0],):
+        raise ValueError(f"the head returned logits of shape {tuple(logit.shape)} for "
+                         f"{z_hat.shape[0]} samples: it must return one per sample, (B,)")
+
+
+def _gan_rider(gan: GANTerm, z_hat: Tensor, cond: Cond, inputs: dict[str, object],
+               index: Tensor, noise: Tensor) -> tuple[Rider, Tensor]:
+    """The re-noised student sample's call on the GAN role (CFG: its model's conditional
+    branch, the call FastGen reads the teacher's features from), with a gradient to ``x``."""
+    model = inputs.get(gan.role)
+    if model is None:
+        raise ValueError(f"GANTerm(role={gan.role!r}) reads the {gan.role}'s features: pass "
+                         f"{gan.role}=")
+    model = model.model if isinstance(model, CFG) else model
+    generator = inputs.get("generator")
+    if gan.index_sampler is not None:
+        index, noise = draw_level(z_hat, model.schedule.num_steps, gan.index_sampler, None,
+                                  None, generator)  # type: ignore[arg-type]
+    x = z_hat.detach().float().requires_grad_(True)
+    t, alpha, sigma = index_alpha_sigma(model.schedule, index)
+    with torch.enable_grad():
+        x_gan = expand_like(alpha, x) * x + expand_like(sigma, x) * noise.float()
+    return Rider([(model, x_gan, t, cond)], [f"{gan.role} at the GAN sample"], {0: gan.layer},
+                 grad=True), x
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,9 +86,13 @@ class DMDLoss(ScoreDistillationLoss):
         sample_weighting: "dmd", DMD's per-sample normalisation (`dmd_normalizer`).
         index_sampler: DMD2's ``[0.02, 0.98) * N``, i.e. indices 20..979 of 1000.
         scale: The factor ``scale`` on the direction.
+        gan: DMD2's adversarial generator term (`GANTerm`), or None; with it a call takes
+            ``head=``, the discriminator head, and returns an `AdversarialOutput`.
 
     Example:
         >>> out = DMDLoss()(z_hat, cond, teacher=CFG(roles.teacher, 7.5, null), fake=roles.fake)
+        >>> dmd2 = DMDLoss(gan=GANTerm(weight=5e-3))  # DMD2, the fake score's features
+        >>> out = dmd2(z_hat, cond, teacher=teacher, fake=roles.fake, head=head)
     """
 
     space: Prediction | None = "x0"
@@ -48,6 +100,72 @@ class DMDLoss(ScoreDistillationLoss):
     sample_weighting: str | SampleWeighting | None = "dmd"
     index_sampler: IndexSampler = field(default_factory=lambda: UniformIndex(20, 980))
     scale: float = 1.0
+    gan: GANTerm | None = None
+
+    def __post_init__(self) -> None:
+        if self.gan is not None and not isinstance(self.gan, GANTerm):
+            raise ValueError(f"{type(self).__name__}(gan=...): expected a GANTerm or None, got "
+                             f"{brief(self.gan)}")
+        super().__post_init__()
+
+    def __call__(self, z_hat: Tensor, cond: Cond = None, *, head: nn.Module | None = None,
+                 **inputs: object) -> DistillOutput:
+        """`ScoreDistillationLoss.__call__`'s keywords, plus ``head`` with a `GANTerm`.
+
+        The GAN sample rides along the distillation term's batched call (one backbone call
+        per point, `scoredistill.batching.riding`); ``loss`` is DMD's surrogate plus
+        ``gan.weight`` times the GAN term, whose gradient reaches ``z_hat`` only.
+        """
+        if self.gan is None and head is not None:
+            raise ValueError(f"{type(self).__name__} does not use head=: it has no GAN term "
+                             "(gan=None); pass gan=GANTerm(...) or drop the argument")
+        if self.gan is None:
+            return ScoreDistillationLoss.__call__(self, z_hat, cond, **inputs)  # type: ignore[arg-type]
+        return self._adversarial(z_hat, cond, check_head(head, type(self).__name__), inputs)
+
+    def _adversarial(self, z_hat: Tensor, cond: Cond, head: nn.Module | None,
+                     inputs: dict[str, object],
+                     weight: Callable[[Rider, Tensor], Tensor] | None = None,
+                     taps: dict[int | str, str | None] | None = None) -> AdversarialOutput:
+        """DMD's call with the GAN sample and ``taps`` riding along its batched call;
+        ``weight(rider, index)`` makes a per-sample factor (B,) from the rider's features and
+        the drawn indices (f-distill's h)."""
+        teacher = inputs.get("teacher")
+        if teacher is None:
+            raise ValueError(f"{type(self).__name__} needs teacher=")
+        # Drawn here (as the loss would) since the GAN sample and the time bins need them.
+        index, noise = draw_level(z_hat, teacher.schedule.num_steps, self.index_sampler,
+                                  inputs.get("index"), inputs.get("noise"),
+                                  inputs.get("generator"))  # type: ignore[arg-type]
+        check_inputs(z_hat, None, noise, cond, index, None)
+        inputs = {**inputs, "index": index, "noise": noise}
+        rider, x = Rider(), None
+        if self.gan is not None:
+            rider, x = _gan_rider(self.gan, z_hat, cond, inputs, index, noise)
+        rider.taps = {**rider.taps, **(taps or {})}
+        loss = self
+        if weight is not None:
+            base = None if self.sample_weighting is None else sample_weighting(
+                self.sample_weighting)
+            loss = replace(self, sample_weighting=lambda z, x0: weight(rider, index) if base is
+                           None else weight(rider, index) * base(z, x0))
+        with riding(rider):
+            out = ScoreDistillationLoss.__call__(loss, z_hat, cond, **inputs)  # type: ignore[arg-type]
+        total, gan_loss, gan_logit = out.loss, None, None
+        if self.gan is not None:
+            logit = frozen_logits(head, rider.features[0])  # type: ignore[arg-type]
+            _check_logit(logit, z_hat)
+            value = gan_generator_loss(logit)
+            if self.check_finite and not torch.isfinite(value):
+                raise FloatingPointError("non-finite GAN generator loss: the head's logits at "
+                                         "the GAN sample are not finite")
+            (dx,) = torch.autograd.grad(value, x)
+            zf = z_hat.float()
+            # Value: the GAN term; gradient: dx into z_hat alone (no model's or head's weights).
+            total = total + self.gan.weight * (value.detach() + ((zf - zf.detach()) * dx).sum())
+            gan_loss, gan_logit = value.detach(), logit.detach()
+        return AdversarialOutput(total, out.grad, out.grads, out.norms, out.index, out.timesteps,
+                                 out.sigmas, gan_loss, gan_logit)
 
     @classmethod
     def osediff(cls) -> DMDLoss:
@@ -106,22 +224,34 @@ class FDistillLoss(DMDLoss):
 
     ``grad = h(r) / mean h(r) * DMD's grad`` per sample, ``r`` the density ratio read from a
     discriminator's logit at the same noisy sample (`f_distill_weight`: clamped, exponentiated,
-    clipped to ``ratio_range``, detached). ``divergence="reverse_kl"`` gives ``h = 1``, i.e.
-    `DMDLoss`. The head producing the logit is the caller's (it is trained with its own GAN
-    loss); a call takes it as ``logit=`` (B,). The value returned is the ``surrogate`` of
-    ``grad``, as for DMD. Shapes: ``z_hat`` (B, ...).
+    clipped to ``ratio_range``, detached, normalised per time bin). ``divergence="reverse_kl"``
+    gives ``h = 1``, i.e. `DMDLoss`. The logit is the head's on the ``ratio_role``'s features
+    (the teacher's, as FastGen) at DMD's noisy sample, read from DMD's own batched call
+    (``head=``), or given (``logit=`` (B,)). The head is the caller's, trained with
+    `GANHeadLoss`; FastGen adds DMD2's generator term too
+    (``gan=GANTerm(role="teacher", index_sampler=None)``). The value returned is the
+    ``surrogate`` of ``grad`` (plus the GAN term). Shapes: ``z_hat`` (B, ...).
 
     Attributes:
         divergence: "reverse_kl", "kl", "js" or "squared_hellinger" (`F_DIVERGENCES`).
         ratio_range: ``(low, high)`` the clip of ``r`` (FastGen's defaults 0.1, 20).
+        ratio_role: Whose features the head reads for ``r``: "teacher" (FastGen) or "fake".
+        ratio_layer: Their layer (None: the adapter's default, `feature_layer`).
+        time_bins: ``r`` is divided by its batch mean within its sample's time bin, one of
+            ``time_bins`` equal bins of the schedule's indices (FastGen: 10 bins of its time
+            ``t``, EMA rate 0); None: no per-bin normalisation.
 
     Example:
-        >>> logit = head(teacher_features).squeeze(1)  # (B,), the caller's discriminator
+        >>> loss_fn = FDistillLoss(divergence="js", gan=GANTerm(role="teacher"))
+        >>> out = loss_fn(z_hat, cond, teacher=t, fake=f, head=head)
         >>> out = FDistillLoss(divergence="js")(z_hat, cond, teacher=t, fake=f, logit=logit)
     """
 
     divergence: str = "js"
     ratio_range: tuple[float, float] = (0.1, 20.0)
+    ratio_role: str = "teacher"
+    ratio_layer: str | None = None
+    time_bins: int | None = 10
 
     def __post_init__(self) -> None:
         check_option("FDistillLoss", "divergence",
@@ -132,20 +262,49 @@ class FDistillLoss(DMDLoss):
                 or not 0 < low < high < float("inf"):
             raise ValueError("FDistillLoss(ratio_range=...): expected (low, high) with "
                              f"0 < low < high, got {brief(self.ratio_range)}")
+        if self.time_bins is not None and (isinstance(self.time_bins, bool) or not isinstance(
+                self.time_bins, int) or self.time_bins < 1):
+            raise ValueError(f"FDistillLoss(time_bins=...): expected a positive int or None, "
+                             f"got {brief(self.time_bins)}")
+        if self.ratio_role not in ("teacher", "fake"):
+            raise ValueError(f"FDistillLoss(ratio_role=...): expected 'teacher' or 'fake', got "
+                             f"{brief(self.ratio_role)}")
         super().__post_init__()
 
-    def __call__(self, z_hat: Tensor, cond: Cond = None, *, logit: Tensor,
-                 **inputs: object) -> DistillOutput:
-        """DMD's call (`ScoreDistillationLoss.__call__`, same keywords) plus ``logit`` (B,),
-        the discriminator's logit per sample of ``z_hat``."""
-        if logit.shape != (z_hat.shape[0],):
+    def __call__(self, z_hat: Tensor, cond: Cond = None, *, logit: Tensor | None = None,
+                 head: nn.Module | None = None, **inputs: object) -> AdversarialOutput:
+        """DMD's call (`ScoreDistillationLoss.__call__`, same keywords) plus ``head``, the
+        discriminator head read at DMD's noisy sample, or ``logit`` (B,), its logits given.
+
+        Raises:
+            ValueError: Neither or (without a GAN term) both of ``head`` and ``logit``.
+        """
+        if logit is None:
+            head = check_head(head, "FDistillLoss (or logit=, the head's logits)")
+        elif head is not None and self.gan is None:
+            raise ValueError("FDistillLoss takes head= (r read from DMD's call) or logit= "
+                             "(given), not both")
+        elif self.gan is not None:
+            head = check_head(head, "FDistillLoss(gan=...)")
+        if logit is not None and logit.shape != (z_hat.shape[0],):
             raise ValueError(f"logit must have shape ({z_hat.shape[0]},), one per sample of "
                              f"z_hat, got {tuple(logit.shape)}")
-        h = f_distill_weight(self.divergence, logit.to(z_hat.device), *self.ratio_range)
-        base = None if self.sample_weighting is None else sample_weighting(self.sample_weighting)
+        seen: dict[str, Tensor] = {}
 
-        def weight(x: Tensor, teacher_x0: Tensor) -> Tensor:
-            return h if base is None else h * base(x, teacher_x0)
+        def weight(rider: Rider, index: Tensor) -> Tensor:
+            if "h" not in seen:  # once: along DASM the features are the first point's
+                if logit is None:
+                    with torch.no_grad():
+                        seen["logit"] = head(rider.features[self.ratio_role]).detach()
+                    _check_logit(seen["logit"], z_hat)
+                else:
+                    seen["logit"] = logit.detach()
+                bins = None if self.time_bins is None else (
+                    index * self.time_bins // inputs["teacher"].schedule.num_steps)
+                seen["h"] = f_distill_weight(self.divergence, seen["logit"].to(z_hat.device),
+                                             *self.ratio_range, bins=bins)
+            return seen["h"]
 
-        dmd = replace(self, sample_weighting=weight)
-        return ScoreDistillationLoss.__call__(dmd, z_hat, cond, **inputs)  # type: ignore[arg-type]
+        taps = {self.ratio_role: self.ratio_layer} if logit is None else {}
+        out = self._adversarial(z_hat, cond, head, inputs, weight, taps)
+        return replace(out, ratio_logit=seen.get("logit"))

@@ -67,14 +67,15 @@ F_DIVERGENCES: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def f_distill_weight(divergence: str, logit: Tensor, low: float = 0.1,
-                     high: float = 20.0) -> Tensor:
+                     high: float = 20.0, bins: Tensor | None = None) -> Tensor:
     """f-distill's per-sample weight ``h(r) / mean h(r)`` (B,) from a discriminator's logit (B,).
 
     ``r = clip(exp(clamp(logit, -10, 10)), low, high)``, detached: the density ratio
     ``p_data / p_student`` a discriminator ``sigmoid(logit)`` trained to tell data (1) from
-    student samples (0) estimates; then ``h`` of `F_DIVERGENCES` normalised by its batch mean,
-    as NVlabs FastGen's ``_get_f_div_weighting_h`` (whose defaults these are) does; FastGen also
-    divides ``r`` by its mean in 10 time bins first, which this function leaves out.
+    student samples (0) estimates. With ``bins`` (B,) integer time-bin ids, ``r`` is first
+    divided by the batch mean of ``r`` in its sample's bin (FastGen's ``ratio_normalization``
+    with its default EMA rate 0). Then ``h`` of `F_DIVERGENCES`, normalised by its batch mean,
+    as NVlabs FastGen's ``_get_f_div_weighting_h`` (whose defaults these are) does.
     """
     if divergence not in F_DIVERGENCES:
         raise ValueError(f"unknown f-divergence {divergence!r}; expected one of "
@@ -83,6 +84,15 @@ def f_distill_weight(divergence: str, logit: Tensor, low: float = 0.1,
         raise ValueError(f"logit must be a floating (B,) tensor (one discriminator logit per "
                          f"sample), got {logit.dtype} {tuple(logit.shape)}")
     ratio = logit.detach().float().clamp(-10.0, 10.0).exp().clamp(low, high)
+    if bins is not None:
+        if bins.shape != logit.shape or bins.is_floating_point():
+            raise ValueError(f"bins must be integer bin ids of shape {tuple(logit.shape)}, got "
+                             f"{bins.dtype} {tuple(bins.shape)}")
+        bins = bins.to(ratio.device)
+        count = torch.zeros(int(bins.max()) + 1, device=ratio.device).index_add_(
+            0, bins, torch.ones_like(ratio))
+        total = torch.zeros_like(count).index_add_(0, bins, ratio)
+        ratio = ratio / (total / count)[bins]
     h = F_DIVERGENCES[divergence](ratio)
     return h / h.mean()
 

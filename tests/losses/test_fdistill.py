@@ -15,16 +15,29 @@ H = {"reverse_kl": lambda r: 1.0, "kl": lambda r: r, "js": lambda r: r / (1 + r)
 LOGIT = torch.tensor([-1.5, 0.3, 2.0])
 
 
+def binned_ratio(logit, index, bins):
+    """r, divided by the mean r of its sample's time bin (FastGen's ratio_normalization with
+    EMA rate 0), written out per sample; bins None: r."""
+    r = [math.exp(v) for v in logit.tolist()]
+    if bins is None:
+        return r
+    ids = [int(i) * bins // 1000 for i in index]
+    mean = {b: sum(x for x, c in zip(r, ids) if c == b) / ids.count(b) for b in ids}
+    return [x / mean[b] for x, b in zip(r, ids)]
+
+
 @pytest.mark.parametrize("divergence", sorted(H))
 @pytest.mark.parametrize("kind", ["flow", "vp"])
-def test_direction_is_dmds_times_normalised_h(kind, divergence):
+@pytest.mark.parametrize("bins", [None, 2])
+def test_direction_is_dmds_times_normalised_h(kind, divergence, bins):
     teacher, fake, z_hat, _, noise, cond, null = make(kind)
     inputs = {"teacher": CFG(teacher, SCALE, null), "fake": fake, "index": INDEX, "noise": noise}
     dmd = DMDLoss()(z_hat, cond, **inputs)
     logit = LOGIT.clone().requires_grad_(True)
     z = z_hat.clone().requires_grad_(True)
-    out = FDistillLoss(divergence=divergence)(z, cond, logit=logit, **inputs)
-    h = torch.tensor([H[divergence](math.exp(v)) for v in LOGIT.tolist()])
+    out = FDistillLoss(divergence=divergence, time_bins=bins)(z, cond, logit=logit, **inputs)
+    # INDEX = 25, 512, 970: with 2 bins the last two share one, so their r are normalised.
+    h = torch.tensor([H[divergence](r) for r in binned_ratio(LOGIT, INDEX, bins)])
     want = (h / h.mean())[:, None] * dmd.grad
     torch.testing.assert_close(out.grad, want, rtol=1e-5, atol=1e-7)
     out.loss.backward()
