@@ -17,7 +17,14 @@ from ..samplers.timesteps import IndexSampler, UniformIndex, check_number
 from ..schedules import index_alpha_sigma
 from .distill import DistillOutput
 from .surrogate import Surrogate, check_surrogate, surrogate_loss
-from .validation import FakeOnlyInputs, FiniteChecks, check_inputs, check_option, draw_level
+from .validation import (
+    FakeOnlyInputs,
+    FiniteChecks,
+    check_inputs,
+    check_option,
+    check_per_sample_int,
+    draw_level,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,8 +42,9 @@ class DecoupledDMDLoss(FakeOnlyInputs):
     unit weights and no normaliser this is `DMDLoss` with the CFG teacher and no normaliser.
 
     The paper draws the CA level cleaner than the student's input; the indices are in sampling
-    order (higher is cleaner), so for a few-step student at step index ``k`` pass
-    ``ca_index >= k`` (for a one-step student any level is cleaner than its pure-noise input).
+    order (higher is cleaner), so for a few-step student at step index ``k`` draw
+    ``ca_index > k`` and pass ``input_index`` to have it checked (for a one-step student any
+    level is cleaner than its pure-noise input).
     The value returned is the ``surrogate`` of ``grad`` (`surrogate_loss`).
     Shapes: ``z_hat`` (B, ...); ``dm_index``, ``ca_index`` (B,) int64.
 
@@ -82,7 +90,7 @@ class DecoupledDMDLoss(FakeOnlyInputs):
         self, z_hat: Tensor, cond: Cond = None, *, teacher: CFG, fake: ScoreModel,
         dm_index: Tensor | None = None, ca_index: Tensor | None = None,
         noise: Tensor | None = None, ca_noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        input_index: Tensor | None = None, generator: torch.Generator | None = None,
     ) -> DistillOutput:
         """The loss for the student's output ``z_hat`` (B, ...).
 
@@ -95,6 +103,9 @@ class DecoupledDMDLoss(FakeOnlyInputs):
             ca_index: The CA term's indices (B,) int64; drawn when None.
             noise: The DM term's noise (B, ...); drawn when None.
             ca_noise: The CA term's noise (B, ...); drawn when None.
+            input_index: The student's input level (B,) int64 in the same indices (a few-step
+                student's step); when given, every CA index must be strictly cleaner (higher),
+                as the paper draws it, or the call raises naming the sample.
             generator: The generator for what is drawn.
 
         Returns:
@@ -117,6 +128,15 @@ class DecoupledDMDLoss(FakeOnlyInputs):
             check_inputs(z_hat, None, eps, cond, index, None)
             levels.append((index, eps))
         (i_dm, n_dm), (i_ca, n_ca) = levels
+        if input_index is not None:
+            check_per_sample_int("input_index", input_index, b, z_hat.device)
+            if bool((i_ca <= input_index).any()):
+                k = int((i_ca <= input_index).nonzero()[0])
+                raise ValueError(
+                    f"DecoupledDMDLoss: the CA level must be cleaner than the student's input, "
+                    f"but sample {k} has ca_index {int(i_ca[k])} <= input_index "
+                    f"{int(input_index[k])} (higher is cleaner); draw ca_index above it, e.g. "
+                    f"ca_index_sampler=UniformIndex({int(input_index.max()) + 1}, 980)")
         points = torch.stack([i_dm, i_ca], dim=1)
         t_all, a_all, s_all = index_alpha_sigma(schedule, points)
         if any(m.prediction == "epsilon" for m in (model, fake)):

@@ -30,7 +30,8 @@ def _same_as(name: str, x: Tensor, ref: Tensor, ref_name: str, check_dtype: bool
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
 
 
-def _per_sample_int(name: str, x: Tensor, batch: int, device: torch.device) -> None:
+def check_per_sample_int(name: str, x: Tensor, batch: int, device: torch.device) -> None:
+    """Refuse ``x`` unless it is an int32/int64 tensor (batch,) on ``device``, naming ``name``."""
     if x.shape != (batch,) or x.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name} must be an integer tensor of shape ({batch},), got "
                          f"{x.dtype} {tuple(x.shape)}")
@@ -53,9 +54,9 @@ def check_inputs(x: Tensor, z: Tensor | None, noise: Tensor, cond: Cond, index: 
     _same_as("noise", noise, x, x_name, check_dtype=False)
     b = x.shape[0]
     check_cond(cond, b, x.device)
-    _per_sample_int("index", index, b, x.device)
+    check_per_sample_int("index", index, b, x.device)
     if bias is not None:
-        _per_sample_int("dasm_bias", bias, b, x.device)
+        check_per_sample_int("dasm_bias", bias, b, x.device)
 
 
 class FiniteChecks:

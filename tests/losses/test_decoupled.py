@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scoredistill import CFG, DecoupledDMDLoss, DMDLoss
+from scoredistill import CFG, DecoupledDMDLoss, DMDLoss, UniformIndex
 from tests.losses.test_matching import x0_of
 from tests.losses.test_reference import SCALE, B, levels, make
 from tests.losses.test_sid import INDEX, mixture
@@ -92,3 +92,20 @@ def test_options_and_teacher_are_checked():
     teacher, fake, z_hat, _, _, cond, _ = make("flow")
     with pytest.raises(ValueError, match="needs teacher=CFG"):
         DecoupledDMDLoss()(z_hat, cond, teacher=teacher, fake=fake)
+
+
+def test_ca_level_must_be_cleaner_than_the_students_input():
+    teacher, fake, z_hat, ca_noise, noise, cond, null = make("flow")
+    inputs = {"teacher": CFG(teacher, SCALE, null), "fake": fake, "dm_index": INDEX,
+              "noise": noise, "ca_noise": ca_noise}
+    below = CA_INDEX - 1  # CA_INDEX = (700, 300, 940): each strictly cleaner
+    out = DecoupledDMDLoss()(z_hat, cond, ca_index=CA_INDEX, input_index=below, **inputs)
+    assert out.index[:, 1].tolist() == CA_INDEX.tolist()
+    with pytest.raises(ValueError, match=r"sample 1 has ca_index 300 <= input_index 300"):
+        DecoupledDMDLoss()(z_hat, cond, ca_index=CA_INDEX,
+                           input_index=torch.tensor([0, 300, 0]), **inputs)
+    with pytest.raises(ValueError, match=r"input_index must be an integer tensor of shape"):
+        DecoupledDMDLoss()(z_hat, cond, input_index=torch.zeros(3), **inputs)
+    # Drawn CA levels are checked too: a sampler above every input level passes.
+    DecoupledDMDLoss(ca_index_sampler=UniformIndex(501, 980))(
+        z_hat, cond, input_index=torch.full((3,), 500), generator=torch.Generator(), **inputs)
