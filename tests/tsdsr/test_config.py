@@ -65,7 +65,7 @@ def test_tsd_space_reaches_the_loss_and_is_checked():
     from examples.tsdsr.training.config import TrainConfig
     from examples.tsdsr.training.step import Losses
 
-    assert Losses.from_config(TrainConfig()).tsd.space == "flow"
-    assert Losses.from_config(TrainConfig(tsd_space="epsilon")).tsd.space == "epsilon"
+    assert Losses.from_config(TrainConfig()).regulariser.loss.space == "flow"
+    assert Losses.from_config(TrainConfig(tsd_space="epsilon")).regulariser.loss.space == "epsilon"
     with pytest.raises(ValueError, match="tsd_space must be one of flow, epsilon"):
         TrainConfig(tsd_space="eps")

@@ -35,6 +35,7 @@ CHANGES = {
     "hflip": {"hflip": False},
     "use_latents": {"use_latents": True, "hflip": False},
     "dataloader_workers": {"dataloader_workers": 0},
+    "regulariser": {"regulariser": "vsd"},
     "lpips_weight": {"lpips_weight": 0.5},
     "mse_weight": {"mse_weight": 0.0},
     "gamma": {"gamma": 0.5},

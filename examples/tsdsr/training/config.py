@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from examples.tsdsr.training.regularisers import REGULARISERS, check_regulariser
 from scoredistill.cli import ArgumentParser, UserError, in_range, number
 from scoredistill.messages import brief
 
@@ -50,7 +51,10 @@ class TrainConfig:
     # does: needs HQ images pre-cropped to `resolution` and no flips (E is not flip-equivariant).
     use_latents: bool = False
     dataloader_workers: int = 2
-    # Generator objective L_G = lpips_weight LPIPS + mse_weight MSE(z_hat, z) + gamma L_TSD.
+    # Generator objective L_G = lpips_weight LPIPS + mse_weight MSE(z_hat, z) + gamma L_reg.
+    # L_reg: TSD (the paper) or another of the library's losses in its place
+    # (training/regularisers.py; docs: the recipe guide's table of choices).
+    regulariser: str = "tsd"
     lpips_weight: float = 1.0
     mse_weight: float = 1.0  # the release's latent MSE (on); 0 turns it off
     gamma: float = 1.0
@@ -99,6 +103,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_values(self)
+        check_regulariser(self)
         if self.use_dasm and len(self.dasm_weights) != self.dasm_points:
             raise ValueError(f"{self.dasm_points} DASM points need as many weights, got "
                              f"{brief(self.dasm_weights)}")
@@ -137,6 +142,7 @@ BOUNDS: dict[str, dict[str, Any]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "fake_weighting": ("none", "sigma_sqrt", "cosmap"),
     "tsd_space": ("flow", "epsilon"),
+    "regulariser": REGULARISERS,
     "lr_scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                      "constant_with_warmup"),
     "mixed_precision": ("no", "fp16", "bf16"),

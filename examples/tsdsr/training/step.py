@@ -1,7 +1,8 @@
 """One TSD-SR training iteration (Alg. 1 lines 4-31): generator update, then fake-score update.
 
-All losses come from scoredistill (TSDLoss with DASM, DiffusionLoss) plus LPIPS and the latent
-MSE; a non-finite loss skips its update (no optimizer step, gradients zeroed) and is counted.
+All losses come from scoredistill (the regulariser: TSDLoss with DASM or another in its place,
+see regularisers.py; DiffusionLoss) plus LPIPS and the latent MSE; a non-finite loss skips its
+update (no optimizer step, gradients zeroed) and is counted.
 """
 
 from __future__ import annotations
@@ -15,27 +16,25 @@ from torch import Tensor
 
 from examples.tsdsr.training.config import TrainConfig
 from examples.tsdsr.training.models import TSDSRModels, hq_latent
+from examples.tsdsr.training.regularisers import Regulariser
 from examples.tsdsr.training.sharding import clip_grad_norm, is_sharded
-from scoredistill import CFG, DASMSampler, DiffusionLoss, TSDLoss, UniformIndex
+from scoredistill import DiffusionLoss, UniformIndex
 from scoredistill.conditioning import expand_cond
 from scoredistill.sr.latents import Posterior, decode, encode, one_step
 
 
 @dataclass(frozen=True)
 class Losses:
-    """The regulariser L_TSD (Eq. 5, DASM of Sec. 3.4) and the fake-score loss (Eq. 9)."""
+    """The regulariser L_reg (L_TSD: Eq. 5, DASM of Sec. 3.4) and the fake-score loss (Eq. 9)."""
 
-    tsd: TSDLoss
+    regulariser: Regulariser
     fake: DiffusionLoss
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> Losses:
         index = UniformIndex(config.index_low, config.index_high)
-        dasm = (DASMSampler(config.dasm_points, config.dasm_step, tuple(config.dasm_weights),
-                            tuple(config.dasm_bias)) if config.use_dasm else None)
         # check_finite=False: the step checks the total loss itself and skips, not raises.
-        return cls(TSDLoss(lam=config.tsd_lambda, dasm=dasm, index_sampler=index,
-                           space=config.tsd_space, check_finite=False),
+        return cls(Regulariser.from_config(config),
                    DiffusionLoss(loss_weighting=config.fake_weighting, index_sampler=index,
                                  check_finite=False))
 
@@ -68,7 +67,7 @@ def student_latent(models: TSDSRModels, lq: Tensor, default: dict[str, Tensor],
 def generator_loss(models: TSDSRModels, losses: Losses, config: TrainConfig, batch: dict,
                    prompts: dict[str, dict[str, Tensor]], generator: torch.Generator
                    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """``L_G = LPIPS(x_hat, x_H) + MSE(z_hat, z) + gamma L_TSD`` (Alg. 1 lines 6-24).
+    """``L_G = LPIPS(x_hat, x_H) + MSE(z_hat, z) + gamma L_reg`` (Alg. 1 lines 6-24).
 
     Returns the scalar loss, ``z_hat`` (B, 16, h, w) and the pieces to log.
     """
@@ -80,20 +79,19 @@ def generator_loss(models: TSDSRModels, losses: Losses, config: TrainConfig, bat
     rec = models.lpips(x_hat, hq).mean() if config.lpips_weight else zero
     mse = F.mse_loss(z_hat, z) if config.mse_weight else zero
     logs: dict[str, Any] = {"loss/lpips": rec, "loss/latent_mse": mse}
-    tsd_loss = zero
+    reg_loss = zero
     if config.gamma:
-        null = prompts["null"]
-        tsd = losses.tsd(z_hat, cond, teacher=CFG(models.roles.teacher, config.cfg_scale, null),
-                         fake=CFG(models.roles.fake, config.cfg_scale, null), z=z,
-                         generator=generator)
-        tsd_loss = tsd.loss
-        for term, norms in tsd.norms.items():  # (B, N): per term and DASM point
+        reg = losses.regulariser(z_hat, cond, z, teacher=models.roles.teacher,
+                                 fake=models.roles.fake, cfg_scale=config.cfg_scale,
+                                 null=prompts["null"], generator=generator)
+        reg_loss = reg.loss
+        for term, norms in reg.norms.items():  # (B, N): per term and point (DASM, level)
             for k in range(norms.shape[1]):
-                logs[f"tsd_norm/{term}_p{k}"] = norms[:, k].mean()
-        logs["tsd/grad_norm"] = tsd.grad.flatten(1).norm(dim=1).mean()
-        logs["tsd/timestep"] = tsd.timesteps[:, 0].mean()
-    logs["loss/tsd"] = tsd_loss
-    loss = config.lpips_weight * rec + config.mse_weight * mse + config.gamma * tsd_loss
+                logs[f"reg_norm/{term}_p{k}"] = norms[:, k].mean()
+        logs["reg/grad_norm"] = reg.grad.flatten(1).norm(dim=1).mean()
+        logs["reg/timestep"] = reg.timesteps[:, 0].mean()
+    logs["loss/reg"] = reg_loss
+    loss = config.lpips_weight * rec + config.mse_weight * mse + config.gamma * reg_loss
     logs["loss/generator"] = loss
     return loss, z_hat, logs
 
