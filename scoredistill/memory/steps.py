@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from torch import nn
 
 from .backbones import Backbone, BackboneSpec, build_meta, build_real, make_fake
 from .trace import Allocated, Phase, Placeholders, Plan, allocated_peak, run_phases, trace
+
+if TYPE_CHECKING:
+    from scoredistill.sr.tiling import TileConfig
 
 Step = list[Phase]
 
@@ -50,7 +53,9 @@ class SRRun:
     upscale: float = 4.0
     images: int = 1
     batch: int = 8  # transformer tiles per call (the pipeline's batch_size)
-    tiles: bool = True  # today's TileConfig defaults; False runs every stage whole
+    tiles: bool | TileConfig = True  # True: today's TileConfig defaults; False: stages whole
+    vae_batch: int | None = None  # VAE tiles or images per call (None: batch, as the pipeline)
+    process_size: int | None = None  # the short side the model works at (None: SROptions')
     dtype: torch.dtype = torch.bfloat16
     channels_last: bool = False  # the pipeline's channels-last VAE
 
@@ -191,11 +196,13 @@ def _sr_step(parts: Backbone, spec: BackboneSpec, opts: SRRun, device: str
                                          device=device, dtype=opts.dtype),
             "pooled_projections": torch.randn(1, dims["pooled_projection_dim"], device=device,
                                               dtype=opts.dtype)}
+    tiles = DEFAULT_TILES if opts.tiles is True else opts.tiles or None
     pipe = TSDSRPipeline(SRModel(SD3ScoreModel(parts.transformer), parts.vae, cond),
-                         tiles=DEFAULT_TILES if opts.tiles else None, batch_size=opts.batch)
+                         tiles=tiles, batch_size=opts.batch, vae_batch_size=opts.vae_batch)
     pipe.channels_last = opts.channels_last  # inputs too; the weights were done by _sr_models
     images = [torch.rand(3, opts.height, opts.width, device=device) for _ in range(opts.images)]
-    options = PipelineOptions(upscale=opts.upscale)
+    options = PipelineOptions(upscale=opts.upscale, process_size=opts.process_size
+                              or PipelineOptions.process_size)
 
     def step() -> None:
         with torch.no_grad():

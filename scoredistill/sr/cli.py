@@ -67,12 +67,13 @@ from scoredistill.cli import (
     writable_dir,
 )
 from scoredistill.cli import device as device_type
+from scoredistill.sr import memory_check
 from scoredistill.sr.colorfix import COLOR_FIXES
 from scoredistill.sr.fast import check_fp8
 from scoredistill.sr.files import plan_outputs, super_resolve_files
 from scoredistill.sr.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_images
 from scoredistill.sr.loading import DTYPES, Backbone, ModelFileError, check_sd3_folder
-from scoredistill.sr.model_folder import CONFIG_FILE, is_model_folder
+from scoredistill.sr.model_folder import CONFIG_FILE, is_model_folder, read_config
 from scoredistill.sr.pipeline import DEFAULT_OPTIONS, MIN_SIDE, SROptions, TSDSRPipeline
 from scoredistill.sr.tiling import TileConfig
 from scoredistill.sr.timing import StageTimer
@@ -165,6 +166,11 @@ def build_parser(description: str, *, pretrained_required: bool,
     model.add_argument("--no-fuse-qkv", dest="fuse_qkv", action="store_false",
                        help="keep the attention's Q, K, V projections apart (slower)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--force", action="store_true",
+                        help="run even if the memory check refuses: on CUDA devices, before "
+                             "loading, the memory planner's peak for the largest input and these "
+                             "flags (from the --model/--pretrained folder's config.json) is "
+                             "checked against the card's free memory; none on CPU")
     return parser
 
 
@@ -261,6 +267,8 @@ def _run(argv: Sequence[str] | None, default_backbone: DefaultBackbone | None,
     dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
     if args.fp8:
         _check_fp8(device)
+    if jobs and not args.force:
+        _check_memory(args, [src for src, _ in jobs], device, dtype, tiles, prefix)
     timer = StageTimer(enabled=args.profile)
     if jobs:
         pipe = _load(args, default_backbone, dtype, device, tiles, timer)
@@ -293,6 +301,33 @@ def _check_model_flags(args: argparse.Namespace, parser: argparse.ArgumentParser
     elif pretrained_required and args.pretrained is None:
         parser.error("give --model MODEL_DIR, or --pretrained SD3_DIR with --lora or "
                      "--tsdsr-release")
+
+
+def _check_memory(args: argparse.Namespace, inputs: list[Path], device: str,
+                  dtype: torch.dtype, tiles: TileConfig | None, prefix: str) -> None:
+    """Refuse (one line) a run the memory planner says will not fit in the CUDA card's free
+    memory, before anything loads; with a --model or --pretrained folder (the built-in tiny
+    default has no config to plan)."""
+    folder = args.model if args.model is not None else args.pretrained
+    if not memory_check.on_cuda(device) or folder is None:
+        return
+    flag = "--model" if args.model is not None else "--pretrained"
+    size = memory_check.largest_image(inputs, args.max_pixels)
+    if size is None:  # no readable header: the file loop reports every file
+        return
+    try:
+        saved = read_config(folder)["options"] if args.model is not None else {}
+        options = _options(args, SROptions(**saved))
+        run = memory_check.Run(str(folder), *size, files=len(inputs), upscale=options.upscale,
+                               process_size=options.process_size, dtype=dtype,
+                               channels_last=args.channels_last)
+        settings = memory_check.Settings(args.batch_size, args.vae_batch_size or args.batch_size,
+                                         tiles)
+        memory_check.check(run, settings, device, log=lambda text: print(prefix + text))
+    except UserError:
+        raise
+    except (TypeError, ValueError) as exc:  # an unreadable config.json or saved options
+        raise UserError(f"{flag} {folder}: {' '.join(str(exc).split())}") from None
 
 
 def _options(args: argparse.Namespace, defaults: SROptions) -> SROptions:

@@ -1,0 +1,257 @@
+"""``scoredistill-sr``'s memory check, made before anything loads: the memory planner's peak for
+the run (:func:`scoredistill.memory.plan_sr`: the pipeline traced on fake tensors at the run's
+real sizes, from the model folder's config.json, no weights read) against the CUDA card's free
+memory. A run that will not fit is refused, naming the tile and batch flags that would fit.
+
+Plans are cached on disk (``$XDG_CACHE_HOME/scoredistill/sr_plans.json``, by a hash of the
+config, the sizes, the flags and the library versions): a traced plan of SD3-medium at
+1024 -> 4096 px takes about a minute of CPU, a cached one nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from scoredistill.cli import UserError
+from scoredistill.sr.imageio import _orientation, _pillow_open
+from scoredistill.sr.tiling import TileConfig
+
+GIB = 2**30
+MAX_PLANS = 8
+"""Plans the search for fitting settings traces at most (each costs seconds to minutes)."""
+MIN_TILES = TileConfig(latent=16, encoder=128, decoder=32)
+"""Tile sides the search does not go below (the overlaps are the run's own)."""
+STAGES = {"AutoencoderKL.encoder": "encoder", "AutoencoderKL.decoder": "decoder"}
+"""Module name prefixes of the planner's rows -> stage; any other module is the transformer's."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The CLI's tile and batch flags: transformer and VAE batch; tiles (None: --no-tile)."""
+
+    batch: int
+    vae_batch: int
+    tiles: TileConfig | None
+
+    def flags(self) -> str:
+        """The command-line flags that give these settings."""
+        flags = f"--batch-size {self.batch} --vae-batch-size {self.vae_batch}"
+        t = self.tiles
+        if t is None:
+            return flags + " --no-tile"
+        return (f"{flags} --latent-tile {t.latent} {t.latent_overlap} --encoder-tile "
+                f"{t.encoder} {t.encoder_overlap} --decoder-tile {t.decoder} {t.decoder_overlap}")
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the plan depends on besides :class:`Settings`: the backbone config (the folder's),
+    the largest input ``height`` x ``width`` (upright), how many files, and the options."""
+
+    config: str  # the folder holding transformer/ and vae/ config.json
+    height: int
+    width: int
+    files: int
+    upscale: float
+    process_size: int
+    dtype: torch.dtype
+    channels_last: bool
+
+
+def largest_image(paths: Sequence[Path], max_pixels: int | None) -> tuple[int, int] | None:
+    """(height, width) upright of the input with the most pixels, from the headers only; files
+    whose header cannot be read are left to the file loop (it reports them)."""
+    best = None
+    for path in paths:
+        try:
+            with _pillow_open(path, max_pixels) as img:
+                w, h = img.size
+                if _orientation(img) >= 5:  # EXIF 5-8 turn the image a quarter: sides swap
+                    w, h = h, w
+        except (OSError, ValueError, SyntaxError):  # unreadable header: the loop names it
+            continue
+        if best is None or h * w > best[0] * best[1]:
+            best = (h, w)
+    return best
+
+
+def on_cuda(device: str) -> bool:
+    """Whether the check applies: ``device`` is a CUDA device (a CPU has no card to fill)."""
+    return torch.device(device).type == "cuda"
+
+
+def free_memory(device: str) -> int:
+    """Bytes free on the CUDA ``device`` now (the driver's count: other processes included)."""
+    return torch.cuda.mem_get_info(torch.device(device))[0]
+
+
+def check(run: Run, settings: Settings, device: str, *, plan: Callable | None = None,
+          log: Callable[[str], None] | None = None) -> None:
+    """:class:`UserError` (one line) unless the planned peak fits in ``device``'s free memory;
+    it names the peak, the free memory, and the largest settings found that fit.
+
+    ``plan(run, settings) -> (peak bytes, stage)`` defaults to :func:`planned` (cached)."""
+    plan = plan or planned
+    log = log or print
+    free = free_memory(device)
+    log(f"scoredistill-sr: checking that the run fits in {device}'s {free / GIB:.2f} GiB free "
+        f"(memory plan of the largest input, {run.height}x{run.width} px; once per setting, "
+        "then cached; --force skips it)")
+    peak, stage = plan(run, settings)
+    if peak <= free:
+        return
+    fit = fitting(run, settings, free, stage, plan)
+    found = (f"settings that fit: {fit[0].flags()} (planned {fit[1] / GIB:.2f} GiB)" if fit else
+             f"no setting down to {_smallest(settings).flags()} fits: use --dtype bf16/fp16, "
+             "a smaller --upscale, or a card with more free memory")
+    raise UserError(f"this run would need {peak / GIB:.2f} GiB on {device} (planned peak, "
+                    f"largest input {run.height}x{run.width} px, {settings.flags()}) but "
+                    f"{free / GIB:.2f} GiB is free: {found}; or pass --force to run anyway")
+
+
+def fitting(run: Run, settings: Settings, free: int, stage: str, plan: Callable
+            ) -> tuple[Settings, int] | None:
+    """The first settings that fit, halving the batch then the tile of the stage that peaks
+    (re-planned after each step), or None after :data:`MAX_PLANS` plans or at the floor."""
+    for _ in range(MAX_PLANS):
+        smaller = _halve(settings, stage)
+        if smaller is None:
+            # This stage is at its floor: another stage may still shrink (its peak may be next).
+            smaller = next((s for s in map(lambda st: _halve(settings, st), _ORDER) if s), None)
+            if smaller is None:
+                return None
+        settings = smaller
+        peak, stage = plan(run, settings)
+        if peak <= free:
+            return settings, peak
+    return None
+
+
+_ORDER = ("transformer", "decoder", "encoder")
+
+
+def _halve(s: Settings, stage: str) -> Settings | None:
+    """``s`` with the batch of ``stage`` halved, else its tile side; None at the floor."""
+    if s.tiles is None:  # untiled: tiling with today's defaults comes first
+        return dataclasses.replace(s, tiles=TileConfig())
+    batch = "batch" if stage == "transformer" else "vae_batch"
+    if getattr(s, batch) > 1:
+        return dataclasses.replace(s, **{batch: getattr(s, batch) // 2})
+    t = s.tiles
+    side, overlap, floor = {"transformer": (t.latent, t.latent_overlap, MIN_TILES.latent),
+                            "encoder": (t.encoder, 0, MIN_TILES.encoder),
+                            "decoder": (t.decoder, 0, MIN_TILES.decoder)}[stage]
+    half = side // 2 - (side // 2) % 2 if stage == "transformer" else side // 2
+    if half < floor or half <= overlap:
+        return None
+    field = {"transformer": "latent"}.get(stage, stage)
+    return dataclasses.replace(s, tiles=dataclasses.replace(t, **{field: half}))
+
+
+def _smallest(s: Settings) -> Settings:
+    while True:
+        smaller = next((x for x in (_halve(s, st) for st in _ORDER) if x), None)
+        if smaller is None:
+            return s
+        s = smaller
+
+
+def planned(run: Run, settings: Settings) -> tuple[int, str]:
+    """(peak bytes, the stage where it happens) of ``run`` with ``settings``: from the disk cache,
+    else traced by :func:`scoredistill.memory.plan_sr` on fake CUDA tensors and cached."""
+    from scoredistill.memory import read_spec
+
+    spec = read_spec(run.config)
+    key = _key(spec, run, settings)
+    cache = _read_cache()
+    if key not in cache:
+        cache = _read_cache()  # another process may have written it meanwhile
+        cache[key] = list(_trace(spec, run, settings))
+        _write_cache(cache)
+    peak, stage = cache[key]
+    return int(peak), str(stage)
+
+
+def _trace(spec: object, run: Run, settings: Settings) -> tuple[int, str]:
+    from diffusers.utils import logging
+
+    from scoredistill.memory import SRRun, plan_sr
+
+    logging.set_verbosity_error()  # the "keep modules in float32" notice for built configs
+    opts = SRRun(height=run.height, width=run.width, upscale=run.upscale,
+                 images=_images_per_call(spec, run, settings), batch=settings.batch,
+                 tiles=settings.tiles or False, vae_batch=settings.vae_batch,
+                 process_size=run.process_size, dtype=run.dtype, channels_last=run.channels_last)
+    plan = plan_sr(spec, opts)  # type: ignore[arg-type]  # CPU kernels, as scoredistill-plan
+    name = max(plan.top, key=lambda row: row[1], default=("", 0, 0))[0]
+    stage = next((st for prefix, st in STAGES.items() if name.startswith(prefix)), "transformer")
+    return plan.total, stage
+
+
+def _images_per_call(spec: object, run: Run, settings: Settings) -> int:
+    """How many inputs of the largest size the file loop would gather into one call: until they
+    make ``batch`` transformer tiles (:func:`scoredistill.sr.files.super_resolve_files`)."""
+    from scoredistill.adapters import SD3ScoreModel
+    from scoredistill.memory.backbones import build_meta
+    from scoredistill.sr.loading import SRModel
+    from scoredistill.sr.pipeline import SROptions, TSDSRPipeline
+
+    meta = build_meta(spec)  # type: ignore[arg-type]
+    cond = {"prompt_embeds": torch.empty(1, 1, 1, device="meta")}
+    pipe = TSDSRPipeline(SRModel(SD3ScoreModel(meta.transformer), meta.vae, cond),
+                         tiles=settings.tiles, batch_size=settings.batch)
+    tiles = pipe.latent_tiles(run.height, run.width,
+                              SROptions(upscale=run.upscale, process_size=run.process_size))
+    return min(run.files, max(1, settings.batch // tiles))
+
+
+def _key(spec: object, run: Run, settings: Settings) -> str:
+    versions = {name: _version(name) for name in ("scoredistill", "torch", "diffusers")}
+    text = json.dumps([dataclasses.asdict(spec), dataclasses.asdict(run) | {"config": None},  # type: ignore[call-overload]
+                       dataclasses.asdict(settings), versions], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def cache_file() -> Path:
+    """Where plans are cached: ``$XDG_CACHE_HOME/scoredistill/sr_plans.json``."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "scoredistill" / "sr_plans.json"
+
+
+def _read_cache() -> dict[str, list]:
+    try:
+        cache = json.loads(cache_file().read_text())
+    except (OSError, ValueError):  # none yet, or damaged: a cache, re-planned and rewritten
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_cache(cache: dict[str, list]) -> None:
+    path = cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(cache, f)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home: the check still ran, only the cache is lost
+        print(f"scoredistill-sr: could not cache the memory plan in {path} ({exc})",
+              file=sys.stderr)
