@@ -200,7 +200,7 @@ class SiDLoss(InputGradientLoss):
     the time, so its null branch is fitted: that is the caller's ``cond``.
 
     Attributes:
-        alpha: SiD's alpha (>= 0): 1.2 as the EDM version, 1 as SiD-LSG.
+        alpha: SiD's alpha, any finite number: 1.2 as the EDM version, 1 as SiD-LSG.
 
     Example:
         >>> out = SiDLoss(alpha=1.2)(z_hat, cond, teacher=teacher, fake=fake)
@@ -213,7 +213,9 @@ class SiDLoss(InputGradientLoss):
     name = "sid"
 
     def __post_init__(self) -> None:
-        _non_negative("SiDLoss", "alpha", self.alpha)
+        # Any finite alpha: the authors' --alpha (sid_train.py in SiD and SiD-LSG) takes any
+        # value above -1000, negative ones included.
+        check_option("SiDLoss", "alpha", lambda: check_number(self.alpha, "alpha"))
         super().__post_init__()
 
     def objective(self, x: Tensor, f_r: Tensor, f_f: Tensor, checks: FiniteChecks | None

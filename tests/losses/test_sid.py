@@ -128,8 +128,10 @@ def test_a_model_without_input_gradient_is_refused():
 
 
 def test_options_and_inputs_are_checked():
-    with pytest.raises(ValueError, match=r"SiDLoss\(alpha=...\)"):
-        SiDLoss(alpha=float("nan"))
+    for bad in (float("nan"), "1.2", True):
+        with pytest.raises(ValueError, match=r"SiDLoss\(alpha=...\)"):
+            SiDLoss(alpha=bad)
+    assert SiDLoss(alpha=-0.5).alpha == -0.5  # the authors' --alpha takes negative values
     with pytest.raises(ValueError, match=r"SiDLoss\(time_weighting=...\)"):
         SiDLoss(time_weighting="sigma^2")
     for make_loss in (lambda: SiDLoss(dasm=DASMSampler()),
