@@ -1,9 +1,17 @@
 """scoredistill: score-distillation losses and samplers for one-step diffusion generators."""
 
 from .analytic import FullGaussianMixture, GaussianMixture
-from .batching import predict_batched
+from .batching import Rider, predict_batched, predict_features, riding
+from .features import FeatureLayer, feature_layer
 from .guidance import CFG
-from .losses.adversarial import gan_discriminator_loss, gan_generator_loss
+from .heads import DiscriminatorHead
+from .losses.adversarial import (
+    GANHeadLoss,
+    GANTerm,
+    HeadOutput,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
 from .losses.decoupled import DecoupledDMDLoss
 from .losses.diffusion import DiffusionLoss, DiffusionOutput
 from .losses.distill import (
@@ -16,7 +24,7 @@ from .losses.distill import (
     trajectory_directions,
 )
 from .losses.implicit import SiDLoss, SIMLoss
-from .losses.matching import CSDLoss, DMDLoss, FDistillLoss
+from .losses.matching import AdversarialOutput, CSDLoss, DMDLoss, FDistillLoss
 from .losses.surrogate import surrogate_loss
 from .losses.weighting import (
     distill_weighting,
@@ -40,6 +48,7 @@ from .schedules import (
 
 __all__ = [
     "CFG",
+    "AdversarialOutput",
     "CSDLoss",
     "Cond",
     "DASMSampler",
@@ -47,16 +56,22 @@ __all__ = [
     "DecoupledDMDLoss",
     "DiffusionLoss",
     "DiffusionOutput",
+    "DiscriminatorHead",
     "DistillOutput",
     "FDistillLoss",
+    "FeatureLayer",
     "FullGaussianMixture",
+    "GANHeadLoss",
+    "GANTerm",
     "GaussianMixture",
+    "HeadOutput",
     "IndexSampler",
     "LogitNormalIndex",
     "ModeIndex",
     "NoiseSchedule",
     "Prediction",
     "RectifiedFlow",
+    "Rider",
     "SDSLoss",
     "SIMLoss",
     "ScoreDistillationLoss",
@@ -73,13 +88,16 @@ __all__ = [
     "dmd_normalizer",
     "empirical_shift",
     "f_distill_weight",
+    "feature_layer",
     "from_x0_eps",
     "gan_discriminator_loss",
     "gan_generator_loss",
     "index_alpha_sigma",
     "one_step",
     "predict_batched",
+    "predict_features",
     "resolution_shift",
+    "riding",
     "sample_weighting",
     "sd3_loss_weight",
     "surrogate_loss",

@@ -13,7 +13,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ..batching import predict_features
 from ..messages import brief
@@ -58,14 +57,6 @@ def gan_discriminator_loss(real_logit: Tensor, fake_logit: Tensor) -> Tensor:
     _check_logits("real_logit", real_logit)
     _check_logits("fake_logit", fake_logit)
     return F.softplus(fake_logit.float()).mean() + F.softplus(-real_logit.float()).mean()
-
-
-def frozen_logits(head: nn.Module, features: Tensor) -> Tensor:
-    """``head(features)`` with the head's parameters held constant: the generator's GAN term
-    trains the student, not the head (DMD2 and FastGen switch the head's ``requires_grad``
-    off for the generator step). Shapes: features (B, ...) -> logits (B,)."""
-    params = {name: p.detach() for name, p in head.named_parameters()}
-    return functional_call(head, params, (features,))
 
 
 def check_head(head: object, owner: str) -> nn.Module:

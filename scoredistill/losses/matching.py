@@ -20,7 +20,7 @@ from ..parametrization import expand_like
 from ..protocols import Cond, Prediction
 from ..samplers.timesteps import IndexSampler, UniformIndex
 from ..schedules import index_alpha_sigma
-from .adversarial import GANTerm, check_head, frozen_logits, gan_generator_loss
+from .adversarial import GANTerm, check_head, gan_generator_loss
 from .distill import DistillOutput, ScoreDistillationLoss, Term
 from .validation import check_inputs, check_option, draw_level
 from .weighting import SampleWeighting, Weighting, f_distill_weight, sample_weighting
@@ -153,15 +153,16 @@ class DMDLoss(ScoreDistillationLoss):
             out = ScoreDistillationLoss.__call__(loss, z_hat, cond, **inputs)  # type: ignore[arg-type]
         total, gan_loss, gan_logit = out.loss, None, None
         if self.gan is not None:
-            logit = frozen_logits(head, rider.features[0])  # type: ignore[arg-type]
+            logit = head(rider.features[0])  # type: ignore[misc]
             _check_logit(logit, z_hat)
             value = gan_generator_loss(logit)
             if self.check_finite and not torch.isfinite(value):
                 raise FloatingPointError("non-finite GAN generator loss: the head's logits at "
                                          "the GAN sample are not finite")
+            # w.r.t. x alone: neither the head's nor any model's weights get a gradient (DMD2
+            # and FastGen switch their requires_grad off for the generator's step instead).
             (dx,) = torch.autograd.grad(value, x)
             zf = z_hat.float()
-            # Value: the GAN term; gradient: dx into z_hat alone (no model's or head's weights).
             total = total + self.gan.weight * (value.detach() + ((zf - zf.detach()) * dx).sum())
             gan_loss, gan_logit = value.detach(), logit.detach()
         return AdversarialOutput(total, out.grad, out.grads, out.norms, out.index, out.timesteps,
