@@ -137,3 +137,11 @@ def test_a_non_finite_null_cond_of_a_guided_fake_is_named():
     bad = CFG(fake, K1, torch.full_like(null, float("nan")))
     with pytest.raises(ValueError, match="non-finite values in the model's null_cond"):
         DiffusionLoss(space="epsilon")(x0, cond, model=bad, index=INDEX, noise=noise)
+
+
+def test_guided_teacher_and_fake_on_one_model_are_one_call():
+    # Both guided roles on one backbone object: cond and null branches of both, one 4B call.
+    teacher, _, z_hat, _, noise, cond, null = make("vp")
+    SiDLoss()(z_hat, cond, teacher=CFG(teacher, K4, null), fake=CFG(teacher, K2, null),
+              index=INDEX, noise=noise)
+    assert teacher.calls == 1 and teacher.batch_sizes == [4 * B]
