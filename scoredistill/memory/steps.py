@@ -179,7 +179,7 @@ def _sr_models(parts: Backbone, opts: SRRun) -> None:
 
     for module in (parts.transformer, parts.vae):
         module.requires_grad_(False)
-        module.fuse_qkv_projections()
+        fast.fuse_qkv(module)
     if opts.channels_last:
         fast.to_channels_last(parts.vae)
 

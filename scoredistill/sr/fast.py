@@ -62,3 +62,44 @@ def quantize_fp8(transformer: nn.Module) -> None:
 def to_channels_last(vae: nn.Module) -> None:
     """The VAE's convolution weights in channels-last memory order (cuDNN's NHWC kernels)."""
     vae.to(memory_format=torch.channels_last)
+
+
+FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
+         "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+"""diffusers' fused attention projections and the separate ones each concatenates (rows)."""
+_SIZES = "_scoredistill_fused_sizes"  # on each fused attention: {fused: its parts' out sizes}
+
+
+def fuse_qkv(module: nn.Module) -> None:
+    """diffusers' ``fuse_qkv_projections`` (one (3D x D) matmul instead of three; exact up to
+    rounding), less the separate Q, K, V projections it keeps beside the fused copy (for
+    ``unfuse_qkv_projections``, which the pipeline never calls): ~0.6 GiB of SD3-medium's fp16
+    weights. :func:`unfused_state_dict` gives them back for saving."""
+    module.fuse_qkv_projections()
+    for attn in module.modules():
+        for fused, parts in FUSED.items():
+            if isinstance(getattr(attn, fused, None), nn.Linear) and all(
+                    isinstance(getattr(attn, p, None), nn.Linear) for p in parts):
+                sizes = getattr(attn, _SIZES, {})
+                sizes[fused] = [getattr(attn, p).out_features for p in parts]
+                setattr(attn, _SIZES, sizes)
+                for name in parts:
+                    delattr(attn, name)
+
+
+def unfused_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` as diffusers saves and loads it: each fused projection split back
+    into its separate ones (copies: safetensors refuses tensors sharing memory), and no fused
+    weights (where the separate ones were kept, those are saved)."""
+    state = module.state_dict()
+    for name, attn in module.named_modules():
+        prefix = f"{name}." if name else ""
+        for fused, parts in FUSED.items():
+            for kind in ("weight", "bias"):
+                tensor = state.pop(f"{prefix}{fused}.{kind}", None)
+                sizes = getattr(attn, _SIZES, {}).get(fused)
+                if tensor is None or sizes is None:
+                    continue  # not fused, or fused by diffusers alone: its parts are in state
+                for part, chunk in zip(parts, tensor.split(sizes), strict=True):
+                    state[f"{prefix}{part}.{kind}"] = chunk.clone()
+    return state

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from scoredistill.adapters import RELEASED_FILES, SD3ScoreModel, load_lora
+from scoredistill.sr import fast
 from scoredistill.sr.tiling import vae_factor
 
 if TYPE_CHECKING:
@@ -211,8 +212,8 @@ def load_model(backbone: Backbone | str | os.PathLike, *, lora: str | Path | Non
     for module in (parts.transformer, parts.vae):
         merge_lora(module)
         module.requires_grad_(False)
-        if fuse_qkv:  # one (3D x D) matmul instead of three; exact up to rounding
-            module.fuse_qkv_projections()
+        if fuse_qkv:  # one (3D x D) matmul instead of three; the separate ones freed
+            fast.fuse_qkv(module)
     return SRModel(SD3ScoreModel(parts.transformer), parts.vae,
                    {k: v.to(device, dtype) for k, v in cond.items()})
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from scoredistill.atomic import new_file_mode
+from scoredistill.sr.fast import unfused_state_dict
 from scoredistill.sr.loading import KEYS, Backbone, SRModel, load_sd3
 
 CONFIG_FILE = "scoredistill_sr.json"
@@ -35,8 +36,6 @@ EMBEDS_FILE = "prompt_embeds.safetensors"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' name: its loaders find it
 FORMAT = "scoredistill one-step SR model (TSD-SR)"
 FORMAT_VERSION = 1
-# Fused QKV projections are copies of to_q/to_k/to_v made at load time: not saved.
-_FUSED = (".to_qkv.", ".to_added_qkv.")
 
 
 def is_model_folder(path: object) -> bool:
@@ -123,12 +122,12 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def _save_module(module: nn.Module, folder: Path) -> None:
-    """diffusers' config.json and the weights, without the fused QKV copies."""
+    """diffusers' config.json and the weights, fused QKV projections saved as the separate
+    ones diffusers loads (they are fused again at load time)."""
     from safetensors.torch import save_file
 
     module.save_config(folder)  # type: ignore[attr-defined]
-    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()
-             if not any(f in f".{k}" for f in _FUSED)}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in unfused_state_dict(module).items()}
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
