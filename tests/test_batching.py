@@ -152,3 +152,36 @@ def test_fused_outputs_are_checked_per_call():
     # Called directly, CFG checks its model's output too.
     with pytest.raises(ValueError, match="the CFG's model returned a prediction of shape"):
         CFG(FirstRow(), 2.0, torch.zeros(1, 4))(x, t, c)
+
+
+def test_a_rider_joins_the_first_batched_call_with_its_taps():
+    """An extra call and features ride along a loss's batched call (DMD2's GAN sample): one
+    call of each model; under no_grad the host's predictions stay constants, the rider's not."""
+    from scoredistill import Rider, riding
+    from scoredistill.toy import MLPScore, _time_features
+
+    torch.manual_seed(0)
+    teacher, fake = MLPScore(3, 8), MLPScore(3, 8)
+    calls = {"n": 0}
+    fake.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    x, t = torch.randn(2, 3), torch.tensor([100.0, 900.0])
+    x_gan = torch.randn(2, 3, requires_grad=True)
+    rider = Rider([(fake, x_gan, t, None)], ["fake at the GAN sample"],
+                  {0: None, "teacher": None}, grad=True)
+    with riding(rider), torch.no_grad():
+        preds = predict_batched([(teacher, x, t, None), (fake, x, t, None)],
+                                ["teacher", "fake"])
+        predict_batched([(fake, x, t, None)], ["fake"])  # later calls run as usual
+    assert calls["n"] == 2  # the rider joined the first call; the second is the plain one
+    assert not any(p.requires_grad for p in preds)
+    assert rider.preds[0].requires_grad and rider.features[0].requires_grad
+    torch.testing.assert_close(rider.preds[0], fake(x_gan, t))
+    hidden = teacher.net[:4](torch.cat([x, _time_features(t, 1000)], dim=1))
+    torch.testing.assert_close(rider.features["teacher"], hidden)
+    empty = pytest.raises(RuntimeError, match=r"no batched model call was made inside riding")
+    with empty, riding(Rider()):
+        pass
+    no_teacher = pytest.raises(ValueError, match=r"features of the teacher were asked for, but "
+                               r"the loss calls no teacher \(its calls: \['fake'\]\)")
+    with no_teacher, riding(Rider(taps={"teacher": None})):
+        predict_batched([(fake, x, t, None)], ["fake"])
