@@ -5,6 +5,12 @@
     python examples/tsdsr/train.py --config run.yaml --lr 1e-5    # file, then CLI overrides
 
 Precedence: dataclass defaults < ``--tiny`` preset < ``--config`` file < ``--key value`` flags.
+
+jsonargparse makes the flags from the dataclass: one per field, from its type and default (a new
+field is a flag with nothing else to write), and turns the strings into ints, floats, None and
+tuples; its loader reads the ``--config`` file. Kept here: the recipe's flag spelling, the
+precedence, the range checks (BOUNDS, CHOICES: at parse time and on every TrainConfig), unknown
+keys with a "did you mean", and one-line errors.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import jsonargparse
+import yaml
 
 from examples.tsdsr.training.regularisers import REGULARISERS, check_regulariser
 from scoredistill.cli import ArgumentParser, UserError, in_range, number
@@ -157,7 +166,7 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _type_problem(value, _scalar_type(hint))
+        return _type_problem(value, next(a for a in args if a is not type(None)))
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, tuple):
             return "must be a list"
@@ -205,67 +214,66 @@ TINY_PRESET: dict[str, Any] = dict(
 )
 
 
-def _scalar_type(hint: Any) -> type:
-    # `str | None` -> str; tuple[float, ...] -> float (the element type, read with nargs="+").
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return _scalar_type(args[0])
-    if typing.get_origin(hint) is tuple:
-        return args[0]
-    return hint
+class _Parser(jsonargparse.ArgumentParser):
+    """jsonargparse's parser with the recipe's spelling of a field's flag (``--hq-dir``,
+    ``--no-hflip``, ``--dasm-weights 1 0.3``), numbers range-checked as they are parsed
+    (BOUNDS, CHOICES) and errors in one line (cli.ArgumentParser)."""
+
+    hints: typing.ClassVar[dict[str, Any]] = {}  # the config class's fields (build_parser)
+
+    def add_argument(self, *args: str, **kwargs: Any) -> argparse.Action:
+        name = args[0].removeprefix("--") if args else ""
+        if name in self.hints:  # jsonargparse adding a field's flag
+            hint, args = self.hints[name], ("--" + name.replace("_", "-"),)
+            if hint is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+                del kwargs["type"]
+            elif typing.get_origin(hint) is tuple:  # tuple[float, ...], not a JSON list
+                kwargs.update(type=typing.get_args(hint)[0], nargs="+")
+                del kwargs["action"]
+            if kwargs.get("type") in (int, float):
+                kwargs["type"] = number(kwargs["type"], **BOUNDS.get(name, {}))
+            if name in CHOICES:  # argparse checks the strings
+                kwargs.update(type=None, choices=CHOICES[name])
+        return super().add_argument(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
+        ArgumentParser.error(self, " ".join(message.split()))  # jsonargparse's span lines
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """``--config``, ``--tiny`` and one ``--key`` flag per TrainConfig field (no defaults set);
-    values are range-checked as they are parsed (BOUNDS, CHOICES)."""
-    parser = ArgumentParser(prog="train", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, jsonargparse.DefaultHelpFormatter):
+    """``--help`` keeps the module docstring's layout and names cli.number's type (int)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = super()._get_help_string(action) or ""
+        return text.replace("%(type)s", getattr(action.type, "__name__", "%(type)s"))
+
+
+def build_parser(config_class: type[TrainConfig] = TrainConfig) -> jsonargparse.ArgumentParser:
+    """``--config``, ``--tiny`` and a flag per field of ``config_class`` from its type, by
+    jsonargparse; parsed with ``defaults=False``, it returns only the flags given."""
+    parser = _Parser(prog="train", description=__doc__, allow_abbrev=False,
+                     formatter_class=_HelpFormatter)
     parser.add_argument("--config", help="a .json or .yaml file of TrainConfig fields")
     parser.add_argument("--tiny", action="store_true", help="the embedded tiny preset")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "tiny":
-            continue
-        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        # SUPPRESS: only flags given on the command line reach the config (file values survive).
-        kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
-                                      help=f"default {default!r}")
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-            continue
-        kind = _scalar_type(hint)
-        if f.name in BOUNDS:
-            kind = number(kind, **BOUNDS[f.name])
-        if typing.get_origin(hint) is tuple:
-            kwargs["nargs"] = "+"
-        parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name), **kwargs)
+    parser.hints = typing.get_type_hints(config_class)
+    parser.add_class_arguments(config_class, as_group=False, skip={"tiny"})
     return parser
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Fields from a JSON or YAML file; a missing or malformed file, unknown keys or values of
-    the wrong type are a UserError naming the file and the key."""
-    path = Path(path)
+    """Fields from a JSON or YAML file (jsonargparse's loader: JSON is YAML, and YAML 1.1's
+    ``1e-5`` is a number; lists stay lists); a missing or malformed file or an unknown key is a
+    UserError naming the file and the key. TrainConfig checks the values."""
+    path, kind = Path(path), "JSON" if str(path).lower().endswith(".json") else "YAML"
     if path.suffix.lower() not in (".yaml", ".yml", ".json"):
         raise UserError(f"--config {path}: config files are .json, .yaml or .yml")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        values = jsonargparse.get_loader("yaml")(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"--config {path}: cannot read it ({exc})") from None
-    try:
-        if path.suffix.lower() == ".json":
-            values = json.loads(text)
-        else:
-            import yaml
-
-            values = yaml.safe_load(text)
-    except ValueError as exc:  # json.JSONDecodeError
-        raise UserError(f"--config {path}: not valid JSON: {exc}") from None
-    except Exception as exc:  # yaml.YAMLError, imported lazily
-        if type(exc).__module__.split(".")[0] != "yaml":
-            raise
-        raise UserError(f"--config {path}: not valid YAML: {' '.join(str(exc).split())}"
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path}: not valid {kind}: {' '.join(str(exc).split())}"
                         ) from None
     values = {} if values is None else values
     if not isinstance(values, dict):
@@ -278,34 +286,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
                  else k for k in unknown]
         raise UserError(f"--config {path}: unknown key(s) {brief(', '.join(hints))}; the keys "
                         "are TrainConfig's fields (train.py --help lists them as flags)")
-    return {k: _from_file(k, v) for k, v in values.items()}
-
-
-def _from_file(name: str, value: Any) -> Any:
-    # JSON and YAML give lists where the fields are tuples; YAML 1.1 reads 1e-5 as a string.
-    hint = typing.get_type_hints(TrainConfig)[name]
-    if isinstance(value, list) and typing.get_origin(hint) is tuple:
-        return tuple(value)
-    if isinstance(value, str) and _scalar_type(hint) is float and typing.get_origin(hint) is None:
-        try:
-            return float(value)
-        except ValueError:
-            return value  # reported by TrainConfig as "must be a number"
-    return value
+    return values
 
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """TrainConfig from defaults, the ``--tiny`` preset, a ``--config`` file and CLI flags.
 
-    Every problem is a UserError (a ValueError) naming the flag, file or key."""
-    args = vars(build_parser().parse_args(argv))
-    file, tiny = args.pop("config"), args.pop("tiny")
-    values: dict[str, Any] = dict(TINY_PRESET) if tiny else {}
+    A bad flag exits with one line (status 2); a problem in the file or between values is a
+    UserError (a ValueError) naming the file and key or the fields."""
+    args = build_parser().parse_args(argv, defaults=False).as_dict()
+    file, tiny = args.pop("config", None), args.pop("tiny", False)
     from_file = read_config_file(file) if file is not None else {}
-    values.update(from_file)
-    values.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-    try:
-        return TrainConfig(**values)
+    values = {**(TINY_PRESET if tiny else {}), **from_file, **args}
+    try:  # files and nargs give lists where the fields are tuples
+        return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     except ValueError as exc:
         key = str(exc).split(" ", 1)[0]
         source = f"--config {file}: " if key in from_file and key not in args else ""
