@@ -105,19 +105,24 @@ def check(run: Run, settings: Settings, device: str, *, plan: Callable | None = 
     plan = plan or planned
     log = log or print
     free = free_memory(device)
-    log(f"scoredistill-sr: checking that the run fits in {device}'s {free / GIB:.2f} GiB free "
+    log(f"scoredistill-sr: checking that the run fits in {device}'s {size(free)} free "
         f"(memory plan of the largest input, {run.height}x{run.width} px; once per setting, "
         "then cached; --force skips it)")
     peak, stage = plan(run, settings)
     if peak <= free:
         return
     fit = fitting(run, settings, free, stage, plan)
-    found = (f"settings that fit: {fit[0].flags()} (planned {fit[1] / GIB:.2f} GiB)" if fit else
+    found = (f"settings that fit: {fit[0].flags()} (planned {size(fit[1])})" if fit else
              f"no setting down to {_smallest(settings).flags()} fits: use --dtype bf16/fp16, "
              "a smaller --upscale, or a card with more free memory")
-    raise UserError(f"this run would need {peak / GIB:.2f} GiB on {device} (planned peak, "
-                    f"largest input {run.height}x{run.width} px, {settings.flags()}) but "
-                    f"{free / GIB:.2f} GiB is free: {found}; or pass --force to run anyway")
+    raise UserError(f"this run would need {size(peak)} on {device} (planned peak, largest "
+                    f"input {run.height}x{run.width} px, {settings.flags()}) but {size(free)} "
+                    f"is free: {found}; or pass --force to run anyway")
+
+
+def size(n: int) -> str:
+    """Bytes as GiB to two decimals, or MiB below a tenth of a GiB."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
 
 
 def fitting(run: Run, settings: Settings, free: int, stage: str, plan: Callable

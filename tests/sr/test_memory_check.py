@@ -87,8 +87,9 @@ def test_an_over_budget_run_is_refused_naming_settings_that_fit(sd3_folder, inpu
     code, out = _run(sd3_folder, inputs, tmp_path)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert f"would need {full / 2**30:.2f} GiB" in err and f"{free[0] / 2**30:.2f} GiB is free" \
-        in err and "largest input 24x40 px" in err and "--force" in err, err
+    size = memory_check.size
+    assert f"would need {size(full)} on cpu" in err and f"but {size(free[0])} is free" in err \
+        and "largest input 24x40 px" in err and "--force" in err, err
     fit = re.search(r"settings that fit: (.*?) \(planned", err)[1]
     assert _planned(sd3_folder, fit) <= free[0] < full  # they fit; the run's own do not
     assert not loads and not list(out.glob("*.png"))  # nothing loaded, nothing written
