@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from ..batching import Rider, riding
+from ..batching import Rider, predict_features, riding
 from ..guidance import CFG
 from ..messages import brief
 from ..parametrization import expand_like
@@ -139,10 +139,11 @@ class DMDLoss(ScoreDistillationLoss):
                                   inputs.get("generator"))  # type: ignore[arg-type]
         check_inputs(z_hat, None, noise, cond, index, None)
         inputs = {**inputs, "index": index, "noise": noise}
-        rider, x = Rider(), None
+        rider, gan_sample, x = Rider(taps=dict(taps or {})), None, None
         if self.gan is not None:
-            rider, x = _gan_rider(self.gan, z_hat, cond, inputs, index, noise)
-        rider.taps = {**rider.taps, **(taps or {})}
+            gan_sample, x = _gan_rider(self.gan, z_hat, cond, inputs, index, noise)
+            if self.gan.fused:
+                rider = replace(gan_sample, taps={**gan_sample.taps, **rider.taps})
         loss = self
         if weight is not None:
             base = None if self.sample_weighting is None else sample_weighting(
@@ -153,6 +154,10 @@ class DMDLoss(ScoreDistillationLoss):
             out = ScoreDistillationLoss.__call__(loss, z_hat, cond, **inputs)  # type: ignore[arg-type]
         total, gan_loss, gan_logit = out.loss, None, None
         if self.gan is not None:
+            if not self.gan.fused:  # a backbone call of its own (DMD2's and FastGen's layout)
+                with torch.enable_grad():
+                    rider = gan_sample
+                    _, rider.features = predict_features(rider.calls, rider.roles, rider.taps)
             logit = head(rider.features[0])  # type: ignore[misc]
             _check_logit(logit, z_hat)
             value = gan_generator_loss(logit)

@@ -117,6 +117,11 @@ def test_a_dmd2_step_with_features_makes_the_same_backbone_calls(name):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student)
     assert all(p.grad is None for p in roles.backbone.adapter_parameters("fake"))
     assert all(p.grad is None for p in head.parameters())
+    calls = counter.calls
+    DMDLoss(gan=GANTerm(weight=1e-2, fused=False))(
+        z_hat, cond, teacher=CFG(roles.teacher, 4.0, null), fake=roles.fake, head=head,
+        index=index, generator=g)
+    assert counter.calls - calls == 2  # DMD2's layout: the GAN sample in a call of its own
 
 
 def test_fdistill_with_a_head_makes_one_backbone_call(roles):

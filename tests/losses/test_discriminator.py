@@ -55,14 +55,14 @@ def gan_draws(seed):
 
 
 @pytest.mark.parametrize("kind", ["flow", "vp"])
-@pytest.mark.parametrize("role", ["fake", "teacher"])
-def test_dmd2_gan_term_equals_reference(kind, role):
+@pytest.mark.parametrize(("role", "fused"), [("fake", True), ("teacher", True), ("fake", False)])
+def test_dmd2_gan_term_equals_reference(kind, role, fused):
     teacher, fake, head, z_hat, _, noise = make(kind)
     inputs = {"teacher": teacher, "fake": fake, "index": INDEX, "noise": noise}
     dmd = DMDLoss()(z_hat, **inputs)
     weight = 5e-3
     z = z_hat.clone().requires_grad_(True)
-    out = DMDLoss(gan=GANTerm(weight=weight, role=role))(
+    out = DMDLoss(gan=GANTerm(weight=weight, role=role, fused=fused))(
         z, head=head, generator=torch.Generator().manual_seed(9), **inputs)
     out.loss.backward()
 
