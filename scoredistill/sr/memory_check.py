@@ -111,7 +111,9 @@ def check(run: Run, settings: Settings, device: str, *, plan: Callable | None = 
     peak, stage = plan(run, settings)
     if peak <= free:
         return
-    fit = fitting(run, settings, free, stage, plan)
+    log(f"scoredistill-sr: planned {size(peak)}, over the free memory: searching for settings "
+        f"that fit (up to {MAX_PLANS} more plans)")
+    fit = fitting(run, settings, free, stage, plan, log)
     found = (f"settings that fit: {fit[0].flags()} (planned {size(fit[1])})" if fit else
              f"no setting down to {_smallest(settings).flags()} fits: use --dtype bf16/fp16, "
              "a smaller --upscale, or a card with more free memory")
@@ -125,8 +127,8 @@ def size(n: int) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
 
 
-def fitting(run: Run, settings: Settings, free: int, stage: str, plan: Callable
-            ) -> tuple[Settings, int] | None:
+def fitting(run: Run, settings: Settings, free: int, stage: str, plan: Callable,
+            log: Callable[[str], None] = print) -> tuple[Settings, int] | None:
     """The first settings that fit, halving the batch then the tile of the stage that peaks
     (re-planned after each step), or None after :data:`MAX_PLANS` plans or at the floor."""
     for _ in range(MAX_PLANS):
@@ -138,6 +140,7 @@ def fitting(run: Run, settings: Settings, free: int, stage: str, plan: Callable
                 return None
         settings = smaller
         peak, stage = plan(run, settings)
+        log(f"  {settings.flags()}: {size(peak)}")
         if peak <= free:
             return settings, peak
     return None
