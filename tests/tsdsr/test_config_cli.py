@@ -37,6 +37,9 @@ def test_a_new_field_needs_nothing_else():
     assert given == {"offload": True, "optimiser_bits": 8, "optimiser": "adamw8bit",
                      "preset_file": "p.yaml", "buckets": [3, 4, 5], "lr": 1e-5}
     assert not build_parser(Extended).parse_args(["--no-offload"], defaults=False).offload
+    assert Extended(**{**given, "buckets": (3, 4, 5)}).optimiser == "adamw8bit"  # checked
+    with pytest.raises(ValueError, match="optimiser must be one of adamw, adamw8bit, got sgd"):
+        Extended(optimiser="sgd")
 
 
 def test_flags_beat_the_file_wherever_config_stands(tmp_path):

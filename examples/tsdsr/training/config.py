@@ -180,12 +180,14 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     if hint is float:
         return None if isinstance(value, int | float) and not isinstance(value, bool) else (
             "must be a number")
+    if typing.get_origin(hint) is typing.Literal:
+        return None if value in args else f"must be one of {', '.join(map(str, args))}"
     return None if isinstance(value, hint) else f"must be a {hint.__name__}"
 
 
 def check_values(config: TrainConfig) -> None:
     """ValueError naming the first field whose value has the wrong type or is out of range."""
-    hints = typing.get_type_hints(TrainConfig)
+    hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         problem = _type_problem(value, hints[f.name])
