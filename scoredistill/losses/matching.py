@@ -154,11 +154,13 @@ class DMDLoss(ScoreDistillationLoss):
             out = ScoreDistillationLoss.__call__(loss, z_hat, cond, **inputs)  # type: ignore[arg-type]
         total, gan_loss, gan_logit = out.loss, None, None
         if self.gan is not None:
-            if not self.gan.fused:  # a backbone call of its own (DMD2's and FastGen's layout)
+            if self.gan.fused:
+                features = rider.features[0]
+            else:  # a backbone call of its own (DMD2's layout)
                 with torch.enable_grad():
-                    rider = gan_sample
-                    _, rider.features = predict_features(rider.calls, rider.roles, rider.taps)
-            logit = head(rider.features[0])  # type: ignore[misc]
+                    features = predict_features(gan_sample.calls, gan_sample.roles,
+                                                gan_sample.taps)[1][0]  # type: ignore[union-attr]
+            logit = head(features)  # type: ignore[misc]
             _check_logit(logit, z_hat)
             value = gan_generator_loss(logit)
             if self.check_finite and not torch.isfinite(value):
