@@ -13,7 +13,8 @@ with --resume latest). One run at a time writes into an --output-dir (a lock, he
 Prompt embeddings (and optionally HQ latents) come from ``precompute.py``; text encoders never
 load here. Checkpoints (``<output-dir>/checkpoints/step-N``) hold the student's
 ``transformer.safetensors`` + ``vae.safetensors`` (infer.py's ``--lora``), the fake score's
-LoRA and the optimizer/scheduler state.
+LoRA, the discriminator head's ``head.safetensors`` (``--regulariser f-kl/f-js/dmd2-gan``) and
+the optimizer/scheduler state.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from scoredistill.cli import ArgumentParser, UserError, add_version, entry_point
 
 from .backbones import SPECS, BackboneSpec, read_spec
 from .report import render
-from .steps import SRRun, TrainOptions, plan_sr, plan_train
+from .steps import SRRun, TrainOptions, check_sr, plan_sr, plan_train
 
 PROG = "scoredistill-plan"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     sr = commands.add_parser("sr", help="the SR pipeline on a batch of images")
     for sub in (train, sr):
         sub.add_argument("--model", default="sd3-medium",
-                         help=f"a built-in config ({', '.join(SPECS)}), or a local SD3 folder "
-                              "or transformer config.json")
+                         help=f"a built-in config ({', '.join(SPECS)}), or a local diffusers "
+                              "folder (transformer/ or unet/, and vae/) or a denoiser "
+                              "config.json")
         sub.add_argument("--dtype", choices=DTYPES, default="bf16", help="the weights' dtype")
     train.add_argument("--size", type=number(int, 16), default=512, help="crop side, px")
     train.add_argument("--batch", type=number(int, 1), default=1)
@@ -98,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sr_opts = SRRun(height=args.input[0], width=args.input[1], upscale=args.upscale,
                             images=args.images, batch=args.batch, tiles=not args.no_tiles,
                             dtype=dtype, channels_last=args.channels_last)
+        try:
+            check_sr(spec)
+        except ValueError as exc:
+            raise UserError(f"--model {args.model}: {exc}") from None
         plan = plan_sr(spec, sr_opts)
         title = (f"SR, {args.model}, {args.dtype}, {args.images} x {args.input[0]}x"
                  f"{args.input[1]} px, upscale {args.upscale:g}, transformer batch "

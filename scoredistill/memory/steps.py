@@ -1,11 +1,13 @@
 """The steps the planner traces, written with the code the recipe and the SR CLI run.
 
 ``train``: one iteration of TSD-SR's Alg. 1 as ``examples/tsdsr/training/step.py`` runs it
-(student = VAE encoder with its LoRA + transformer LoRA, one step at t = 1000, decode, LPIPS,
-latent MSE, TSD with DASM and CFG through the shared backbone's fused calls, AdamW with clipping;
-then the fake-score loss and its AdamW step). ``sr``: :class:`~scoredistill.sr.TSDSRPipeline` on
-a batch of images with the given tiles. Each builds either fake tensors (the plan) or real ones
-(the validation run), then runs the same function.
+(student = VAE encoder with its LoRA + denoiser LoRA, one step at the noisiest level, decode,
+LPIPS, latent MSE, TSD with DASM and CFG through the shared backbone's fused calls, AdamW with
+clipping; then the fake-score loss and its AdamW step), written once over the ScoreModel
+protocol: any family of `FAMILIES` through its adapter (`families`). ``sr``:
+:class:`~scoredistill.sr.TSDSRPipeline` (SD3 only) on a batch of images with the given tiles.
+Each builds either fake tensors (the plan) or real ones (the validation run), then runs the same
+function.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .backbones import Backbone, BackboneSpec, build_meta, build_real, make_fake
+from .families import decode, encode, guidance_embedded, latent_size, prompt, score_model
 from .trace import Allocated, Phase, Placeholders, Plan, allocated_peak, run_phases, trace
 
 if TYPE_CHECKING:
+    from scoredistill.adapters import LoraRoles
     from scoredistill.sr.tiling import TileConfig
 
 Step = list[Phase]
@@ -68,23 +73,19 @@ def _lpips() -> nn.Module:
                        ).eval().requires_grad_(False)
 
 
-def _train_models(parts: Backbone, opts: TrainOptions) -> Any:
-    """The recipe's LoRA roles on the backbone (models.build_models), on meta or real weights."""
-    from scoredistill.adapters import (
-        ATTENTION_TARGETS,
-        STUDENT_TARGETS,
-        SD3ScoreModel,
-        add_vae_lora,
-        lora_config,
-        lora_roles,
-    )
+def train_models(parts: Backbone, spec: BackboneSpec, opts: TrainOptions) -> LoraRoles:
+    """The recipe's LoRA roles on the backbone (models.build_models), on meta or real weights:
+    the student and fake-score adapters on the family's `LoraTargets`, the VAE encoder's LoRA."""
+    from scoredistill.adapters import add_vae_lora, lora_config, lora_roles
 
     if opts.checkpointing:
         parts.transformer.enable_gradient_checkpointing()
         parts.vae.enable_gradient_checkpointing()
-    roles = lora_roles(SD3ScoreModel(parts.transformer),
-                       student=lora_config(STUDENT_TARGETS, opts.student_rank),
-                       fake=lora_config(ATTENTION_TARGETS, opts.fake_rank))
+    model = score_model(spec, parts.transformer, latent_size(spec, opts.size, opts.size))
+    targets = model.lora_targets  # type: ignore[attr-defined]
+    roles = lora_roles(model, student=lora_config(targets.student, opts.student_rank,
+                                                  exclude=targets.exclude),
+                       fake=lora_config(targets.fake, opts.fake_rank, exclude=targets.exclude))
     add_vae_lora(parts.vae, opts.vae_rank, "default")
     for p in (*roles.student.parameters(), *roles.fake.parameters(), *_vae_lora(parts.vae)):
         p.data = p.data.float()  # fp32 LoRA weights (models.build_models, the release)
@@ -97,27 +98,28 @@ def _vae_lora(vae: nn.Module) -> list[nn.Parameter]:
     return list(lora_state_dict(vae, "default").values())
 
 
-def _train_step(roles: Any, parts: Backbone, spec: BackboneSpec, opts: TrainOptions,
-                device: str) -> tuple[list[nn.Module], Step, list[Any]]:
-    """The iteration and what exists before it (optimisers, the batch)."""
+def train_step(roles: LoraRoles, parts: Backbone, spec: BackboneSpec, opts: TrainOptions,
+               device: str) -> tuple[list[nn.Module], Step, list[Any]]:
+    """The iteration over the family's adapters, and what exists before it (optimisers, the
+    batch). FLUX.1-dev and FLUX.2-dev embed the guidance scale: their teacher and fake score take
+    it in the condition (no real CFG, no null prompt), as benchmarks/train_step_flux.py does."""
     from scoredistill import CFG, DASMSampler, DiffusionLoss, TSDLoss
-    from scoredistill.sr.latents import decode, encode, one_step
+    from scoredistill.conditioning import expand_cond
+    from scoredistill.sr.latents import one_step
 
     vae = parts.vae
     lpips = _lpips() if opts.lpips else None
     student = [*roles.student.parameters(), *_vae_lora(vae)]
     fake = roles.fake.parameters()
     optimisers = [torch.optim.AdamW(student, lr=5e-6), torch.optim.AdamW(fake, lr=5e-6)]
-    b, s, dims = opts.batch, opts.size, spec.transformer
+    b, s = opts.batch, opts.size
     lq, hq = (torch.rand(b, 3, s, s, device=device) * 2 - 1 for _ in range(2))
+    cond, default = (prompt(spec, n, device, opts.dtype) for n in (b, 1))
+    null = None if guidance_embedded(spec) else prompt(spec, 1, device, opts.dtype)
 
-    def prompt(n: int) -> dict[str, torch.Tensor]:
-        return {"prompt_embeds": torch.randn(n, spec.tokens, dims["joint_attention_dim"],
-                                             device=device, dtype=opts.dtype),
-                "pooled_projections": torch.randn(n, dims["pooled_projection_dim"],
-                                                  device=device, dtype=opts.dtype)}
+    def guided(role: Any) -> Any:  # real CFG with the null prompt, unless embedded
+        return role if null is None else CFG(role, opts.cfg_scale, null)
 
-    cond, default, null = prompt(b), prompt(1), prompt(1)
     tsd = TSDLoss(lam=0.7, dasm=DASMSampler() if opts.dasm else None, check_finite=False)
     fake_loss = DiffusionLoss(check_finite=False)
 
@@ -131,15 +133,13 @@ def _train_step(roles: Any, parts: Backbone, spec: BackboneSpec, opts: TrainOpti
 
     def generator_step() -> Callable[[], None]:
         with _autocast(device, opts.dtype):
-            z_lq = encode(vae, lq, posterior="sample")
-            z_hat = one_step(roles.student, z_lq, {k: v.expand(b, *v.shape[1:])
-                                                   for k, v in default.items()})
-            x_hat = decode(vae, z_hat)
+            z_lq = encode(spec, vae, lq, "sample")
+            z_hat = one_step(roles.student, z_lq, expand_cond(default, b))
+            x_hat = decode(spec, vae, z_hat)
             with torch.no_grad(), _adapters_off(vae):
-                z = encode(vae, hq, posterior="mode")
-            loss = F.mse_loss(z_hat, z) + tsd(
-                z_hat, cond, teacher=CFG(roles.teacher, opts.cfg_scale, null),
-                fake=CFG(roles.fake, opts.cfg_scale, null), z=z).loss
+                z = encode(spec, vae, hq, "mode")
+            loss = F.mse_loss(z_hat, z) + tsd(z_hat, cond, teacher=guided(roles.teacher),
+                                               fake=guided(roles.fake), z=z).loss
             if lpips is not None:
                 loss = loss + lpips(x_hat, hq).mean()
         z_hat_box.append(z_hat.detach())
@@ -151,7 +151,7 @@ def _train_step(roles: Any, parts: Backbone, spec: BackboneSpec, opts: TrainOpti
         return lambda: update(out, fake, optimisers[1])
 
     modules = [parts.transformer, vae, *([lpips] if lpips is not None else [])]
-    batch = [lq, hq, *cond.values(), *default.values(), *null.values()]
+    batch = [lq, hq, *tree_leaves([cond, default, null])]
     return modules, [generator_step, fake_step], [*optimisers, *batch]
 
 
@@ -191,11 +191,7 @@ def _sr_step(parts: Backbone, spec: BackboneSpec, opts: SRRun, device: str
     from scoredistill.sr.pipeline import DEFAULT_TILES, TSDSRPipeline
     from scoredistill.sr.pipeline import SROptions as PipelineOptions
 
-    dims = spec.transformer
-    cond = {"prompt_embeds": torch.randn(1, spec.tokens, dims["joint_attention_dim"],
-                                         device=device, dtype=opts.dtype),
-            "pooled_projections": torch.randn(1, dims["pooled_projection_dim"], device=device,
-                                              dtype=opts.dtype)}
+    cond = prompt(spec, 1, device, opts.dtype)
     tiles = DEFAULT_TILES if opts.tiles is True else opts.tiles or None
     pipe = TSDSRPipeline(SRModel(SD3ScoreModel(parts.transformer), parts.vae, cond),
                          tiles=tiles, batch_size=opts.batch, vae_batch_size=opts.vae_batch)
@@ -215,12 +211,21 @@ def _sr_step(parts: Backbone, spec: BackboneSpec, opts: SRRun, device: str
 def plan_train(spec: BackboneSpec, opts: TrainOptions, device: str = "cpu") -> Plan:
     """The train iteration traced on fake ``device`` tensors."""
     meta = _meta(spec, opts.dtype)
-    roles = _train_models(meta, opts)
-    return _trace_fake(meta, device, lambda: _train_step(roles, meta, spec, opts, device))
+    roles = train_models(meta, spec, opts)
+    return _trace_fake(meta, device, lambda: train_step(roles, meta, spec, opts, device))
+
+
+def check_sr(spec: BackboneSpec) -> None:
+    """ValueError unless the SR pipeline runs ``spec``'s family (SD3's only)."""
+    if spec.family != "sd3":
+        raise ValueError(f"the SR pipeline (scoredistill.sr) runs SD3-family backbones only; "
+                         f"this is a {spec.family} backbone: plan its training (train), or SR "
+                         "with an SD3 model (sd3-medium, sd3.5-medium, sd3.5-large)")
 
 
 def plan_sr(spec: BackboneSpec, opts: SRRun, device: str = "cpu") -> Plan:
     """The SR pipeline's run traced on fake ``device`` tensors."""
+    check_sr(spec)
     meta = _meta(spec, opts.dtype)
     _sr_models(meta, opts)
     return _trace_fake(meta, device, lambda: _sr_step(meta, spec, opts, device))
@@ -239,7 +244,9 @@ def _trace_fake(meta: Backbone, device: str,
     # parameters refuse), then every weight becomes a fake tensor and the step is set up.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(), Placeholders():
+    # Real tensors the adapters hold (a VP schedule's alpha-bar table, 1000 floats) enter the
+    # trace as constants.
+    with FakeTensorMode(allow_non_fake_inputs=True), Placeholders():
         for module in (meta.transformer, meta.vae):
             make_fake(module, device)
         modules, step, external = setup()
@@ -250,7 +257,7 @@ def measure_train(spec: BackboneSpec, opts: TrainOptions) -> Allocated:
     """Peak bytes allocated during a REAL CPU run of the train iteration (weights included)."""
     def setup() -> Callable[[], None]:
         parts = build_real(spec, opts.dtype)
-        phases = _train_step(_train_models(parts, opts), parts, spec, opts, "cpu")[1]
+        phases = train_step(train_models(parts, spec, opts), parts, spec, opts, "cpu")[1]
         return lambda: run_phases(phases)
 
     return allocated_peak(setup)
@@ -258,6 +265,8 @@ def measure_train(spec: BackboneSpec, opts: TrainOptions) -> Allocated:
 
 def measure_sr(spec: BackboneSpec, opts: SRRun) -> Allocated:
     """Peak bytes allocated during a REAL CPU run of the SR pipeline (weights included)."""
+    check_sr(spec)
+
     def setup() -> Callable[[], None]:
         parts = build_real(spec, opts.dtype)
         _sr_models(parts, opts)

@@ -38,6 +38,7 @@ log = logging.getLogger("tsdsr.train")
 PATTERN = re.compile(r"step-(\d{8})")
 LORA_FILES = {"transformer.safetensors": "student", "fake.safetensors": "fake"}
 VAE_FILE = "vae.safetensors"  # the release's names for the student's two LoRA files
+HEAD_FILE = "head.safetensors"  # the discriminator head's weights (--regulariser f-*, dmd2-gan)
 STATE_FILES = ("state.json", "state.safetensors")  # the state's structure, its tensors
 
 
@@ -62,7 +63,8 @@ def damaged_file(checkpoint: str | Path) -> str | None:
     from safetensors import safe_open
 
     checkpoint = Path(checkpoint)
-    for name in (*LORA_FILES, VAE_FILE, STATE_FILES[1]):
+    head = [HEAD_FILE] if (checkpoint / HEAD_FILE).exists() else []
+    for name in (*LORA_FILES, VAE_FILE, STATE_FILES[1], *head):
         try:
             with safe_open(str(checkpoint / name), framework="pt"):
                 pass
@@ -149,6 +151,9 @@ def save_checkpoint(root: str | Path, step: int, models: TSDSRModels, state: dic
         for name, adapter in LORA_FILES.items():
             save_lora(tmp / name, transformer, adapter, state=(lora or {}).get(adapter))
         save_lora(tmp / VAE_FILE, models.vae, VAE_ADAPTER)
+        if models.head is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in
+                       models.head.state_dict().items()}, str(tmp / HEAD_FILE))
         write_state({**state, "step": step}, tmp)
         mode = new_file_mode()
         for file in tmp.iterdir():  # safetensors writes through a 0600 temp file
@@ -205,6 +210,12 @@ def load_checkpoint(path: str | Path, models: TSDSRModels) -> dict[str, Any]:
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             # Shapes that differ (another --*-rank) or missing keys: name the file.
             raise UserError(f"cannot load {path / name} into the {adapter} LoRA: "
+                            f"{brief(' '.join(str(exc).split()), 400)}") from None
+    if models.head is not None:
+        try:
+            models.head.load_state_dict(load_file(str(path / HEAD_FILE)))
+        except (OSError, ValueError, RuntimeError) as exc:  # missing, or another head's shapes
+            raise UserError(f"cannot load {path / HEAD_FILE} into the discriminator head: "
                             f"{brief(' '.join(str(exc).split()), 400)}") from None
     return read_state(path)
 

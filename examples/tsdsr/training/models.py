@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from examples.tsdsr.models.backbone import load_backbone
 from examples.tsdsr.training.config import TrainConfig
+from examples.tsdsr.training.regularisers import discriminator_head
 from scoredistill.adapters import (
     ATTENTION_TARGETS,
     STUDENT_TARGETS,
@@ -37,11 +38,13 @@ VAE_ADAPTER = "default"
 
 @dataclass(frozen=True, eq=False)
 class TSDSRModels:
-    """Student (transformer + VAE-encoder LoRA), teacher and fake score on one backbone; LPIPS."""
+    """Student (transformer + VAE-encoder LoRA), teacher and fake score on one backbone; LPIPS;
+    the discriminator head of the regularisers that have one (trained with the fake score)."""
 
     roles: LoraRoles
     vae: nn.Module
     lpips: nn.Module
+    head: nn.Module | None = None
 
     def student_parameters(self) -> list[nn.Parameter]:
         """theta: the student's transformer LoRA and the VAE encoder's LoRA."""
@@ -49,8 +52,10 @@ class TSDSRModels:
                 *lora_state_dict(self.vae, VAE_ADAPTER).values()]
 
     def fake_parameters(self) -> list[nn.Parameter]:
-        """phi: the fake score's ("LoRA model") adapter."""
-        return self.roles.fake.parameters()
+        """phi: the fake score's ("LoRA model") adapter, then the head's (DMD2 trains its head
+        with the fake score)."""
+        head = [] if self.head is None else list(self.head.parameters())
+        return [*self.roles.fake.parameters(), *head]
 
 
 def build_models(config: TrainConfig, dtype: torch.dtype, device: torch.device) -> TSDSRModels:
@@ -74,7 +79,8 @@ def build_models(config: TrainConfig, dtype: torch.dtype, device: torch.device) 
                            fake=lora_config(ATTENTION_TARGETS, config.fake_rank),
                            teacher_lora=config.teacher_lora)
     add_vae_lora(vae, config.vae_rank, VAE_ADAPTER)
-    models = TSDSRModels(roles, vae, lpips)
+    head = discriminator_head(config.regulariser, roles)
+    models = TSDSRModels(roles, vae, lpips, None if head is None else head.to(device))
     for p in (*models.student_parameters(), *models.fake_parameters()):
         p.data = p.data.float()  # fp32 LoRA weights under fp16 mixed precision (release)
     return models

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from examples.tsdsr.training.config import TrainConfig
 from examples.tsdsr.training.models import TSDSRModels, hq_latent
-from examples.tsdsr.training.regularisers import Regulariser
+from examples.tsdsr.training.regularisers import HEAD_WEIGHT, Regulariser
 from examples.tsdsr.training.sharding import clip_grad_norm, is_sharded
 from scoredistill import DiffusionLoss, UniformIndex
 from scoredistill.conditioning import expand_cond
@@ -64,17 +64,24 @@ def student_latent(models: TSDSRModels, lq: Tensor, default: dict[str, Tensor],
     return one_step(models.roles.student, z_lq, expand_cond(default, lq.shape[0]))
 
 
+def target_latent(models: TSDSRModels, batch: dict) -> Tensor:
+    """``z = E_psi(x_H)`` (B, 16, h, w): precomputed (``--use-latents``) or encoded now."""
+    return batch["latent"].float() if "latent" in batch else hq_latent(models.vae,
+                                                                       batch["hq"] * 2 - 1)
+
+
 def generator_loss(models: TSDSRModels, losses: Losses, config: TrainConfig, batch: dict,
-                   prompts: dict[str, dict[str, Tensor]], generator: torch.Generator
-                   ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+                   prompts: dict[str, dict[str, Tensor]], generator: torch.Generator,
+                   z: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """``L_G = LPIPS(x_hat, x_H) + MSE(z_hat, z) + gamma L_reg`` (Alg. 1 lines 6-24).
 
-    Returns the scalar loss, ``z_hat`` (B, 16, h, w) and the pieces to log.
+    ``z``: the HQ latent (B, 16, h, w) if already at hand (`target_latent`). Returns the scalar
+    loss, ``z_hat`` (B, 16, h, w) and the pieces to log.
     """
     lq, hq = batch["lq"] * 2 - 1, batch["hq"] * 2 - 1
     cond = {k: batch[k] for k in ("prompt_embeds", "pooled_projections")}
     z_hat, x_hat = student_forward(models, lq, prompts["default"], generator)
-    z = batch["latent"].float() if "latent" in batch else hq_latent(models.vae, hq)
+    z = target_latent(models, batch) if z is None else z
     zero = z_hat.new_zeros(())
     rec = models.lpips(x_hat, hq).mean() if config.lpips_weight else zero
     mse = F.mse_loss(z_hat, z) if config.mse_weight else zero
@@ -83,8 +90,11 @@ def generator_loss(models: TSDSRModels, losses: Losses, config: TrainConfig, bat
     if config.gamma:
         reg = losses.regulariser(z_hat, cond, z, teacher=models.roles.teacher,
                                  fake=models.roles.fake, cfg_scale=config.cfg_scale,
-                                 null=prompts["null"], generator=generator)
+                                 null=prompts["null"], generator=generator,
+                                 head=models.head)
         reg_loss = reg.loss
+        if getattr(reg, "gan_loss", None) is not None:  # DMD2's term, before its weight
+            logs["reg/gan"] = reg.gan_loss
         for term, norms in reg.norms.items():  # (B, N): per term and point (DASM, level)
             for k in range(norms.shape[1]):
                 logs[f"reg_norm/{term}_p{k}"] = norms[:, k].mean()
@@ -135,11 +145,17 @@ def train_step(accelerator: Any, models: TSDSRModels, losses: Losses, config: Tr
     """Alg. 1 lines 4-31 on one batch; returns the logs with ``skipped/*`` flags (0 or 1).
 
     ``update_generator=False`` is a fake-score-only step of DMD2's two-time-scale rule: the
-    student only generates ``z_hat`` (no gradient, no decode) for the fake score to fit.
+    student only generates ``z_hat`` (no gradient, no decode) for the fake score to fit. A
+    discriminator head (``models.head``) is trained with the fake score, in its update.
     """
+    z = None
+    if update_generator or models.head is not None:
+        with accelerator.autocast():
+            z = target_latent(models, batch)
     if update_generator:
         with accelerator.autocast():
-            loss, z_hat, logs = generator_loss(models, losses, config, batch, prompts, generator)
+            loss, z_hat, logs = generator_loss(models, losses, config, batch, prompts, generator,
+                                               z)
         logs["skipped/generator"] = float(not apply_update(accelerator, student, loss,
                                                            config.max_grad_norm))
     else:
@@ -149,9 +165,16 @@ def train_step(accelerator: Any, models: TSDSRModels, losses: Losses, config: Tr
     cond = {k: batch[k] for k in ("prompt_embeds", "pooled_projections")}
     with accelerator.autocast():
         out = losses.fake(z_hat.detach(), cond, model=models.roles.fake, generator=generator)
+        fake_loss = out.loss
+        if models.head is not None:
+            head = losses.regulariser.head_loss(z, z_hat, cond, models.roles, models.head,
+                                                generator)
+            fake_loss = fake_loss + HEAD_WEIGHT * head.loss
+            logs.update({"loss/head": head.loss, "head/real_logit": head.real_logit.mean(),
+                         "head/fake_logit": head.fake_logit.mean()})
     logs["loss/fake"] = out.loss
     logs["fake/timestep"] = out.timesteps.float().mean()
-    logs["skipped/fake"] = float(not apply_update(accelerator, fake, out.loss,
+    logs["skipped/fake"] = float(not apply_update(accelerator, fake, fake_loss,
                                                   config.max_grad_norm))
     return to_floats(logs)
 
