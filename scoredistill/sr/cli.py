@@ -38,6 +38,11 @@ weights, pickled or wrong-width --embeds, a LoRA file for another module) are on
 the flag and exit status 2, before or while the model loads (the policy of
 :mod:`scoredistill.cli`); inputs are read upright and refused above --max-pixels. Ctrl-C stops
 once the outputs in flight are written, with exit status 130: rerun with --skip-existing.
+
+On a CUDA device, before anything loads, the memory planner's peak for the largest input (its
+header) with these flags and the --model/--pretrained folder's config.json is checked against
+the card's free memory (:mod:`scoredistill.sr.memory_check`): a run that will not fit is one
+line naming the settings that would, exit status 2; ``--force`` runs it anyway.
 """
 
 from __future__ import annotations
@@ -309,8 +314,9 @@ def _check_memory(args: argparse.Namespace, inputs: list[Path], device: str,
     memory, before anything loads; with a --model or --pretrained folder (the built-in tiny
     default has no config to plan)."""
     folder = args.model if args.model is not None else args.pretrained
-    if not memory_check.on_cuda(device) or folder is None:
-        return
+    if not memory_check.on_cuda(device) or folder is None or (
+            args.model is not None and not is_model_folder(args.model)):
+        return  # no card to fill, or no config to plan (loading names a folder that is none)
     flag = "--model" if args.model is not None else "--pretrained"
     size = memory_check.largest_image(inputs, args.max_pixels)
     if size is None:  # no readable header: the file loop reports every file
