@@ -22,8 +22,8 @@ def binned_ratio(logit, index, bins):
     if bins is None:
         return r
     ids = [int(i) * bins // 1000 for i in index]
-    mean = {b: sum(x for x, c in zip(r, ids) if c == b) / ids.count(b) for b in ids}
-    return [x / mean[b] for x, b in zip(r, ids)]
+    mean = {b: sum(x for x, c in zip(r, ids, strict=True) if c == b) / ids.count(b) for b in ids}
+    return [x / mean[b] for x, b in zip(r, ids, strict=True)]
 
 
 @pytest.mark.parametrize("divergence", sorted(H))
