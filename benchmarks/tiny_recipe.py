@@ -51,6 +51,18 @@ REFERENCE = "TSD (flow)"
 GROUPS: dict[str, dict[str, list[str]]] = {
     # Issue 23: the space TSD's differences are taken in (docs: "Which space for TSM/TSD").
     "spaces": {REFERENCE: [], "TSD (epsilon)": ["--tsd-space", "epsilon"]},
+    # Issue 25: TSD-SR's generator with each library loss in TSD's place (train.py
+    # --regulariser), the objective and step budget otherwise the tiny preset's; SiD, SIM and
+    # decoupled DMD have no DASM trajectory, so TSD without DASM is their like-for-like row.
+    "regularisers": {
+        REFERENCE: [],
+        "TSD (no DASM)": ["--no-use-dasm"],
+        **{name: ["--regulariser", flag] for name, flag in (
+            ("VSD", "vsd"), ("DMD", "dmd"), ("f-KL", "f-kl"), ("f-JS", "f-js"),
+            ("DMD2 (GAN)", "dmd2-gan"))},
+        **{name: ["--regulariser", flag, "--no-use-dasm"] for name, flag in (
+            ("SiD", "sid"), ("SIM", "sim"), ("decoupled DMD", "decoupled-dmd"))},
+    },
 }
 METRICS = {"PSNR (Y)": "higher", "SSIM (Y)": "higher", "grid dB": "lower"}
 COLUMNS = ["variant", "PSNR (Y)", "SSIM (Y)", "grid dB", "s/step", "seeds"]

@@ -52,3 +52,14 @@ def test_bicubic_row_matches_an_independent_scoring():
     psnr, ssim = scores(None, held_out_pairs(seed=0)[:3])
     assert float(row["PSNR (Y)"]) == pytest.approx(psnr, abs=0.02)
     assert float(row["SSIM (Y)"]) == pytest.approx(ssim, abs=0.002)
+
+
+@pytest.mark.parametrize("group", tiny_recipe.GROUPS)
+def test_every_variant_is_a_valid_recipe_config(group):
+    from examples.tsdsr.training.config import parse_config
+
+    configs = {name: parse_config(["--tiny", *flags])
+               for name, flags in tiny_recipe.GROUPS[group].items()}
+    assert configs[tiny_recipe.REFERENCE] == parse_config(["--tiny"])  # the recipe's default
+    # No two variants train the same thing.
+    assert len({repr(c) for c in configs.values()}) == len(configs)
