@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -51,16 +51,56 @@ from scoredistill import (
     CFG,
     CSDLoss,
     DASMSampler,
+    DecoupledDMDLoss,
+    DiscriminatorHead,
     DMDLoss,
+    FDistillLoss,
+    GANHeadLoss,
+    GANTerm,
     ScoreDistillationLoss,
     ScoreModel,
     SDSLoss,
+    SiDLoss,
+    SIMLoss,
     TSDLoss,
     TSMLoss,
     VSDLoss,
     cli,
 )
 from scoredistill.toy import ToySR, ToyTrainer, evaluate
+
+# DMD2's GAN weight (1e-3 on SD 1.5) is on a batch mean, DMD's surrogate on an element mean:
+# per element the GAN term weighs 1e-3 x 4*64*64 against DMD. The toy rows keep that balance,
+# weight = GAN_BALANCE / dim (the toy SR's 4-D: 4.1; grey patches 0.26; colour 0.085).
+GAN_BALANCE = 1e-3 * 4 * 64 * 64
+HEAD_HIDDEN = 64  # DiscriminatorHead's default width
+HEAD_WEIGHT = 1e-2  # DMD2's guidance_cls_loss_weight: the head's loss in the fake step
+
+
+@dataclass(frozen=True)
+class Row:
+    """A loss and what its run needs beyond the shared budget.
+
+    Attributes:
+        loss: The regulariser.
+        cfg: The exact conditional teacher ``CFG(problem.conditional_teacher(), cfg, null)``
+            with ``cond = problem.cond(lq)`` (exact teacher only); None: the row's teacher.
+        head: A `DiscriminatorHead` on this role's features, trained with the fake score by
+            `GANHeadLoss` (weight `HEAD_WEIGHT`, own Adam at the fake score's lr, warmed up
+            alone for the fake score's warm-up steps); None: no head.
+        gan_balance: With a GAN term: its weight is ``gan_balance / dim``.
+    """
+
+    loss: ScoreDistillationLoss | DecoupledDMDLoss | SiDLoss | SIMLoss
+    cfg: float | None = None
+    head: Literal["fake", "teacher"] | None = None
+    gan_balance: float | None = None
+
+    def build(self, dim: int) -> ScoreDistillationLoss:
+        """The loss for a problem of ``dim`` dimensions (the GAN weight depends on it)."""
+        if self.gan_balance is None:
+            return self.loss  # type: ignore[return-value]
+        return replace(self.loss, gan=replace(self.loss.gan, weight=self.gan_balance / dim))
 
 LOSSES: dict[str, ScoreDistillationLoss | None] = {
     "recon only": None,
@@ -73,9 +113,28 @@ LOSSES: dict[str, ScoreDistillationLoss | None] = {
     "+ TSD+DASM (flow)": TSDLoss(dasm=DASMSampler()),
     "+ TSD+DASM (eps)": TSDLoss(space="epsilon", dasm=DASMSampler()),
     "+ DMD": DMDLoss(),
+    # Issue 25's methods. SiD: the authors' EDM alpha and SiD-LSG's; SIM: pseudo-Huber c = 1 in
+    # x0 units (about the size of |f_r - f_f| at the blurry start).
+    "+ SiD (α=1.2)": SiDLoss(alpha=1.2),
+    "+ SiD (α=1)": SiDLoss(alpha=1.0),
+    "+ SIM (c=1)": SIMLoss(c=1.0),
+    # DMD2: DMD plus the GAN term, its head on the fake score's features (DMD2's layout).
+    "+ DMD2 (GAN)": Row(DMDLoss(gan=GANTerm()), head="fake", gan_balance=GAN_BALANCE),
 }
 # Losses that need the exact conditional teacher (`ToySR.conditional_teacher`): exact teacher only.
-CONDITIONAL_LOSSES: dict[str, ScoreDistillationLoss] = {"+ CSD": CSDLoss()}
+# Decoupled DMD's CA term is (w - 1)(T_cond - T_null): w = 2 (at w = 1 it is DMD's DM term alone).
+CONDITIONAL_LOSSES: dict[str, Row] = {"+ CSD": Row(CSDLoss(), cfg=1.0),
+                                      "+ decoupled DMD (w=2)": Row(DecoupledDMDLoss(), cfg=2.0)}
+# f-distill with its head on the teacher's features (FastGen): the learned teacher only, since
+# the exact teacher is a formula with no hidden layer to read. Without FastGen's extra GAN
+# term, so that the rows measure h(r) alone (DMD2 (GAN) measures the GAN term).
+TEACHER_FEATURE_LOSSES: dict[str, Row] = {
+    f"+ f-distill ({name})": Row(FDistillLoss(divergence=div), head="teacher")
+    for name, div in (("KL", "kl"), ("JS", "js"))}
+# Quick mode's new rows: one per kind (implicit, f-distill with a head, GAN, decoupled).
+QUICK_NEW = ("+ SiD (α=1.2)", "+ f-distill (JS)", "+ DMD2 (GAN)", "+ decoupled DMD (w=2)")
+NEW = (*list(LOSSES)[list(LOSSES).index("+ SiD (α=1.2)"):], *list(CONDITIONAL_LOSSES)[1:],
+       *TEACHER_FEATURE_LOSSES)
 METRICS = ("nll", "sliced_w2", "mse")
 PROG = "benchmarks.compare_losses"
 TITLE = "Distillation losses on the toy SR problem (exact answer known)"
@@ -98,48 +157,79 @@ class Budget:
     teacher_steps: int = 1500
     probes: int = 20
     eval_n: int = 4096
+    all_rows: bool = True  # False: of the issue-25 rows only QUICK_NEW
 
 
-QUICK = Budget(seeds=3, steps=300, batch=128, teacher_steps=400, probes=10, eval_n=2048)
+QUICK = Budget(seeds=3, steps=300, batch=128, teacher_steps=400, probes=10, eval_n=2048,
+               all_rows=False)
 
 
-def run_one(warm: ToyTrainer, loss: ScoreDistillationLoss | None, teacher: ScoreModel,
+def plan(teacher: str, all_rows: bool) -> dict[str, ScoreDistillationLoss | Row | None]:
+    """The rows run with ``teacher`` ("exact" or "learned"), in order."""
+    extra = CONDITIONAL_LOSSES if teacher == "exact" else TEACHER_FEATURE_LOSSES
+    rows = {**LOSSES, **extra}
+    return {n: v for n, v in rows.items() if all_rows or n not in NEW or n in QUICK_NEW}
+
+
+def run_one(warm: ToyTrainer, loss: ScoreDistillationLoss | Row | None, teacher: ScoreModel,
             probe: DirectionProbe, budget: Budget,
             evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None
             ) -> dict[str, Any]:
-    """Train from the warmed-up state; final metrics and probe curves (None if it diverged).
+    """Train from the warmed-up state; final metrics and probe curves (None if it diverged),
+    the seconds of the generator steps (``train_s``, with their fake/head steps) and the
+    head's parameter count (0 without one).
 
     ``evaluate_fn(generator) -> metrics`` defaults to the toy problem's :func:`evaluate`.
     """
+    row = loss if isinstance(loss, Row) else Row(loss)  # type: ignore[arg-type]
+    reg = None if row.loss is None else row.build(warm.problem.dim)
     role: dict[str, Any] = {"teacher": teacher}
-    if isinstance(loss, CSDLoss):
-        # CSD distills the exact conditional teacher's classifier score (CFG scale 1, Yu et al.);
-        # the probes keep measuring the unconditional teacher.
+    if row.cfg is not None:
+        # CSD and decoupled DMD distill the exact conditional teacher (CSD at CFG scale 1, Yu
+        # et al.); the probes keep measuring the unconditional teacher.
         null = torch.zeros(1, warm.problem.operator.shape[0] + 1)
-        role = {"teacher": CFG(warm.problem.conditional_teacher(), 1.0, null),
+        role = {"teacher": CFG(warm.problem.conditional_teacher(), row.cfg, null),
                 "condition": warm.problem.cond}
-    tr = ToyTrainer(warm.problem, loss, recon_weight=budget.recon_weight if loss else 1.0,
+    if row.head is not None:
+        torch.manual_seed(10_000 + warm.seed)  # the same head init for every head row of a seed
+        head = DiscriminatorHead.for_model(warm.fake if row.head == "fake" else teacher,
+                                           hidden=HEAD_HIDDEN)
+        role |= {"head": head, "head_loss": GANHeadLoss(), "head_role": row.head,
+                 "head_weight": HEAD_WEIGHT}
+    tr = ToyTrainer(warm.problem, reg, recon_weight=budget.recon_weight if reg else 1.0,
                  reg_weight=budget.reg_weight, batch=budget.batch, lr=budget.lr,
                  fake_lr=budget.fake_lr, seed=warm.seed, hidden=warm.hidden, **role)
     # Same generator init (same seed), fake score and data stream for every loss.
     tr.fake.load_state_dict(warm.fake.state_dict())
     tr.fake_opt.load_state_dict(warm.fake_opt.state_dict())
     tr.g.set_state(warm.g.get_state())
+    start = time.perf_counter()
+    if tr.head is not None:
+        # The head gets the fake score's warm-up (alone: the fake score is already warm), on
+        # the batches training then sees, so the data stream stays every row's.
+        tr.warm_up_head(budget.fake_warmup)
+        tr.g.set_state(warm.g.get_state())
+    head_params = 0 if tr.head is None else sum(p.numel() for p in tr.head.parameters())
     every = max(1, budget.steps // budget.probes)
     curve: list[dict[str, float]] = []
+    train_s = 0.0
     for step in range(budget.steps + 1):
         if step % every == 0 or step == budget.steps:
             curve.append({"step": step, **probe(tr.gen, teacher)})
         if step == budget.steps:
             break
+        tick = time.perf_counter()
         try:
             tr.step()
-        except ValueError:  # the loss's finiteness check: the generator has blown up
-            return {"metrics": None, "curve": curve}
+        except (ValueError, FloatingPointError):  # the loss's finiteness checks: blown up
+            return {"metrics": None, "curve": curve, "train_s": train_s,
+                    "head_params": head_params, "run_s": time.perf_counter() - start}
+        train_s += time.perf_counter() - tick
     metrics = (evaluate_fn(tr.gen) if evaluate_fn is not None
                else evaluate(warm.problem, tr.gen, n=budget.eval_n))
     finite = all(math.isfinite(v) for v in metrics.values())
-    return {"metrics": metrics if finite else None, "curve": curve}
+    return {"metrics": metrics if finite else None, "curve": curve, "train_s": train_s,
+            "head_params": head_params, "run_s": time.perf_counter() - start}
 
 
 def mean_curves(curves: list[list[dict[str, float]]]) -> dict[str, list[float]]:
@@ -182,7 +272,17 @@ def summarise(teacher: str, name: str, runs: list[dict[str, Any]]) -> dict[str, 
     row["TSM align flow / eps (end)"] = (f"{curves['tsm_align_flow'][-1]:+.2f} / "
                                          f"{curves['tsm_align_epsilon'][-1]:+.2f}")
     row["curves"] = curves
+    row.update(timing(runs))
     return row
+
+
+def timing(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds of the row's runs (all seeds, with probes, evaluation and the head's warm-up),
+    milliseconds per generator step (with its fake/head step) and the head's parameters."""
+    steps = sum(r["curve"][-1]["step"] for r in runs)
+    return {"run_s": sum(r["run_s"] for r in runs),
+            "ms_per_step": 1000 * sum(r["train_s"] for r in runs) / max(steps, 1),
+            "head_params": runs[0]["head_params"]}
 
 
 # Two tables, each narrower than the docs page: the scores, then the direction probes.
@@ -215,15 +315,50 @@ def check(rows: list[dict[str, Any]]) -> None:
 COMPARISONS = (("+ TSD (flow)", "+ VSD"), ("+ TSD (eps)", "+ VSD"),
                ("+ TSD (eps)", "+ TSD (flow)"), ("+ TSM (eps)", "+ TSM (flow)"),
                ("+ TSD+DASM (flow)", "+ TSD (flow)"), ("+ TSD+DASM (eps)", "+ TSD (eps)"),
-               ("+ DMD", "+ VSD"))  # VSD's direction in x0 space, per-sample normalised
+               ("+ DMD", "+ VSD"),  # VSD's direction in x0 space, per-sample normalised
+               # Issue 25's methods against VSD and against TSD (flow), the release's TSD.
+               *((name, ref) for name in NEW for ref in ("+ VSD", "+ TSD (flow)")))
 
 
 def paired_tests(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each COMPARISONS pair, per teacher and metric (lower is better), tested across seeds."""
+    """Each COMPARISONS pair, per teacher and metric (lower is better), tested across seeds;
+    pairs with a row not run (f-distill with the exact teacher, decoupled DMD with the learned
+    one, quick mode's rows) are left out."""
     by_key = {(r["teacher"], r["loss"]): r["per_seed"] for r in rows}
     pairs = [({"teacher": t, "metric": m, "A": a, "B": b}, by_key[t, a][m], by_key[t, b][m])
-             for t in ("exact", "learned") for a, b in COMPARISONS for m in METRICS]
+             for t in ("exact", "learned") for a, b in COMPARISONS for m in METRICS
+             if (t, a) in by_key and (t, b) in by_key]
     return compare_paired(pairs)
+
+
+COST_COLUMNS = ("teacher", "loss", "ms / step", "s (all seeds)", "head params")
+
+
+def cost_notes(rows: list[dict[str, Any]]) -> str:
+    """The issue-25 rows' settings and every row's cost (runs before they were timed: "")."""
+    if not any("ms_per_step" in r for r in rows):
+        return ""
+    cost = [{"teacher": r["teacher"], "loss": r["loss"], "ms / step": f"{r['ms_per_step']:.1f}",
+             "s (all seeds)": f"{r['run_s']:.1f}", "head params": str(r["head_params"])}
+            for r in rows]
+    return (
+        "\n\nIssue 25's rows: SiD (Zhou et al. 2024) at alpha 1.2 (EDM) and 1 (SiD-LSG); SIM "
+        "(Luo et al. 2024) with the pseudo-Huber c = 1 in x0 units; DMD2 (Yin et al. 2024): DMD "
+        "plus the GAN term on a sample re-noised at U{0..999}, weight "
+        f"{GAN_BALANCE:.3g} / dim (DMD2's SD 1.5 weight 1e-3 on a batch mean against DMD's "
+        "element mean at 4x64x64 latents), its head on the fake score's last hidden layer; "
+        "f-distill (Xu et al. 2025) KL and JS: DMD weighted by h(r), r from a head on the "
+        "learned teacher's last hidden layer (FastGen), without FastGen's added GAN term; not "
+        "run with the exact teacher, a formula with no hidden layer for a head to read; "
+        "decoupled DMD (Liu et al. 2025): the exact LQ-conditional teacher under CFG scale 2, "
+        "DM and CA terms at levels of their own (exact teacher only, as CSD). Each head is a "
+        f"DiscriminatorHead of width {HEAD_HIDDEN}, trained with the fake score under the same "
+        f"step budget: its logistic loss (GANHeadLoss, weight {HEAD_WEIGHT:g}) in every fake "
+        "step (with the fake score's features it trains the fake score too, as in DMD2), its own "
+        "Adam at the fake score's lr, and the fake score's warm-up steps alone on the initial "
+        "generator first.\n\nCost per row, one thread (ms per generator step with its fake "
+        "and head step; seconds for all seeds with probes, evaluation and the head's warm-up; "
+        "the head's parameters):\n\n" + markdown_table(cost, COST_COLUMNS))
 
 
 def notes(report: dict[str, Any]) -> str:
@@ -252,7 +387,8 @@ def notes(report: dict[str, Any]) -> str:
         "table per teacher:"
         + "".join(f"\n\n{teacher.capitalize()} teacher:\n\n"
                   + markdown_table([t for t in tests if t["teacher"] == teacher], TEST_COLUMNS,
-                                   TEST_HEADERS) for teacher in ("exact", "learned")))
+                                   TEST_HEADERS) for teacher in ("exact", "learned"))
+        + cost_notes(report["rows"]))
 
 
 def render(report: dict[str, Any], out: Path, docs_assets: bool) -> Path:
@@ -303,8 +439,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                        seed=seed)
         warm.warm_up_fake(budget.fake_warmup)
         for teacher_name, teacher in (("exact", problem.teacher), ("learned", learned)):
-            extra = CONDITIONAL_LOSSES if teacher_name == "exact" else {}
-            for name, loss in {**LOSSES, **extra}.items():
+            for name, loss in plan(teacher_name, budget.all_rows).items():
                 run = run_one(warm, loss, teacher, probe, budget)
                 runs.setdefault((teacher_name, name), []).append(run)
         print(f"seed {seed} done after {time.perf_counter() - start:.0f} s", flush=True)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from .analytic import FullGaussianMixture, GaussianMixture
 from .features import FeatureLayer, as_tensor, submodule
+from .losses.adversarial import GANHeadLoss
 from .losses.diffusion import DiffusionLoss
 from .losses.distill import ScoreDistillationLoss
 from .posterior import LinearGaussianPosterior, PosteriorTeacher, lq_condition
@@ -204,6 +205,13 @@ class ToyTrainer:
         hidden: The width of the generator's and the fake score's MLPs.
         condition: Maps the LQ batch to the loss's ``cond`` (e.g. ``ToySR.cond`` for CSD with
             ``ToySR.conditional_teacher()``); None: unconditional.
+        head: A discriminator head (DMD2, f-distill), passed to ``loss`` as ``head=``; None:
+            none. It is trained with the fake score (DMD2's layout): each fake step adds
+            ``head_weight * head_loss`` on the HQ batch and the generator's outputs.
+        head_loss: The head's loss (a `GANHeadLoss`); required with ``head``.
+        head_role: Whose features the head reads: "fake" (DMD2: the head's loss trains the fake
+            score too) or "teacher" (FastGen's f-distill: only the head learns).
+        head_weight: The head loss's weight in the fake step (DMD2: 1e-2).
     """
 
     problem: SRProblem
@@ -217,27 +225,54 @@ class ToyTrainer:
     seed: int = 0
     hidden: int = 128
     condition: Callable[[Tensor], Cond] | None = None
+    head: nn.Module | None = None
+    head_loss: GANHeadLoss | None = None
+    head_role: Literal["fake", "teacher"] = "fake"
+    head_weight: float = 1e-2
 
     def __post_init__(self) -> None:
         torch.manual_seed(self.seed)
         if self.teacher is None:
             self.teacher = self.problem.teacher
+        if (self.head is None) != (self.head_loss is None):
+            raise ValueError("ToyTrainer: pass head= and head_loss= together (the head is "
+                             "trained by its loss in the fake step), or neither")
+        if self.head_role not in ("fake", "teacher"):
+            raise ValueError(f"ToyTrainer(head_role=...): expected 'fake' or 'teacher', got "
+                             f"{self.head_role!r}")
         self.gen = OneStepGenerator(self.problem.operator, self.hidden)
         self.fake = MLPScore(self.problem.dim, self.hidden)
         self.g = torch.Generator().manual_seed(self.seed)
         self.opt = torch.optim.Adam(self.gen.parameters(), lr=self.lr)
         self.fake_opt = torch.optim.Adam(self.fake.parameters(), lr=self.fake_lr)
         self.fake_loss = DiffusionLoss(space="flow")
+        # The head's own optimiser, stepped with the fake score's (same lr).
+        self.head_opt = None if self.head is None else torch.optim.Adam(
+            self.head.parameters(), lr=self.fake_lr)
 
-    def fake_step(self, lq: Tensor) -> Tensor:
-        """One Eq. (9) update of the fake score on the generator's current outputs."""
+    def fake_step(self, lq: Tensor, hq: Tensor | None = None, fake: bool = True) -> Tensor:
+        """One Eq. (9) update of the fake score on the generator's current outputs, plus the
+        head's update on ``hq`` (the real samples; required with a head). ``fake=False``
+        updates the head alone (its warm-up)."""
         with torch.no_grad():
             z_hat = self.gen(lq)
-        loss = self.fake_loss(z_hat, model=self.fake, generator=self.g).loss
+        loss = self.fake_loss(z_hat, model=self.fake, generator=self.g).loss if fake else 0.0
+        if self.head is not None:
+            if hq is None:
+                raise ValueError("ToyTrainer.fake_step: a trainer with a head needs hq=, the "
+                                 "real samples of its loss")
+            model = self.fake if self.head_role == "fake" else self.teacher
+            loss = loss + self.head_weight * self.head_loss(  # type: ignore[misc]
+                hq, z_hat, model=model, head=self.head, generator=self.g).loss
         self.fake_opt.zero_grad()
-        loss.backward()
-        self.fake_opt.step()
-        return loss.detach()
+        if self.head_opt is not None:
+            self.head_opt.zero_grad()
+        loss.backward()  # type: ignore[union-attr]
+        if fake:
+            self.fake_opt.step()
+        if self.head_opt is not None:
+            self.head_opt.step()
+        return loss.detach()  # type: ignore[union-attr]
 
     def step(self) -> dict[str, Tensor]:
         """One generator step (reconstruction + regulariser), then one fake-score step."""
@@ -247,17 +282,28 @@ class ToyTrainer:
         logs: dict[str, Tensor] = {}
         if self.loss is not None:
             cond = None if self.condition is None else self.condition(lq)
-            out = self.loss(z_hat, cond, generator=self.g, **self.loss.select_inputs(
+            heads = {} if self.head is None else {"head": self.head}
+            out = self.loss(z_hat, cond, generator=self.g, **heads, **self.loss.select_inputs(
                 teacher=self.teacher, fake=self.fake, z=hq))
             loss = loss + self.reg_weight * out.loss
             logs = {f"norm/{k}": v.mean() for k, v in out.norms.items()}
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
-        logs["loss/fake"] = self.fake_step(lq)
+        logs["loss/fake"] = self.fake_step(lq, hq)
         return logs
 
     def warm_up_fake(self, steps: int) -> None:
-        """Fit the fake score to the initial generator before distilling (as VSD does)."""
+        """Fit the fake score (and head) to the initial generator before distilling (as VSD
+        does)."""
         for _ in range(steps):
-            self.fake_step(self.problem.sample(self.batch, self.g)[1])
+            hq, lq = self.problem.sample(self.batch, self.g)
+            self.fake_step(lq, hq)
+
+    def warm_up_head(self, steps: int) -> None:
+        """Fit the head alone to the current generator (the fake score already warmed up)."""
+        if self.head is None:
+            raise ValueError("ToyTrainer.warm_up_head: this trainer has no head (head=None)")
+        for _ in range(steps):
+            hq, lq = self.problem.sample(self.batch, self.g)
+            self.fake_step(lq, hq, fake=False)
