@@ -56,6 +56,7 @@ from examples.tsdsr.training.sharding import (
 from examples.tsdsr.training.step import Losses, Optimisation, train_step
 from examples.tsdsr.training.validation import ValPair, load_val_pairs, validate
 from scoredistill.cli import EXIT_OK, EXIT_PREEMPTED, UserError, entry_point
+from scoredistill.optim import adamw, require
 from scoredistill.sr.loading import load_prompts
 from scoredistill.sr.tiling import vae_factor
 
@@ -80,11 +81,12 @@ def prepare_tiny_data(config: TrainConfig, write: bool) -> TrainConfig:
 
 def optimisation(params: list[torch.nn.Parameter], lr: float, config: TrainConfig,
                  world: int) -> Optimisation:
-    """AdamW and the (per-process scaled, as accelerate steps it) warm-up + cosine schedule."""
+    """AdamW (or 8-bit AdamW: --optimizer) and the (per-process scaled, as accelerate steps it)
+    warm-up + cosine schedule."""
     from diffusers.optimization import get_scheduler
 
-    opt = torch.optim.AdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
-                            weight_decay=config.weight_decay, eps=config.adam_eps)
+    opt = adamw(config.optimizer, params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
+                weight_decay=config.weight_decay, eps=config.adam_eps)
     sched = get_scheduler(config.lr_scheduler, opt, num_warmup_steps=config.lr_warmup_steps * world,
                           num_training_steps=config.max_steps * world,
                           num_cycles=config.lr_num_cycles)
@@ -108,6 +110,10 @@ def check_parallelism(config: TrainConfig, accelerator: Any) -> None:
                          "multi-GPU and pass --fsdp to shard the transformer (FSDP2)")
     if config.fsdp and accelerator.num_processes < 2:
         raise UserError("--fsdp shards over processes: launch several (accelerate launch)")
+    if config.fsdp and config.optimizer != "adamw":
+        # bitsandbytes' 8-bit state is not sharded with FSDP2's DTensor weights here.
+        raise UserError(f"--fsdp with --optimizer {config.optimizer} is not supported: use "
+                        "--optimizer adamw")
     if config.fsdp and config.mixed_precision == "fp16":
         raise UserError("--fsdp with fp16 is not supported (the loss scaler is not wired for "
                          "sharded gradients): use --mixed-precision bf16")
@@ -161,6 +167,10 @@ def train(config: TrainConfig) -> Path:
     if config.pretrained is None and not config.tiny:
         raise UserError("give --pretrained /path/to/sd3 (a local diffusers folder) or --tiny")
     check_tracker(config.report_to)
+    try:
+        require(config.optimizer)  # before any model loads
+    except ValueError as exc:
+        raise UserError(f"--optimizer {config.optimizer}: {exc}") from None
     check_paths(config)  # the paths given; --tiny's own are made below
     out = Path(config.output_dir)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=str(out),

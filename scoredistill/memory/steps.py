@@ -47,6 +47,7 @@ class TrainOptions:
     cfg_scale: float = 7.5
     lpips: bool = True
     checkpointing: bool = False
+    optimizer: str = "adamw"  # or "adamw8bit" (scoredistill.optim: 8-bit moments)
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,16 @@ def train_step(roles: LoraRoles, parts: Backbone, spec: BackboneSpec, opts: Trai
     it in the condition (no real CFG, no null prompt), as benchmarks/train_step_flux.py does."""
     from scoredistill import CFG, DASMSampler, DiffusionLoss, TSDLoss
     from scoredistill.conditioning import expand_cond
+    from scoredistill.optim import adamw, warm
     from scoredistill.sr.latents import one_step
 
     vae = parts.vae
     lpips = _lpips() if opts.lpips else None
     student = [*roles.student.parameters(), *_vae_lora(vae)]
     fake = roles.fake.parameters()
-    optimisers = [torch.optim.AdamW(student, lr=5e-6), torch.optim.AdamW(fake, lr=5e-6)]
+    optimisers = [adamw(opts.optimizer, params, lr=5e-6) for params in (student, fake)]
+    for optimiser in optimisers:
+        warm(optimiser)  # the state every step after the first holds (the plan's steady state)
     b, s = opts.batch, opts.size
     lq, hq = (torch.rand(b, 3, s, s, device=device) * 2 - 1 for _ in range(2))
     cond, default = (prompt(spec, n, device, opts.dtype) for n in (b, 1))

@@ -32,6 +32,7 @@ import yaml
 from examples.tsdsr.training.regularisers import REGULARISERS, check_regulariser
 from scoredistill.cli import ArgumentParser, UserError, in_range, number
 from scoredistill.messages import brief
+from scoredistill.optim import OPTIMIZERS
 
 
 @dataclass
@@ -83,6 +84,9 @@ class TrainConfig:
     # DMD2's two-time-scale update (Yin et al. 2024, Sec. 4.1): the generator updates on every
     # N-th step only, the fake score on every step (DMD2: 5 on ImageNet, 10 on SDXL; TSD-SR: 1).
     fake_updates_per_generator: int = 1
+    # "adamw8bit": bitsandbytes' 8-bit AdamW (the adam8bit extra), a quarter of AdamW's state
+    # for the trained LoRAs (docs: "Plan before you rent a GPU", scoredistill-plan --fit).
+    optimizer: str = "adamw"
     # Optimisation (release defaults).
     lr: float = 5e-6
     lr_fake: float = 1e-6
@@ -157,6 +161,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "report_to": ("tensorboard", "wandb", "none"),
     "jpeg_codec": ("diffjpeg", "libjpeg"),
+    "optimizer": OPTIMIZERS,
 }
 
 
