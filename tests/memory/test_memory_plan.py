@@ -57,10 +57,10 @@ def test_prediction_without_optimiser_state_fails(train_case):
 
 def _trainable(opts: TrainOptions) -> list[torch.nn.Parameter]:
     from scoredistill.memory.backbones import build_meta
-    from scoredistill.memory.steps import _train_models
+    from scoredistill.memory.steps import train_models
 
     parts = build_meta(SPECS["tiny"])
-    roles = _train_models(parts, opts)
+    roles = train_models(parts, SPECS["tiny"], opts)
     return [*roles.student.parameters(), *roles.fake.parameters(),
             *(p for p in parts.vae.parameters() if p.requires_grad)]
 
@@ -106,10 +106,11 @@ def test_a_local_sd3_folder_plans_like_its_built_in_twin(tmp_path):
     from scoredistill.memory import read_spec
 
     tiny = SPECS["tiny"]
-    for part, config in (("transformer", tiny.transformer), ("vae", tiny.vae)):
+    for part, config, cls in (("transformer", tiny.transformer, "SD3Transformer2DModel"),
+                              ("vae", tiny.vae, "AutoencoderKL")):
         (tmp_path / part).mkdir()
         (tmp_path / part / "config.json").write_text(json.dumps(
-            {"_class_name": "x", "_diffusers_version": "0", **config}))
+            {"_class_name": cls, "_diffusers_version": "0", **config}))
     spec = read_spec(tmp_path, tokens=tiny.tokens)
     run = SRRun(height=16, width=16, upscale=2.0, dtype=torch.float32)
     assert plan_sr(spec, run).total == plan_sr(tiny, run).total
