@@ -176,8 +176,8 @@ def run_one(warm: ToyTrainer, loss: ScoreDistillationLoss | Row | None, teacher:
             evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None
             ) -> dict[str, Any]:
     """Train from the warmed-up state; final metrics and probe curves (None if it diverged),
-    the seconds of the generator steps (``train_s``, with their fake/head steps) and the
-    head's parameter count (0 without one).
+    the seconds of the generator steps (``train_s``, with their fake/head steps), how many
+    finished (``steps``) and the head's parameter count (0 without one).
 
     ``evaluate_fn(generator) -> metrics`` defaults to the toy problem's :func:`evaluate`.
     """
@@ -222,14 +222,15 @@ def run_one(warm: ToyTrainer, loss: ScoreDistillationLoss | Row | None, teacher:
         try:
             tr.step()
         except (ValueError, FloatingPointError):  # the loss's finiteness checks: blown up
-            return {"metrics": None, "curve": curve, "train_s": train_s,
+            return {"metrics": None, "curve": curve, "train_s": train_s, "steps": step,
                     "head_params": head_params, "run_s": time.perf_counter() - start}
         train_s += time.perf_counter() - tick
     metrics = (evaluate_fn(tr.gen) if evaluate_fn is not None
                else evaluate(warm.problem, tr.gen, n=budget.eval_n))
     finite = all(math.isfinite(v) for v in metrics.values())
     return {"metrics": metrics if finite else None, "curve": curve, "train_s": train_s,
-            "head_params": head_params, "run_s": time.perf_counter() - start}
+            "steps": budget.steps, "head_params": head_params,
+            "run_s": time.perf_counter() - start}
 
 
 def mean_curves(curves: list[list[dict[str, float]]]) -> dict[str, list[float]]:
@@ -279,7 +280,7 @@ def summarise(teacher: str, name: str, runs: list[dict[str, Any]]) -> dict[str, 
 def timing(runs: list[dict[str, Any]]) -> dict[str, float]:
     """Seconds of the row's runs (all seeds, with probes, evaluation and the head's warm-up),
     milliseconds per generator step (with its fake/head step) and the head's parameters."""
-    steps = sum(r["curve"][-1]["step"] for r in runs)
+    steps = sum(r["steps"] for r in runs)
     return {"run_s": sum(r["run_s"] for r in runs),
             "ms_per_step": 1000 * sum(r["train_s"] for r in runs) / max(steps, 1),
             "head_params": runs[0]["head_params"]}

@@ -27,8 +27,17 @@ from typing import Any
 import torch
 
 import scoredistill
-from benchmarks import options
-from benchmarks.compare_losses import CONDITIONAL_LOSSES, mean_curves, run_one
+from benchmarks import compare_losses, options
+from benchmarks.compare_losses import (
+    CONDITIONAL_LOSSES,
+    NEW,
+    QUICK_NEW,
+    TEACHER_FEATURE_LOSSES,
+    cost_notes,
+    mean_curves,
+    run_one,
+    timing,
+)
 from benchmarks.paired_stats import Claim, judge
 from benchmarks.patch_metrics import METRIC_LABELS, PatchEval, save_bars, save_patches
 from benchmarks.report import command_line, markdown_table, write_markdown, write_report
@@ -61,8 +70,16 @@ LOSSES: dict[str, Any] = {
 # Losses other engineers add to the library take part as soon as they exist there.
 LOSSES.update({f"+ {name[:-4]}": getattr(scoredistill, name)()
                for name in ("DMDLoss",) if hasattr(scoredistill, name)})
-# CSD (CONDITIONAL_LOSSES) distills the exact LQ-conditional teacher (PatchSR's posterior
-# denoiser), so it runs with the exact teacher only: the learned teacher is unconditional.
+# Issue 25's methods, as compare_losses runs them (SiD, SIM, DMD2 with its head; the GAN weight
+# scaled to the patch's dimension there).
+LOSSES.update({name: compare_losses.LOSSES[name] for name in NEW if name in compare_losses.LOSSES})
+# CSD and decoupled DMD (CONDITIONAL_LOSSES) distill the exact LQ-conditional teacher
+# (PatchSR's posterior denoiser), so they run with the exact teacher only: the learned teacher
+# is unconditional. f-distill (TEACHER_FEATURE_LOSSES) reads the teacher's features: the
+# learned teacher only, the exact one has no hidden layer.
+# The reference TSD row for the new methods: epsilon space (flow-space TSD diverged on colour
+# patches with the exact teacher).
+TSD_REFERENCE = "+ TSD (eps)"
 # The sweeps of TSD+DASM's lambda and N (release settings otherwise), exact teacher only, in
 # epsilon space: in flow space every setting diverged (the grey run of 2026-11-30 08:23 UTC), so
 # a sweep there compares divergences.
@@ -100,13 +117,15 @@ class Budget:
     probes: int = 2
     eval_n: int = 2048
     sweep: bool = True
+    all_rows: bool = True  # False: of the issue-25 rows only compare_losses.QUICK_NEW
 
 
 # 192-D: the grey run's steps and learned teacher; half its batch and evaluation set (each run
 # ~3x a grey run's cost per sample), no sweep. ~25 min on one core of a 2-core EPYC.
 COLOUR = Budget(colour=True, fit_patches=16_000, em_iters=15, batch=64, eval_n=1024, sweep=False)
 QUICK = Budget(components=8, fit_patches=4000, em_iters=8, seeds=2, steps=40, batch=64,
-               hidden=128, fake_warmup=30, teacher_steps=150, probes=1, eval_n=512, sweep=False)
+               hidden=128, fake_warmup=30, teacher_steps=150, probes=1, eval_n=512, sweep=False,
+               all_rows=False)
 
 
 def claims(losses: dict[str, Any]) -> list[Claim]:
@@ -139,10 +158,13 @@ def claims(losses: dict[str, Any]) -> list[Claim]:
 
 
 def other_claims() -> list[Claim]:
-    """The losses outside the paper (DMD, CSD) against VSD (`judge` skips rows that did not
-    run: CSD has no learned-teacher row)."""
-    return [Claim(f"{t} teacher: {name[2:]} {what} than VSD", metric, (t, name), (t, "+ VSD"))
-            for t in ("exact", "learned") for name in ("+ DMD", "+ CSD")
+    """The losses outside the paper (DMD, CSD) against VSD, and issue 25's against VSD and
+    against `TSD_REFERENCE` (`judge` skips rows that did not run: CSD and decoupled DMD have
+    no learned-teacher row, f-distill no exact-teacher row)."""
+    pairs = [(name, "+ VSD") for name in ("+ DMD", "+ CSD")]
+    pairs += [(name, ref) for name in NEW for ref in ("+ VSD", TSD_REFERENCE)]
+    return [Claim(f"{t} teacher: {name[2:]} {what} than {ref[2:]}", metric, (t, name), (t, ref))
+            for t in ("exact", "learned") for name, ref in pairs
             for metric, what in (("swd", "more realistic"), ("mse_hq", "more faithful"))]
 
 
@@ -168,6 +190,7 @@ def summarise(teacher: str, name: str, runs: list[dict[str, Any]]) -> dict[str, 
         f"{curves['cos_hat'][-1]:.2f} / {curves['cos_hq'][-1]:.2f}")
     row["TSM align flow / eps (end)"] = (f"{curves['tsm_align_flow'][-1]:+.2f} / "
                                          f"{curves['tsm_align_epsilon'][-1]:+.2f}")
+    row.update(timing(runs))
     return row
 
 
@@ -191,7 +214,8 @@ def run_all(problem: PatchSR, budget: Budget, evaluator: PatchEval,
     rows_planned)`` gets the table so far and seed 0's example outputs."""
     probe = DirectionProbe(problem, n=min(512, budget.eval_n))
     plan = [("exact", n, loss) for n, loss in {**LOSSES, **CONDITIONAL_LOSSES}.items()]
-    plan += [("learned", n, loss) for n, loss in LOSSES.items()]
+    plan += [("learned", n, loss) for n, loss in {**LOSSES, **TEACHER_FEATURE_LOSSES}.items()]
+    plan = [p for p in plan if budget.all_rows or p[1] not in NEW or p[1] in QUICK_NEW]
     plan += [("exact", n, loss) for n, loss in SWEEP.items()] if budget.sweep else []
     warm: dict[int, ToyTrainer] = {}
     learned: dict[int, torch.nn.Module] = {}
@@ -324,10 +348,17 @@ def notes(report: dict[str, Any]) -> str:
         + "\n\nVerdicts (paired t-test across seeds, Holm-adjusted over the claims, alpha "
         "0.05; effect = mean over seeds of a - b):\n\n"
         + markdown_table(verdicts, VERDICT_COLUMNS)
-        + ("\n\nLosses outside the paper against VSD (own Holm family):\n\n"
+        + (f"\n\nLosses outside the paper against {references(others)} (own Holm family):\n\n"
            + markdown_table(others, VERDICT_COLUMNS) if others else "")
         + ("\n\nSweep of TSD+DASM's lambda and N (exact teacher; own Holm family):\n\n"
-           + markdown_table(sweep, VERDICT_COLUMNS) if sweep else ""))
+           + markdown_table(sweep, VERDICT_COLUMNS) if sweep else "")
+        + cost_notes(report["rows"]))
+
+
+def references(verdicts: list[dict[str, Any]]) -> str:
+    """The runs the verdicts compare with, "VSD" or "VSD and TSD (eps)"."""
+    names = dict.fromkeys(v["b"].split(" / + ", 1)[1] for v in verdicts)
+    return " and ".join(names)
 
 
 def render(report: dict[str, Any], md: Path, docs_assets: bool) -> Path:

@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.compare_losses import COLUMNS, COMPARISONS, LOSSES, main
+from benchmarks.compare_losses import (
+    COLUMNS,
+    COMPARISONS,
+    CONDITIONAL_LOSSES,
+    LOSSES,
+    NEW,
+    QUICK_NEW,
+    TEACHER_FEATURE_LOSSES,
+    main,
+    plan,
+)
 
 FIELDS = ("nll_mean", "nll_std", "sliced_w2_mean", "sliced_w2_std", "mse_mean", "mse_std",
           "cos_hat_start", "cos_hat_end", "cos_hq_start", "cos_hq_end", "cos_hat_exact_end",
@@ -23,8 +33,22 @@ def test_compare_losses_quick_smoke(tmp_path: Path) -> None:
     assert report["mode"] == "quick" and report["budget"]["steps"] == 10
     assert report["machine"]["device"] and math.isfinite(report["runtime_s"])
     rows = report["rows"]
+    old = [n for n in LOSSES if n not in NEW]
     assert {(r["teacher"], r["loss"]) for r in rows} == {
-        (t, n) for t in ("exact", "learned") for n in LOSSES} | {("exact", "+ CSD")}
+        (t, n) for t in ("exact", "learned") for n in old} | {("exact", "+ CSD")} | {
+        ("learned" if n in TEACHER_FEATURE_LOSSES else "exact", n) for n in QUICK_NEW} | {
+        ("learned", n) for n in QUICK_NEW if n in LOSSES}
+    # One issue-25 row of each kind in quick mode: implicit, f-distill's head, GAN, decoupled.
+    kinds = {"SiD", "f-distill", "DMD2", "decoupled"}
+    assert {k for k in kinds for n in QUICK_NEW if k in n} == kinds
+    assert set(NEW) == {n for n in (*LOSSES, *CONDITIONAL_LOSSES, *TEACHER_FEATURE_LOSSES)
+                        if n not in (*old, "+ CSD")}
+    by_name = {(r["teacher"], r["loss"]): r for r in rows}
+    for key in (("exact", "+ DMD2 (GAN)"), ("learned", "+ DMD2 (GAN)"),
+                ("learned", "+ f-distill (JS)")):
+        assert by_name[key]["head_params"] > 0 and by_name[key]["seeds_ok"] == 1, key
+    assert by_name["exact", "+ SiD (α=1.2)"]["head_params"] == 0
+    assert all(math.isfinite(r["ms_per_step"]) and r["ms_per_step"] > 0 for r in rows)
     for row in rows:
         assert all(c in row for c in COLUMNS), row
         for f in FIELDS:
@@ -32,10 +56,17 @@ def test_compare_losses_quick_smoke(tmp_path: Path) -> None:
         assert all(math.isfinite(v) for c in row["curves"].values() for v in c)
         assert len(row["per_seed"]["nll"]) == 1 and len(row["per_seed"]["cos_hq_start"]) == 1
     tests = report["paired_tests"]
-    assert len(tests) == 2 * len(COMPARISONS) * 3
+    run = {t: plan(t, all_rows=False) for t in ("exact", "learned")}
+    assert len(tests) == 3 * sum(a in run[t] and b in run[t] for t in run for a, b in COMPARISONS)
+    for name in QUICK_NEW:  # each new row against VSD and TSD (flow), with each teacher it ran
+        for ref in ("+ VSD", "+ TSD (flow)"):
+            assert sum(t["A"] == name and t["B"] == ref for t in tests) == 3 * sum(
+                name in r for r in run.values()), (name, ref)
     assert all(t["n"] == 1 and t["verdict"] == "n.s." for t in tests)  # one seed proves nothing
     table = (tmp_path / "compare_losses.md").read_text()
     assert "| teacher | loss |" in table and "Measured on" in table
+    assert "| teacher | loss | ms / step | s (all seeds) | head params |" in table
+    assert_fits_the_page(table)
     assert table.count("\n| verdict | metric | A | B | A − B | p (Holm) |") == 2  # per teacher
     assert (tmp_path / "compare_losses.png").stat().st_size > 10_000
 

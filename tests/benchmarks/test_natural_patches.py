@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("skimage", reason="the natural-patch problem reads scikit-image's photos")
 
+from benchmarks.compare_losses import NEW, QUICK_NEW, TEACHER_FEATURE_LOSSES
 from benchmarks.natural_patches import COLUMNS, CONDITIONAL_LOSSES, LOSSES, METRICS, main
 from tests.benchmarks.test_compare_losses import assert_fits_the_page
 
@@ -23,23 +24,41 @@ def test_natural_patches_quick_smoke(tmp_path: Path) -> None:
     assert not report["partial"] and report["rows_done"] == len(report["rows"])
     assert report["monte_carlo"]["mc_worst_error_in_se"] < 6
     rows = report["rows"]
+    quick = [n for n in (*LOSSES, *CONDITIONAL_LOSSES, *TEACHER_FEATURE_LOSSES)
+             if n not in NEW or n in QUICK_NEW]
     assert {(r["teacher"], r["loss"]) for r in rows} == {
-        (t, n) for t in ("exact", "learned") for n in LOSSES} | {
-        ("exact", n) for n in CONDITIONAL_LOSSES}
+        (t, n) for t in ("exact", "learned") for n in LOSSES if n in quick} | {
+        ("exact", n) for n in CONDITIONAL_LOSSES if n in quick} | {
+        ("learned", n) for n in TEACHER_FEATURE_LOSSES if n in quick}
     for row in rows:
         assert all(c in row for c in COLUMNS), row
         for m in METRICS:
             assert len(row[f"{m}_per_seed"]) == 2
+        if row["loss"] in QUICK_NEW:  # issue 25's rows: finite on every seed
+            assert row["seeds"] == "2/2", (row["teacher"], row["loss"])
+            assert all(math.isfinite(v) for m in METRICS for v in row[f"{m}_per_seed"]), row
+            assert (row["head_params"] > 0) == ("DMD2" in row["loss"] or "f-distill"
+                                                 in row["loss"]), row
     recon = next(r for r in rows if r["loss"] == "recon only")
     assert all(math.isfinite(recon[f"{m}_mean"]) for m in METRICS)
     assert {v["verdict"] for v in report["verdicts"]} <= {"holds", "does not hold",
                                                           "within noise"}
-    # DMD with both teachers, CSD with the exact one only, each on two metrics.
-    assert sorted(v["a"] for v in report["other_verdicts"]) == sorted(
-        f"{t} / + {n}" for t, n in (("exact", "DMD"), ("learned", "DMD"), ("exact", "CSD"))
-        for _ in range(2))
+    # DMD with both teachers, CSD with the exact one only, each on two metrics, against VSD;
+    # each new row with each teacher it ran, against VSD and TSD (eps), on two metrics.
+    new = [(t, n) for t, n in {(r["teacher"], r["loss"]) for r in rows} if n in NEW]
+    assert {n for _, n in new} == set(QUICK_NEW)
+    assert sorted((v["a"], v["b"]) for v in report["other_verdicts"]) == sorted(
+        [(f"{t} / {n}", f"{t} / + VSD") for t, n in (
+            ("exact", "+ DMD"), ("learned", "+ DMD"), ("exact", "+ CSD")) for _ in range(2)]
+        + [(f"{t} / {n}", f"{t} / {ref}") for t, n in new
+           for ref in ("+ VSD", "+ TSD (eps)") for _ in range(2)])
+    assert {v["verdict"] for v in report["other_verdicts"]} <= {
+        "holds", "does not hold", "within noise"}
     table = (tmp_path / "natural_patches_grey_quick.md").read_text()
     assert "| teacher | loss |" in table and "| verdict | claim | metric | effect |" in table
+    assert "against VSD and TSD (eps) (own Holm family)" in table
+    assert "| teacher | loss | ms / step | s (all seeds) | head params |" in table
+    assert_fits_the_page(table)
     assert (tmp_path / "natural_patches_grey_quick.png").stat().st_size > 10_000
     assert (tmp_path / "natural_patches_grey_quick_patches.png").stat().st_size > 1_000
 
@@ -59,8 +78,8 @@ def test_verdicts_know_a_planted_better_worse_and_equal_loss():
 
     def runs(name):
         values = swd.get(name, base + 1.0)
-        return [{"metrics": {**{m: 1.0 for m in METRICS}, "swd": float(v)}, "curve": curve}
-                for v in values]
+        return [{"metrics": {**{m: 1.0 for m in METRICS}, "swd": float(v)}, "curve": curve,
+                 "train_s": 0.1, "steps": 1, "run_s": 0.2, "head_params": 0} for v in values]
 
     rows = [summarise("exact", name, runs(name)) for name in LOSSES]
     verdicts = {v["claim"]: v for v in judge_rows(rows, sweep=False)[0]}
