@@ -3,6 +3,7 @@ SR run at real backbone sizes, traced on fake tensors (no GPU, no weights, no me
 
     scoredistill-plan train --model sd3-medium --size 512 --batch 1
     scoredistill-plan train --model path/to/sd3-folder --checkpointing
+    scoredistill-plan train --model sd3-medium --fit 24GB  # the cheapest setup that fits a card
     scoredistill-plan sr --model sd3-medium --input 1024x1024 --upscale 4
 """
 
@@ -15,10 +16,13 @@ from collections.abc import Sequence
 import torch
 
 from scoredistill.cli import ArgumentParser, UserError, add_version, entry_point, number
+from scoredistill.optim import OPTIMIZERS
 
 from .backbones import SPECS, BackboneSpec, read_spec
+from .fit import HEADROOM, fit_command, memory_size
 from .report import render
 from .steps import SRRun, TrainOptions, check_sr, plan_sr, plan_train
+from .trace import GIB
 
 PROG = "scoredistill-plan"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -44,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument(f"--{role}-rank", type=number(int, 1), default=64)
     train.add_argument("--checkpointing", action="store_true",
                        help="gradient checkpointing in the transformer and the VAE")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                       help="both roles' AdamW; adamw8bit: bitsandbytes' 8-bit moments")
+    train.add_argument("--fit", type=memory_size, metavar="SIZE",
+                       help="search checkpointing, batch and optimizer for the fewest FLOPs per "
+                            "sample that fit a card of SIZE (24GB, 24GiB, 16g; GB read as GiB) "
+                            "less --headroom, and print the recipe's command line")
+    train.add_argument("--headroom", type=number(float, 0), default=HEADROOM / GIB,
+                       help="GiB left free on the card for what the plan does not count")
     train.add_argument("--no-dasm", action="store_true", help="TSD at one point, not DASM")
     train.add_argument("--no-lpips", action="store_true", help="without the LPIPS loss")
     sr.add_argument("--input", type=size, default=(256, 256), metavar="HxW",
@@ -88,13 +100,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = TrainOptions(size=args.size, batch=args.batch, dtype=dtype,
                             student_rank=args.student_rank, fake_rank=args.fake_rank,
                             vae_rank=args.vae_rank, dasm=not args.no_dasm,
-                            lpips=not args.no_lpips, checkpointing=args.checkpointing)
+                            lpips=not args.no_lpips, checkpointing=args.checkpointing,
+                            optimizer=args.optimizer)
+        if args.fit is not None:
+            return fit_command(args, spec, opts)
         plan = plan_train(spec, opts)
         title = (f"Train step, {args.model}, {args.dtype} weights, fp32 LoRA (ranks "
                  f"{opts.student_rank}/{opts.fake_rank}/{opts.vae_rank}), {opts.size} px, "
                  f"batch {opts.batch}, DASM {'on' if opts.dasm else 'off'}, LPIPS "
                  f"{'on' if opts.lpips else 'off'}, checkpointing "
-                 f"{'on' if opts.checkpointing else 'off'}; AdamW for both roles")
+                 f"{'on' if opts.checkpointing else 'off'}; {opts.optimizer} for both roles")
     else:
         sr_opts = SRRun(height=args.input[0], width=args.input[1], upscale=args.upscale,
                             images=args.images, batch=args.batch, tiles=not args.no_tiles,

@@ -1,0 +1,155 @@
+"""scoredistill-plan train --fit: the card sizes it reads, the search (with a stand-in planner of
+known peaks and FLOPs), the refusal when nothing fits, the recipe command it prints, the 8-bit
+optimiser's derived peak against a trace, and the presets' planned peaks (issue 24)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from scoredistill.memory import SPECS, TrainOptions, plan_train
+from scoredistill.memory.cli import main
+from scoredistill.memory.fit import (
+    fit,
+    optimiser_saving,
+    options_from_recipe,
+    parse_memory,
+    recipe_args,
+)
+from scoredistill.memory.trace import GIB, Plan
+
+TINY = TrainOptions(size=64, dtype=torch.float32)
+PRESETS = Path(__file__).resolve().parents[2] / "examples" / "tsdsr" / "configs"
+
+
+@pytest.mark.parametrize("text, gib", [("24GB", 24), ("24GiB", 24), ("16g", 16), ("24 GB", 24),
+                                       ("12.5gb", 12.5), ("24576MiB", 24), ("80G", 80)])
+def test_card_sizes(text, gib):
+    assert parse_memory(text) == gib * GIB
+
+
+@pytest.mark.parametrize("text", ["24", "24TB", "GB", "0GB", "-8GB", "24 G B"])
+def test_other_sizes_are_one_line(text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", f"--fit={text}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "--fit" in err[-1] and "24GB" in err[-1], err
+
+
+class Stand:
+    """A planner of known results: 4 GiB of weights plus 6 GiB of activations per sample (3 with
+    checkpointing); 10 TFLOP per sample (14 with checkpointing's recompute) + 1 GFLOP a step."""
+
+    def __init__(self) -> None:
+        self.calls: list[TrainOptions] = []
+
+    def __call__(self, spec, opts: TrainOptions) -> Plan:
+        self.calls.append(opts)
+        total = 4 * GIB + (3 if opts.checkpointing else 6) * GIB * opts.batch
+        flops = int(1e9 + opts.batch * (14e12 if opts.checkpointing else 10e12))
+        return Plan({"Total": total, "Activation": total - 4 * GIB}, [], flops, 0)
+
+
+@pytest.mark.parametrize("card, best", [
+    (24, (False, 3)),  # 10, 16, 22 GiB fit a 22 GiB target: the largest batch, no recompute
+    (12, (False, 1)),
+    (11, (True, 1)),   # 10 GiB fits the card but not the card less 2 GiB of headroom
+    (9, (True, 1)),
+])
+def test_fewest_flops_per_sample_under_the_target(card, best):
+    stand = Stand()
+    result = fit(SPECS["tiny"], TINY, card * GIB, plan=stand)
+    assert result.best is not None and result.target == (card - 2) * GIB
+    assert (result.best.opts.checkpointing, result.best.opts.batch) == best
+    assert result.best.opts.optimizer == "adamw"  # 8-bit saves ~1 MB here: never needed
+    assert result.best.peak <= result.target
+    assert result.plan == stand(None, result.best.opts)  # the winner's own trace is shown
+    if card == 24:
+        # Checkpointing cannot win (14 > 10 TFLOP per sample): batch 1 only, then pruned.
+        assert [o.batch for o in stand.calls if o.checkpointing] == [1]
+
+
+def test_nothing_fits_is_one_line_naming_the_smallest_peak(monkeypatch, capsys):
+    import scoredistill.memory.fit as fit_module
+
+    monkeypatch.setattr(fit_module, "plan_train", Stand())
+    code = main(["train", "--model", "tiny", "--size", "64", "--dtype", "fp32", "--fit", "6GB"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "nothing fits" in err[0] and "smallest peak found is 7.00 GiB" in err[0], err
+    assert "checkpointing on, batch 1" in err[0]
+
+
+def test_the_printed_command_runs_the_pick(monkeypatch, capsys):
+    import scoredistill.memory.fit as fit_module
+
+    pytest.importorskip("jsonargparse", reason="the recipe's parser (train extra)")
+    from examples.tsdsr.training.config import parse_config
+
+    monkeypatch.setattr(fit_module, "plan_train", Stand())
+    assert main(["train", "--model", "tiny", "--size", "64", "--dtype", "fp32", "--fit",
+                 "24GB"]) == 0
+    out = capsys.readouterr().out
+    command = out.split("python examples/tsdsr/train.py ")[1].split()
+    config = parse_config(command)
+    assert options_from_recipe(config) == dataclasses.replace(TINY, batch=3)
+
+
+@pytest.mark.parametrize("opts", [
+    TrainOptions(),
+    TrainOptions(size=256, batch=3, checkpointing=True, optimizer="adamw8bit", dasm=False,
+                 lpips=False, student_rank=16, fake_rank=8, vae_rank=4, cfg_scale=3.0,
+                 dtype=torch.float16),
+])
+def test_recipe_args_round_trip(opts):
+    pytest.importorskip("jsonargparse", reason="the recipe's parser (train extra)")
+    from examples.tsdsr.training.config import parse_config
+
+    assert options_from_recipe(parse_config(recipe_args(opts))) == opts
+
+
+@pytest.fixture(scope="module")
+def tiny_plans():
+    pytest.importorskip("lpips", reason="the train step's LPIPS (train extra)")
+    pytest.importorskip("bitsandbytes", reason="the adam8bit extra")
+    return {kind: plan_train(SPECS["tiny"], dataclasses.replace(TINY, optimizer=kind))
+            for kind in ("adamw", "adamw8bit")}
+
+
+def test_the_plan_holds_adamws_state(tiny_plans):
+    # Every step after the first holds AdamW's two fp32 moments of each trained weight.
+    from scoredistill.memory.backbones import build_meta
+    from scoredistill.memory.steps import train_models
+
+    meta = build_meta(SPECS["tiny"])
+    train_models(meta, SPECS["tiny"], TINY)
+    trained = sum(p.numel() for m in (meta.transformer, meta.vae) for p in m.parameters()
+                  if p.requires_grad)
+    assert tiny_plans["adamw"].peak["Optstate"] >= 2 * 4 * trained
+
+
+def test_8bit_peak_is_adamws_less_the_state_it_saves(tiny_plans):
+    saving = optimiser_saving(SPECS["tiny"], TINY)
+    assert saving > 0
+    assert tiny_plans["adamw8bit"].total == tiny_plans["adamw"].total - saving
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, bound_gib", [("24gb", 22), ("16gb", 14)])
+def test_presets_fit_their_cards(name, bound_gib):
+    # SD3-medium at real size, traced on fake tensors: minutes per preset.
+    pytest.importorskip("lpips", reason="the train step's LPIPS (train extra)")
+    pytest.importorskip("jsonargparse", reason="the recipe's parser (train extra)")
+    from examples.tsdsr.training.config import parse_config
+
+    config = parse_config(["--config", str(PRESETS / f"{name}.yaml")])
+    opts = options_from_recipe(config)
+    assert (opts.size, opts.student_rank, opts.fake_rank, opts.vae_rank) == (512, 64, 64, 64)
+    assert opts.dasm and opts.lpips and opts.cfg_scale == 7.5  # the paper's method
+    if opts.optimizer == "adamw8bit":
+        pytest.importorskip("bitsandbytes", reason="the preset's 8-bit AdamW (adam8bit extra)")
+    plan = plan_train(SPECS["sd3-medium"], opts)
+    assert plan.total <= bound_gib * GIB, plan.total / GIB
