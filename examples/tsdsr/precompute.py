@@ -43,7 +43,7 @@ from scoredistill.cli import (
 from scoredistill.cli import device as device_type
 from scoredistill.messages import brief
 from scoredistill.sr.imageio import load_image, write_atomic
-from scoredistill.sr.loading import KEYS, PROMPTS_FILE
+from scoredistill.sr.loading import KEYS, PROMPTS_FILE, ModelFileError
 
 log = logging.getLogger("tsdsr.precompute")
 IMAGES_DIR = "images"
@@ -119,6 +119,26 @@ def sd3_pipeline(pretrained: str, dtype: torch.dtype, device: str) -> Any:
     return frozen_text_encoders(StableDiffusion3Pipeline.from_pretrained(
         pretrained, transformer=None, vae=None, torch_dtype=dtype, local_files_only=True,
     ).to(device))
+
+
+def latent_vae(pretrained: str | None, dtype: torch.dtype, device: str) -> Any:
+    """The VAE alone of a local SD3 folder (or of the tiny default), frozen: the backbone's
+    loader would put SD3's transformer beside the text encoders too (7.6 GiB more in fp32; the
+    memory planner, ``scoredistill-plan precompute``), and trainable weights would keep each
+    latent's autograd graph (the encoder's activations) alive until its file is written."""
+    if pretrained is None:
+        from examples.tsdsr.models.backbone import load_backbone
+
+        return load_backbone(None, dtype, device).vae.eval().requires_grad_(False)
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", torch_dtype=dtype,
+                                            local_files_only=True)
+    except (OSError, ValueError) as exc:  # missing or mismatched weights
+        raise ModelFileError("--pretrained", f"cannot load {Path(pretrained) / 'vae'}: "
+                             f"{' '.join(str(exc).split())[:300]}") from exc
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def cut_prompts(tokenizer: Any, prompts: Sequence[str], tokens: int) -> list[str]:
@@ -208,11 +228,7 @@ def precompute(hq_dir: str | Path, out: str | Path, *, pretrained: str | None = 
     save_tensors({f"{name}.{key}": value[i:i + 1] for i, name in enumerate(("default", "null"))
                   for key, value in zip(KEYS, (embeds, pooled), strict=True)},
                  out / PROMPTS_FILE, {"default_prompt": DEFAULT_PROMPT, "null_prompt": ""})
-    vae = None
-    if latents:
-        from examples.tsdsr.models.backbone import load_backbone
-
-        vae = load_backbone(pretrained, dtype, device).vae
+    vae = latent_vae(pretrained, dtype, device) if latents else None
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         with_caption = [p for p in chunk if p in captions]
@@ -259,7 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--require-captions", action="store_true")
     parser.add_argument("--device", type=device_type,
                         default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                        help="the encoders' dtype (default: bf16 with --pretrained, a "
+                             "planned 11.8 GiB peak with --latents on 1024 px images; fp32: "
+                             "23.6 GiB, over a 24 GB card with the CUDA context; fp32 for the "
+                             "tiny model)")
     parser.add_argument("--batch-size", type=number(int, low=1), default=8)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the embedding files an earlier run left in --out")
@@ -274,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--out {args.out} already holds {len(names)} of the files this run "
                         f"writes ({brief(names)}): give --overwrite to replace them, or another "
                         "--out")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.dtype or ("bf16" if args.pretrained else "fp32")]
     failures: dict[str, str] = {}
     try:
         precompute(args.hq_dir, args.out, pretrained=args.pretrained, latents=args.latents,
