@@ -3,15 +3,18 @@ SR run at real backbone sizes, traced on fake tensors (no GPU, no weights, no me
 
     scoredistill-plan train --model sd3-medium --size 512 --batch 1
     scoredistill-plan train --model path/to/sd3-folder --checkpointing
+    scoredistill-plan train --model sd3-medium --design release   # the release's two copies
     scoredistill-plan train --model sd3-medium --fit 24GB  # the cheapest setup that fits a card
     scoredistill-plan sr --model sd3-medium --input 1024x1024 --upscale 4
+    scoredistill-plan precompute --model sd3-medium --latents --image 1024
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -20,23 +23,26 @@ from scoredistill.optim import OPTIMIZERS
 
 from .backbones import SPECS, BackboneSpec, read_spec
 from .fit import HEADROOM, fit_command, memory_size
+from .precompute import PrecomputeRun, plan_precompute
 from .report import render
 from .steps import SRRun, TrainOptions, check_sr, plan_sr, plan_train
-from .trace import GIB
+from .trace import GIB, Plan
 
 PROG = "scoredistill-plan"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The two subcommands and their flags."""
+    """The subcommands and their flags."""
     parser = ArgumentParser(prog=PROG, description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="one TSD-SR training iteration (Alg. 1)")
     sr = commands.add_parser("sr", help="the SR pipeline on a batch of images")
-    for sub in (train, sr):
+    pre = commands.add_parser("precompute", help="the recipe's precompute: SD3's text encoders "
+                              "(and --latents: the VAE encoder)")
+    for sub in (train, sr, pre):
         sub.add_argument("--model", default="sd3-medium",
                          help=f"a built-in config ({', '.join(SPECS)}), or a local diffusers "
                               "folder (transformer/ or unet/, and vae/) or a denoiser "
@@ -58,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GiB left free on the card for what the plan does not count")
     train.add_argument("--no-dasm", action="store_true", help="TSD at one point, not DASM")
     train.add_argument("--no-lpips", action="store_true", help="without the LPIPS loss")
+    train.add_argument("--design", choices=("ours", "release"), default="ours",
+                       help="ours: one shared backbone; release: TSD-SR's two transformer "
+                            "copies (benchmarks/train_step_paths.py's release path)")
+    pre.add_argument("--batch", type=number(int, 1), default=8, help="captions per call")
+    pre.add_argument("--latents", action="store_true", help="also the HQ latents' VAE encoder")
+    pre.add_argument("--image", type=number(int, 8), default=512,
+                     help="HQ image side for --latents, px")
     sr.add_argument("--input", type=size, default=(256, 256), metavar="HxW",
                     help="input image size, px")
     sr.add_argument("--upscale", type=number(float, 0, low_open=True), default=4.0)
@@ -76,6 +89,26 @@ def size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in px (each >= 8), e.g. "
                                          f"512x768, got {text!r}")
     return int(match[1]), int(match[2])
+
+
+DESIGNS = {"ours": "shared backbone", "release": "the release's two copies"}
+
+
+def _release(spec: BackboneSpec, opts: TrainOptions) -> Plan:
+    from .release import plan_release
+
+    try:
+        return _source(plan_release, spec, opts)
+    except ValueError as exc:  # a setting the release's step does not run
+        raise UserError(f"--design release: {exc}") from None
+
+
+def _source(plan: Callable[..., Plan], *args: Any) -> Plan:
+    """``plan(*args)``, which traces code of the source checkout; UserError without one."""
+    try:
+        return plan(*args)
+    except ImportError as exc:
+        raise UserError(str(exc)) from None
 
 
 def spec_of(model: str) -> BackboneSpec:
@@ -103,13 +136,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                             lpips=not args.no_lpips, checkpointing=args.checkpointing,
                             optimizer=args.optimizer)
         if args.fit is not None:
+            if args.design != "ours":
+                raise UserError(f"--fit searches the shared backbone's settings, not --design "
+                                f"{args.design}'s: drop one of the two")
             return fit_command(args, spec, opts)
-        plan = plan_train(spec, opts)
-        title = (f"Train step, {args.model}, {args.dtype} weights, fp32 LoRA (ranks "
+        plan = (plan_train if args.design == "ours" else _release)(spec, opts)
+        title = (f"Train step ({DESIGNS[args.design]}), {args.model}, {args.dtype} weights, "
+                 f"fp32 LoRA (ranks "
                  f"{opts.student_rank}/{opts.fake_rank}/{opts.vae_rank}), {opts.size} px, "
                  f"batch {opts.batch}, DASM {'on' if opts.dasm else 'off'}, LPIPS "
                  f"{'on' if opts.lpips else 'off'}, checkpointing "
                  f"{'on' if opts.checkpointing else 'off'}; {opts.optimizer} for both roles")
+    elif args.command == "precompute":
+        run = PrecomputeRun(batch=args.batch, dtype=dtype, latents=args.latents,
+                            image=args.image)
+        plan = _source(plan_precompute, spec, run)
+        title = (f"Precompute, SD3's text encoders, {args.dtype}, {args.batch} captions per call"
+                 + (f", {args.model}'s VAE on {args.image} px images" if args.latents else ""))
     else:
         sr_opts = SRRun(height=args.input[0], width=args.input[1], upscale=args.upscale,
                             images=args.images, batch=args.batch, tiles=not args.no_tiles,

@@ -47,6 +47,9 @@ def test_release_design_refuses_what_the_release_does_not_run(capsys):
     assert main(["train", "--model", "tiny", "--design", "release", "--no-dasm"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--design release" in err and "DASM" in err
+    assert main(["train", "--model", "tiny", "--design", "release", "--fit", "24GB"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--fit" in err and "--design release" in err
 
 
 def test_precompute_plan_matches_a_real_run():
