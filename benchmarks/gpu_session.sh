@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# Every GPU row of benchmarks/inference.py and benchmarks/sr_throughput.py in one run of about
-# ten minutes on one H100/H200 (SD3-medium shapes, random weights). Installs nothing.
+# Every GPU row of benchmarks/inference.py, benchmarks/sr_throughput.py and
+# benchmarks/memory_plan.py in one run of about seventeen minutes on one H100/H200 (SD3-medium
+# shapes, random weights). Installs nothing.
 #
 #   bash benchmarks/gpu_session.sh [RESULTS_DIR]          # default: benchmarks/results
 #
-# Writes RESULTS_DIR/{sr_throughput,inference}.{json,md} and gpu_session.log. Each benchmark
-# rewrites its report after every row or phase, so a part stopped by its time limit keeps what
-# it measured, marked "Partial" (sr_throughput lists the rows it did not reach; inference
-# lists the compiled rows its compile budget skipped). Run a part alone for the rest.
+# Writes RESULTS_DIR/{sr_throughput,inference,memory_plan_gpu}.{json,md} and gpu_session.log.
+# Each benchmark rewrites its report after every row or phase, so a part stopped by its time
+# limit keeps what it measured, marked "Partial" (sr_throughput lists the rows it did not
+# reach; inference lists the compiled rows its compile budget skipped). Run a part alone for
+# the rest.
 #
 # Needs, where it runs: a CUDA GPU; python3 (or $PYTHON) with torch, diffusers, peft,
-# safetensors, pillow, scikit-image, tqdm, einops, and torchao for the FP8 rows (without it
-# those rows say why they failed). This project's device machine has all but diffusers and
-# torchao: prepare their wheels here, in the repository root, and carry `.whl`:
+# safetensors, pillow, scikit-image, tqdm, einops, lpips (the planner's train rows), and
+# torchao for the FP8 rows (without it those rows say why they failed). This project's device
+# machine has all but diffusers, lpips and torchao: prepare their wheels here, in the
+# repository root, and carry `.whl`:
 #   echo /.whl/ >> .git/info/exclude; echo /.bench-data/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl diffusers importlib_metadata torchao   # torchao: the build for the device's torch
+#       -d .whl diffusers importlib_metadata torchao lpips  # torchao: the device torch's build
 # and the RealSR LQ folder (../shared/data/realsr/test_LR does not travel; else generated
 # images are used and the table says so), carried as `.bench-data`:
 #   mkdir -p .bench-data && cp -r ../shared/data/realsr/test_LR .bench-data/
@@ -64,5 +67,10 @@ EOF
   timeout 250 "$py" -m benchmarks.inference --config sd3-medium --dtype bf16 --warmup 2 \
     --repeats 6 --sizes 512 1024 --batches 8 1 --compile-budget-s 150 --out "$out"
   echo "inference exit $?"
+  # 3. The memory planner (about 7 min, most of it tracing on the CPU): its predicted peak
+  # against torch.cuda's max_memory_allocated for the SD3-medium train step (checkpointing off,
+  # on) and 1024 -> 4096 px inference (issue 24's target: within 10%), row by row.
+  timeout 420 "$py" -m benchmarks.memory_plan --cuda --out "$out"
+  echo "memory_plan exit $?"
   date -u
 } 2>&1 | tee "$log"
