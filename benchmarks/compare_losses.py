@@ -82,7 +82,7 @@ class Row:
     """A loss and what its run needs beyond the shared budget.
 
     Attributes:
-        loss: The regulariser.
+        loss: The regulariser (None: reconstruction alone).
         cfg: The exact conditional teacher ``CFG(problem.conditional_teacher(), cfg, null)``
             with ``cond = problem.cond(lq)`` (exact teacher only); None: the row's teacher.
         head: A `DiscriminatorHead` on this role's features, trained with the fake score by
@@ -91,7 +91,7 @@ class Row:
         gan_balance: With a GAN term: its weight is ``gan_balance / dim``.
     """
 
-    loss: ScoreDistillationLoss | DecoupledDMDLoss | SiDLoss | SIMLoss
+    loss: ScoreDistillationLoss | DecoupledDMDLoss | SiDLoss | SIMLoss | None
     cfg: float | None = None
     head: Literal["fake", "teacher"] | None = None
     gan_balance: float | None = None
