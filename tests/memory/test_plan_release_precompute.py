@@ -80,3 +80,15 @@ def test_precompute_latents_load_the_vae_alone(tmp_path):
     assert isinstance(vae, AutoencoderKL) and not vae.training
     # Frozen: a latent computed with trainable weights keeps the encoder's graph alive.
     assert not any(p.requires_grad for p in vae.parameters())
+
+
+@pytest.mark.xfail(strict=True, reason="known: a checkpointed step is over-predicted (tiny "
+                   "+15.6%, sd3-100m at 256 px +34%; without checkpointing +0.3%/+0.5%); see "
+                   "the memory guide. Strict: a fix makes this pass, then drop the marker")
+def test_checkpointed_train_step_matches_a_real_run():
+    pytest.importorskip("lpips", reason="the train step needs the train extra (LPIPS)")
+    from scoredistill.memory import measure_train, plan_train
+
+    opts = TrainOptions(size=64, dtype=torch.float32, checkpointing=True)
+    plan, real = plan_train(SPECS["tiny"], opts), measure_train(SPECS["tiny"], opts)
+    assert abs(plan.total / real.without_scratch - 1) <= TOL, (plan.total, real)
