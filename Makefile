@@ -16,7 +16,7 @@ PYIQA_LEAN := pyiqa==0.1.16 opencv-python-headless timm openai-clip ftfy wcwidth
 # constraints.txt pins the torch build whose wheels are local (pyproject.toml has lower bounds).
 $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[train,dev,docs]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[train,adam8bit,dev,docs]'
 	$(BIN)/pip install -q --no-deps $(PYIQA_LEAN)
 	touch $(STAMP)
 
