@@ -19,8 +19,8 @@ def render(title: str, plan: Plan) -> str:
     """The plan as lines of text."""
     lines = [title, "", f"Peak allocated: {plan.total / GIB:.2f} GiB", ""]
     lines += [f"  {name:<12}{plan.peak.get(name, 0) / GIB:>10.3f} GiB" for name in CATEGORIES]
-    lines += ["", "Top modules (peak while it ran, forward or backward, above its first call's "
-                  "start; and that peak):"]
+    lines += ["", "Top modules (the most one call, forward or backward, adds over its own "
+                  "start; and the peak while it ran):"]
     width = max((len(name) for name, _, _ in plan.top), default=10)
     lines += [f"  {name:<{width}}  +{added / GIB:.3f} GiB  (peak {peak / GIB:.3f} GiB)"
               for name, peak, added in plan.top]

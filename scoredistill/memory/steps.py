@@ -67,11 +67,10 @@ class SRRun:
 
 
 def _lpips() -> nn.Module:
-    import lpips
+    from scoredistill.perceptual import alexnet_lpips
 
-    # Random AlexNet and linear layers: the same shapes (and memory) as the published weights.
-    return lpips.LPIPS(net="alex", pretrained=False, pnet_rand=True, verbose=False
-                       ).eval().requires_grad_(False)
+    # Random AlexNet: the same shapes (and memory) as the published weights.
+    return alexnet_lpips().eval().requires_grad_(False)
 
 
 def train_models(parts: Backbone, spec: BackboneSpec, opts: TrainOptions) -> LoraRoles:

@@ -131,14 +131,20 @@ def trace(phases: Sequence[Phase], modules: Sequence[nn.Module],
     (device, peak), = tracker.get_tracker_snapshot("peak").items()
     rows = []
     for module, stats in tracker.memory_tracking.items():
-        if not isinstance(module, nn.Module) or device not in stats.local_peak:
-            continue
-        start = stats.snapshots.get(_ModState.PRE_FW, [{}])[0].get(device, {}).get("Total", 0)
         name = stats.mod_fqn.partition(".")[2]  # without the phase's parent module
-        if name:
-            rows.append((name, stats.local_peak[device], stats.local_peak[device] - start))
-    # What a module's call adds over its start (activations, temporaries) ranks it; deeper
-    # modules first on ties, as they name the place more precisely.
+        calls = [(start.get(device, {}).get("Total", 0), high.get(device, {}).get("Total", 0))
+                 for pre, peak in ((_ModState.PRE_FW, _ModState.PEAK_FW),
+                                   (_ModState.PRE_BW, _ModState.PEAK_BW))
+                 for start, high in zip(stats.snapshots.get(pre, []),
+                                        stats.snapshots.get(peak, []), strict=False)]
+        if isinstance(module, nn.Module) and name and calls:
+            rows.append((name, max(high for _, high in calls),
+                         max(high - start for start, high in calls)))
+    # What one call of a module (forward or backward) adds over that call's own start
+    # (activations, temporaries) ranks it: measured from the first call's start instead, a
+    # module called early and again in the backward at the step's peak (the VAE encoder's
+    # conv_in) took the whole step's growth. Deeper modules first on ties, as they name the
+    # place more precisely.
     rows.sort(key=lambda r: (-r[2], -r[0].count(".")))
     weights = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
     min_bytes = sum(t.numel() * t.element_size() for t in weights.values())

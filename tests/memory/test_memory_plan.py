@@ -114,3 +114,24 @@ def test_a_local_sd3_folder_plans_like_its_built_in_twin(tmp_path):
     spec = read_spec(tmp_path, tokens=tiny.tokens)
     run = SRRun(height=16, width=16, upscale=2.0, dtype=torch.float32)
     assert plan_sr(spec, run).total == plan_sr(tiny, run).total
+
+
+def test_a_modules_growth_is_one_calls_not_the_steps_since_its_first_call():
+    # A module called early and again once 4 MB more are held (as the VAE encoder's conv_in,
+    # called in the forward and again in the backward at the step's peak) adds only what one
+    # of its calls allocates, about its output.
+    from torch import nn
+
+    from scoredistill.memory.trace import trace
+
+    layer = nn.Linear(8, 8)
+
+    def phase() -> None:
+        y = layer(torch.randn(4, 8))
+        held = torch.empty(1_000_000)
+        layer(y)
+        del held
+
+    (name, peak, added), = [row for row in trace([phase], [layer]).top if row[0] == "Linear"]
+    assert peak >= 4_000_000  # the second call ran with the 4 MB held
+    assert added < 10_000, added

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from scoredistill.adapters import (
 )
 from scoredistill.cli import UserError
 from scoredistill.messages import brief
+from scoredistill.perceptual import alexnet_lpips
 from scoredistill.sr.latents import encode
 
 log = logging.getLogger("tsdsr.train")
@@ -93,17 +93,8 @@ def make_lpips(backbone: str | None) -> nn.Module:
     built random (``pnet_rand=True``, seeded) and, given ``backbone``, loaded from that state dict
     (a ``.safetensors`` file or a tensors-only ``torch.save``; never unpickled otherwise).
     """
-    import lpips
-
     state = None if backbone is None else alexnet_state(backbone)
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        # lpips 0.1.4 builds AlexNet with torchvision's deprecated `pretrained=` argument (two
-        # deprecation warnings per call); the argument it passes here is False: no download.
-        for text in ("The parameter 'pretrained' is deprecated",
-                     "Arguments other than a weight enum or `None` for 'weights'"):
-            warnings.filterwarnings("ignore", message=text, category=UserWarning)
-        torch.manual_seed(0)
-        model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+    model = alexnet_lpips()
     if state is None:
         log.warning("LPIPS uses a RANDOM AlexNet backbone (no --lpips-backbone given): its "
                     "values are not comparable to published LPIPS")
