@@ -132,6 +132,6 @@ def test_a_modules_growth_is_one_calls_not_the_steps_since_its_first_call():
         layer(y)
         del held
 
-    (name, peak, added), = [row for row in trace([phase], [layer]).top if row[0] == "Linear"]
+    (_, peak, added), = [row for row in trace([phase], [layer]).top if row[0] == "Linear"]
     assert peak >= 4_000_000  # the second call ran with the 4 MB held
     assert added < 10_000, added

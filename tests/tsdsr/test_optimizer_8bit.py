@@ -9,32 +9,15 @@ import torch
 pytest.importorskip("lpips", reason="the recipe needs the train extra")
 pytest.importorskip("bitsandbytes", reason="the adam8bit extra: pip install -e '.[adam8bit]'")
 
-from examples.tsdsr.models.tiny import random_backbone
-from examples.tsdsr.precompute import precompute
 from examples.tsdsr.train import main, optimisation
-from examples.tsdsr.training import models
 from examples.tsdsr.training.config import parse_config
 from scoredistill.optim import state_bytes
-from scoredistill.sr.imageio import save_png
 
 SMALL = ["--student-rank", "2", "--fake-rank", "2", "--vae-rank", "2", "--report-to", "none",
          "--validate-every", "100", "--log-every", "1"]
 
 
-@pytest.fixture(autouse=True)
-def random_tiny_backbone(monkeypatch):
-    monkeypatch.setattr(models, "load_backbone", lambda pretrained, dtype, device:
-                        random_backbone("tiny", dtype=dtype, device=device))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adam8bit")
-    (root / "hq").mkdir()
-    save_png(torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)),
-             root / "hq" / "a.png")
-    precompute(root / "hq", root / "embeds")
-    return root
+pytestmark = pytest.mark.usefixtures("random_tiny_backbone")
 
 
 def test_the_8bit_state_is_a_quarter_of_adamws():
@@ -51,18 +34,19 @@ def test_the_8bit_state_is_a_quarter_of_adamws():
     assert sizes["adamw8bit"] < 0.3 * sizes["adamw"], sizes
 
 
-def test_trains_checkpoints_and_resumes_with_8bit_adamw(data, tmp_path):
-    flags = ["--tiny", "--hq-dir", str(data / "hq"), "--embeds-dir", str(data / "embeds"),
+def test_trains_checkpoints_and_resumes_with_8bit_adamw(one_image, tmp_path):
+    flags = ["--tiny", "--hq-dir", str(one_image / "hq"), "--embeds-dir", str(one_image / "embeds"),
              "--output-dir", str(tmp_path), "--optimizer", "adamw8bit", *SMALL]
     assert main([*flags, "--max-steps", "2", "--checkpoint-every", "2"]) == 0
     assert main([*flags, "--max-steps", "3", "--resume", "latest"]) == 0
     assert (tmp_path / "checkpoints" / "step-00000003").is_dir()
 
 
-def test_without_bitsandbytes_it_is_one_line(data, tmp_path, monkeypatch, capsys):
+def test_without_bitsandbytes_it_is_one_line(one_image, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
-    code = main(["--tiny", "--hq-dir", str(data / "hq"), "--embeds-dir", str(data / "embeds"),
-                 "--output-dir", str(tmp_path), "--optimizer", "adamw8bit", *SMALL])
+    code = main(["--tiny", "--hq-dir", str(one_image / "hq"),
+                "--embeds-dir", str(one_image / "embeds"),
+                "--output-dir", str(tmp_path), "--optimizer", "adamw8bit", *SMALL])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "adamw8bit" in err[0] and "pip install" in err[0]

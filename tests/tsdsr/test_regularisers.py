@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 
-from examples.tsdsr.models.tiny import random_backbone
 from examples.tsdsr.precompute import precompute
 from examples.tsdsr.train import main, optimisation
 from examples.tsdsr.training import models
@@ -47,10 +46,7 @@ def flags(name):
     return ["--regulariser", name, *([] if name in WITH_DASM else ["--no-use-dasm"])]
 
 
-@pytest.fixture(autouse=True)
-def random_tiny_backbone(monkeypatch):
-    monkeypatch.setattr(models, "load_backbone", lambda pretrained, dtype, device:
-                        random_backbone("tiny", dtype=dtype, device=device))
+pytestmark = pytest.mark.usefixtures("random_tiny_backbone")
 
 
 @pytest.fixture(scope="module")

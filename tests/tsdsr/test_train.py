@@ -31,11 +31,7 @@ from scoredistill.cli import EXIT_PREEMPTED, UserError
 from scoredistill.sr.imageio import save_png
 from scoredistill.sr.loading import load_prompts
 
-
-@pytest.fixture(autouse=True)
-def random_tiny_backbone(monkeypatch):
-    monkeypatch.setattr(models, "load_backbone", lambda pretrained, dtype, device:
-                        random_backbone("tiny", dtype=dtype, device=device))
+pytestmark = pytest.mark.usefixtures("random_tiny_backbone")
 
 
 @pytest.fixture(scope="module")

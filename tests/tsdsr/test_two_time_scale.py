@@ -3,38 +3,21 @@
 import pytest
 import torch
 
-from examples.tsdsr.models.tiny import random_backbone
-from examples.tsdsr.precompute import precompute
 from examples.tsdsr.train import main
 from examples.tsdsr.training import models
 from examples.tsdsr.training.config import TrainConfig, parse_config
-from scoredistill.sr.imageio import save_png
 from scoredistill.sr.loading import load_prompts
 
-
-@pytest.fixture(autouse=True)
-def random_tiny_backbone(monkeypatch):
-    monkeypatch.setattr(models, "load_backbone", lambda pretrained, dtype, device:
-                        random_backbone("tiny", dtype=dtype, device=device))
+pytestmark = pytest.mark.usefixtures("random_tiny_backbone")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ttur")
-    (root / "hq").mkdir()
-    save_png(torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)),
-             root / "hq" / "a.png")
-    precompute(root / "hq", root / "embeds")
-    return root
-
-
-def test_fake_only_steps_leave_the_student_and_train_the_fake_score(data):
+def test_fake_only_steps_leave_the_student_and_train_the_fake_score(one_image):
     from accelerate import Accelerator
 
     from examples.tsdsr.train import optimisation
     from examples.tsdsr.training.step import Losses, train_step
 
-    prompts = load_prompts(data / "embeds")
+    prompts = load_prompts(one_image / "embeds")
     config = parse_config(["--tiny", "--student-rank", "2", "--fake-rank", "2", "--vae-rank",
                            "2", "--lr-warmup-steps", "0", "--fake-updates-per-generator", "3"])
     built = models.build_models(config, torch.float32, torch.device("cpu"))
@@ -63,8 +46,9 @@ def test_the_ratio_is_validated(capsys):
         TrainConfig(fake_updates_per_generator=0)
 
 
-def test_train_loop_alternates_and_logs_fake_only_steps(data, tmp_path):
-    assert main(["--tiny", "--hq-dir", str(data / "hq"), "--embeds-dir", str(data / "embeds"),
+def test_train_loop_alternates_and_logs_fake_only_steps(one_image, tmp_path):
+    assert main(["--tiny", "--hq-dir", str(one_image / "hq"),
+                 "--embeds-dir", str(one_image / "embeds"),
                  "--output-dir", str(tmp_path), "--max-steps", "2", "--log-every", "1",
                  "--validate-every", "100", "--report-to", "none", "--student-rank", "2",
                  "--fake-rank", "2", "--vae-rank", "2", "--fake-updates-per-generator",
