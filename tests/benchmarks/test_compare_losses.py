@@ -115,3 +115,23 @@ def assert_fits_the_page(markdown: str) -> None:
     for cells in headers:
         assert len(cells) <= 6, cells
         assert "verdict" not in cells[1:], cells
+
+
+def test_new_methods_leave_the_papers_holm_family_alone() -> None:
+    from benchmarks.compare_losses import paired_tests
+    from benchmarks.paired_stats import holm
+    from benchmarks.report import RESULTS
+
+    rows = json.loads((RESULTS / "compare_losses.json").read_text())["rows"]  # a full run
+
+    def paper(tests):
+        return {(t["teacher"], t["metric"], t["A"], t["B"]): t["p (Holm)"] for t in tests
+                if t["family"] == "paper"}
+
+    before = paper(paired_tests(rows))
+    # Every new method's rows, as copies of DMD's per-seed results under its name.
+    extra = [dict(r, loss=name) for r in rows if r["loss"] == "+ DMD" for name in NEW]
+    tests = paired_tests(rows + extra)
+    assert before and paper(tests) == before
+    methods = [t for t in tests if t["family"] == "methods"]
+    assert methods and [t["p (Holm)"] for t in methods] == holm([t["p"] for t in methods])
