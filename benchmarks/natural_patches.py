@@ -40,7 +40,13 @@ from benchmarks.compare_losses import (
 )
 from benchmarks.paired_stats import Claim, judge
 from benchmarks.patch_metrics import METRIC_LABELS, PatchEval, save_bars, save_patches
-from benchmarks.report import command_line, markdown_table, write_markdown, write_report
+from benchmarks.report import (
+    command_line,
+    markdown_table,
+    write_json,
+    write_markdown,
+    write_report,
+)
 from benchmarks.toy_metrics import DirectionProbe, mean_std, train_learned_teacher
 from scoredistill import DASMSampler, SDSLoss, TSDLoss, TSMLoss, VSDLoss, cli
 from scoredistill.patches import PatchSR
@@ -157,12 +163,13 @@ def claims(losses: dict[str, Any]) -> list[Claim]:
     return out
 
 
-def other_claims() -> list[Claim]:
-    """The losses outside the paper (DMD, CSD) against VSD, and issue 25's against VSD and
-    against `TSD_REFERENCE` (`judge` skips rows that did not run: CSD and decoupled DMD have
-    no learned-teacher row, f-distill no exact-teacher row)."""
-    pairs = [(name, "+ VSD") for name in ("+ DMD", "+ CSD")]
-    pairs += [(name, ref) for name in NEW for ref in ("+ VSD", TSD_REFERENCE)]
+def other_claims(methods: bool = False) -> list[Claim]:
+    """The losses outside the paper (DMD, CSD) against VSD, or (``methods``) issue 25's
+    against VSD and against `TSD_REFERENCE`: two Holm families, so the newer methods take no
+    power from the older comparisons (`judge` skips rows that did not run: CSD and decoupled
+    DMD have no learned-teacher row, f-distill no exact-teacher row)."""
+    pairs = ([(name, ref) for name in NEW for ref in ("+ VSD", TSD_REFERENCE)] if methods
+             else [(name, "+ VSD") for name in ("+ DMD", "+ CSD")])
     return [Claim(f"{t} teacher: {name[2:]} {what} than {ref[2:]}", metric, (t, name), (t, ref))
             for t in ("exact", "learned") for name, ref in pairs
             for metric, what in (("swd", "more realistic"), ("mse_hq", "more faithful"))]
@@ -250,16 +257,18 @@ def run_all(problem: PatchSR, budget: Budget, evaluator: PatchEval,
         on_row(rows, images, i + 1, len(plan))
 
 
-def judge_rows(rows: list[dict[str, Any]], sweep: bool
-               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """The verdicts of the paper's claims, of the losses outside it and (if ``sweep``) of the
-    sweep, from the table's rows (their per-seed values)."""
+def judge_rows(rows: list[dict[str, Any]], sweep: bool) -> dict[str, list[dict[str, Any]]]:
+    """The verdicts, one Holm family each, of the paper's claims, of DMD and CSD, of issue 25's
+    methods and (if ``sweep``) of the sweep, from the table's rows (their per-seed values), under
+    the report's keys."""
     per_seed = {(r["teacher"], r["loss"]): {k[: -len("_per_seed")]: v for k, v in r.items()
                                             if k.endswith("_per_seed")} for r in rows}
     swept = [Claim(f"default ({SWEEP_DEFAULT}: λ=0.7, N=4) more realistic than {n}", "swd",
                    ("exact", SWEEP_DEFAULT), ("exact", n)) for n in SWEEP]
-    return (judge(claims(LOSSES), per_seed), judge(other_claims(), per_seed),
-            judge(swept, per_seed) if sweep else [])
+    return {"verdicts": judge(claims(LOSSES), per_seed),
+            "other_verdicts": judge(other_claims(), per_seed),
+            "method_verdicts": judge(other_claims(methods=True), per_seed),
+            "sweep_verdicts": judge(swept, per_seed) if sweep else []}
 
 
 def check(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]]) -> None:
@@ -328,6 +337,7 @@ def notes(report: dict[str, Any]) -> str:
     ref_rows = [{"metric": m, **{n: f"{v[m]:.4g}" for n, v in refs.items()}} for m in METRICS]
     verdicts, others, sweep = (report["verdicts"], report["other_verdicts"],
                                report["sweep_verdicts"])
+    methods = report.get("method_verdicts", [])  # runs before issue 25's rows have none
     return (
         status + f"Problem: {problem['dim']}-D {kind} 8x8 patches, mixture of "
         f"{budget['components']} full-covariance Gaussians fitted by EM to "
@@ -350,6 +360,8 @@ def notes(report: dict[str, Any]) -> str:
         + markdown_table(verdicts, VERDICT_COLUMNS)
         + (f"\n\nLosses outside the paper against {references(others)} (own Holm family):\n\n"
            + markdown_table(others, VERDICT_COLUMNS) if others else "")
+        + (f"\n\nIssue 25's methods against {references(methods)} (own Holm family):\n\n"
+           + markdown_table(methods, VERDICT_COLUMNS) if methods else "")
         + ("\n\nSweep of TSD+DASM's lambda and N (exact teacher; own Holm family):\n\n"
            + markdown_table(sweep, VERDICT_COLUMNS) if sweep else "")
         + cost_notes(report["rows"]))
@@ -395,6 +407,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report = options.read_report(args.from_json, ("budget", "references", "monte_carlo",
                                                       "verdicts", "rows_done", "partial"))
         out = cli.writable_dir(args.out or args.from_json.parent, "--out")
+        # Verdicts follow from the per-seed values: judged again, so a run re-rendered after
+        # the claims' families change reads as a new run would (the JSON gets them too).
+        report.update(judge_rows(report["rows"], report["budget"].get("sweep", False)))
+        write_json(out / args.from_json.name, report)
         png = render(report, out / args.from_json.with_suffix(".md").name, args.docs_assets)
         print(f"rewrote {png.with_suffix('.md')} and {png} from {args.from_json}")
         return {"rows": report["rows"], "verdicts": report["verdicts"], "png": png}
@@ -418,18 +434,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                planned: int) -> None:
         partial = done < planned
         check(rows, refs)
-        verdicts, others, sweep = judge_rows(rows, budget.sweep)
+        judged = judge_rows(rows, budget.sweep)
         runtime = time.perf_counter() - start
         meta = {"mode": "quick" if args.quick else "full", "rows_done": done,
                 "rows_planned": planned, "partial": partial, "budget": asdict(budget),
                 "problem": {"dim": problem.dim, "noise_std": problem.noise_std},
-                "runtime_s": runtime, "references": refs, "monte_carlo": mc,
-                "verdicts": verdicts, "other_verdicts": others, "sweep_verdicts": sweep}
+                "runtime_s": runtime, "references": refs, "monte_carlo": mc, **judged}
         write_report(name, f"Distillation losses on natural {kind} patches (exact posterior)",
                      rows, meta=meta, notes=notes({**meta, "rows": rows}), columns=COLUMNS,
                      out_dir=out, command=command_line("benchmarks.natural_patches", argv),
                      echo=not partial)
-        result.update(rows=rows, verdicts=verdicts, others=others, sweep=sweep,
+        result.update(rows=rows, verdicts=judged["verdicts"], others=judged["other_verdicts"],
+                      methods=judged["method_verdicts"], sweep=judged["sweep_verdicts"],
                       runtime=runtime)
         # Drawing takes seconds (most of the quick mode's time if done every row): a partial
         # run redraws its plots at most every PLOT_EVERY_S.

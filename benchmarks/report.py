@@ -58,6 +58,11 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """``report`` as indented JSON at ``path``, atomically."""
+    _atomic_write(path, json.dumps(report, indent=2, default=str))
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -104,7 +109,7 @@ def write_report(name: str, title: str, rows: Sequence[dict[str, Any]], *,
     the table path. ``command`` (see :func:`command_line`) is recorded and shown."""
     report = {"title": title, "machine": machine(), "command": command, **(meta or {}),
               "rows": list(rows)}
-    _atomic_write(out_dir / f"{name}.json", json.dumps(report, indent=2, default=str))
+    write_json(out_dir / f"{name}.json", report)
     return write_markdown(report, out_dir / f"{name}.md", notes=notes, columns=columns,
                           echo=echo)
 

@@ -47,16 +47,19 @@ def test_natural_patches_quick_smoke(tmp_path: Path) -> None:
     # each new row with each teacher it ran, against VSD and TSD (eps), on two metrics.
     new = [(t, n) for t, n in {(r["teacher"], r["loss"]) for r in rows} if n in NEW]
     assert {n for _, n in new} == set(QUICK_NEW)
+    # Two Holm families: DMD and CSD; the newer methods.
     assert sorted((v["a"], v["b"]) for v in report["other_verdicts"]) == sorted(
         [(f"{t} / {n}", f"{t} / + VSD") for t, n in (
-            ("exact", "+ DMD"), ("learned", "+ DMD"), ("exact", "+ CSD")) for _ in range(2)]
-        + [(f"{t} / {n}", f"{t} / {ref}") for t, n in new
-           for ref in ("+ VSD", "+ TSD (eps)") for _ in range(2)])
-    assert {v["verdict"] for v in report["other_verdicts"]} <= {
+            ("exact", "+ DMD"), ("learned", "+ DMD"), ("exact", "+ CSD")) for _ in range(2)])
+    assert sorted((v["a"], v["b"]) for v in report["method_verdicts"]) == sorted(
+        [(f"{t} / {n}", f"{t} / {ref}") for t, n in new
+         for ref in ("+ VSD", "+ TSD (eps)") for _ in range(2)])
+    assert {v["verdict"] for v in report["other_verdicts"] + report["method_verdicts"]} <= {
         "holds", "does not hold", "within noise"}
     table = (tmp_path / "natural_patches_grey_quick.md").read_text()
     assert "| teacher | loss |" in table and "| verdict | claim | metric | effect |" in table
-    assert "against VSD and TSD (eps) (own Holm family)" in table
+    assert "Losses outside the paper against VSD (own Holm family)" in table
+    assert "Issue 25's methods against VSD and TSD (eps) (own Holm family)" in table
     assert "| teacher | loss | ms / step | s (all seeds) | head params |" in table
     assert_fits_the_page(table)
     assert (tmp_path / "natural_patches_grey_quick.png").stat().st_size > 10_000
@@ -82,7 +85,7 @@ def test_verdicts_know_a_planted_better_worse_and_equal_loss():
                  "train_s": 0.1, "steps": 1, "run_s": 0.2, "head_params": 0} for v in values]
 
     rows = [summarise("exact", name, runs(name)) for name in LOSSES]
-    verdicts = {v["claim"]: v for v in judge_rows(rows, sweep=False)[0]}
+    verdicts = {v["claim"]: v for v in judge_rows(rows, sweep=False)["verdicts"]}
     better = verdicts["exact teacher: TSD (eps) more realistic than VSD (Eq. 5 vs 3)"]
     worse = verdicts["exact teacher: TSD (flow) more realistic than VSD (Eq. 5 vs 3)"]
     equal = verdicts["exact teacher: DASM helps TSD (eps) (Sec. 3.4)"]
@@ -96,7 +99,8 @@ def test_verdicts_know_a_planted_better_worse_and_equal_loss():
 @pytest.mark.parametrize("kind", ["grey", "colour"])
 def test_from_json_rewrites_the_committed_tables_unchanged(kind: str, tmp_path: Path) -> None:
     """The committed tables are what their committed JSON renders to: nothing measured, no
-    number changed; the patch images (not in the JSON) are left alone."""
+    number changed (the verdicts, judged again from the per-seed values, included); the patch
+    images (not in the JSON) are left alone."""
     from benchmarks.report import RESULTS
 
     name = f"natural_patches_{kind}"
@@ -105,4 +109,9 @@ def test_from_json_rewrites_the_committed_tables_unchanged(kind: str, tmp_path: 
     table = (tmp_path / f"{name}.md").read_text()
     assert table == (RESULTS / f"{name}.md").read_text()
     assert_fits_the_page(table)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.md", f"{name}.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.json", f"{name}.md",
+                                                          f"{name}.png"]
+    stored, again = (json.loads((d / f"{name}.json").read_text()) for d in (RESULTS, tmp_path))
+    for family in ("verdicts", "other_verdicts", "sweep_verdicts"):
+        assert again[family] == stored[family], family
+
