@@ -19,6 +19,7 @@ sample could still beat the best fit without it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -89,10 +90,16 @@ class Fit:
     best: Candidate | None
     plan: Plan | None
     seconds: float
+    eight_bit: bool = True  # whether 8-bit AdamW was searched (bitsandbytes installed)
 
     def smallest(self) -> Candidate:
         """The candidate with the smallest peak."""
         return min(self.tried, key=lambda c: c.peak)
+
+
+def eight_bit_available() -> bool:
+    """Whether bitsandbytes (8-bit AdamW, the ``adam8bit`` extra) is installed."""
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def optimiser_saving(spec: BackboneSpec, opts: TrainOptions) -> int:
@@ -128,7 +135,10 @@ def fit(spec: BackboneSpec, base: TrainOptions, card: int, headroom: int = HEADR
     if target <= 0:
         raise ValueError(f"a {card / GIB:g} GiB card less {headroom / GIB:g} GiB of headroom "
                          "leaves nothing to plan")
-    saving, plan = optimiser_saving(spec, base), plan or plan_train
+    # 8-bit AdamW's saving is read from bitsandbytes' own state: without it the knob is left
+    # out (and said so), since the command would not run here either.
+    eight_bit = eight_bit_available()
+    saving, plan = optimiser_saving(spec, base) if eight_bit else 0, plan or plan_train
     traces = _TRACES.setdefault((repr(spec), plan), {})
 
     def traced(opts: TrainOptions) -> Plan:
@@ -145,15 +155,16 @@ def fit(spec: BackboneSpec, base: TrainOptions, card: int, headroom: int = HEADR
                                                            max_batch):
                 break
             p = traced(opts)
-            tried += [Candidate(opts, p.total, p.flops),
-                      Candidate(dataclasses.replace(opts, optimizer="adamw8bit"),
-                                p.total - saving, p.flops)]
+            tried.append(Candidate(opts, p.total, p.flops))
+            if eight_bit:
+                tried.append(Candidate(dataclasses.replace(opts, optimizer="adamw8bit"),
+                                       p.total - saving, p.flops))
             if tried[-1].peak > target:
                 break  # and every larger batch: the peak grows with it
     fits = [c for c in tried if c.peak <= target]
     best = min(fits, key=_rank, default=None)
     winner = None if best is None else traced(best.opts)
-    return Fit(card, target, tried, best, winner, time.perf_counter() - start)
+    return Fit(card, target, tried, best, winner, time.perf_counter() - start, eight_bit)
 
 
 def _rank(c: Candidate) -> tuple[float, int, bool]:
@@ -244,7 +255,9 @@ def fit_command(args: Any, spec: BackboneSpec, base: TrainOptions) -> int:
             f"{base.vae_rank}, DASM {'on' if base.dasm else 'off'}, LPIPS "
             f"{'on' if base.lpips else 'off'}, CFG {base.cfg_scale:g}, {args.dtype}; target "
             f"{result.target / GIB:.2f} GiB (a {card / GIB:g} GiB card less {args.headroom:g} "
-            f"GiB headroom); searched in {result.seconds:.0f} s")
+            f"GiB headroom); searched in {result.seconds:.0f} s"
+            + ("" if result.eight_bit else "; 8-bit AdamW not searched: bitsandbytes is not "
+               "installed (pip install 'scoredistill[adam8bit]')"))
     if result.best is None:
         low = result.smallest()
         raise UserError(f"{head}: nothing fits; the smallest peak found is {low.peak / GIB:.2f} "

@@ -153,3 +153,15 @@ def test_presets_fit_their_cards(name, bound_gib):
         pytest.importorskip("bitsandbytes", reason="the preset's 8-bit AdamW (adam8bit extra)")
     plan = plan_train(SPECS["sd3-medium"], opts)
     assert plan.total <= bound_gib * GIB, plan.total / GIB
+
+
+def test_without_bitsandbytes_8bit_is_left_out_and_said_so(monkeypatch, capsys):
+    import scoredistill.memory.fit as fit_module
+
+    monkeypatch.setattr(fit_module, "eight_bit_available", lambda: False)
+    monkeypatch.setattr(fit_module, "plan_train", Stand())
+    assert main(["train", "--model", "tiny", "--size", "64", "--dtype", "fp32", "--fit",
+                 "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "8-bit AdamW not searched: bitsandbytes is not installed" in out
+    assert "adamw8bit" not in out.split("python examples/tsdsr/train.py ")[0]

@@ -56,6 +56,7 @@ def test_precompute_plan_matches_a_real_run():
     # The text encoders' calls (the VAE encoder's peak is checked by test_memory_plan.py's SR
     # and train cases); T5's tied embedding is one tensor in both.
     pytest.importorskip("transformers", reason="precompute needs the train extra")
+    pytest.importorskip("kornia", reason="precompute.py imports the recipe's data (train extra)")
     run = PrecomputeRun(batch=3, dtype=torch.float32)
     plan = plan_precompute(SPECS["tiny"], run, encoders=ENCODERS, t5_tokens=6)
     real = measure_precompute(SPECS["tiny"], run, ENCODERS, 6)
@@ -71,6 +72,7 @@ def test_precompute_latents_load_the_vae_alone(tmp_path):
     # A folder with vae/ and no transformer/: the latents pass must not load SD3's transformer
     # beside the text encoders (7.6 GiB in fp32 on SD3-medium).
     pytest.importorskip("transformers", reason="precompute needs the train extra")
+    pytest.importorskip("kornia", reason="precompute.py imports the recipe's data (train extra)")
     from diffusers import AutoencoderKL
 
     from examples.tsdsr.precompute import latent_vae
