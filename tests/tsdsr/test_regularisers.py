@@ -12,13 +12,8 @@ from examples.tsdsr.precompute import precompute
 from examples.tsdsr.train import main, optimisation
 from examples.tsdsr.training import models
 from examples.tsdsr.training.checkpoint import checkpoints, read_state
-from examples.tsdsr.training.config import TrainConfig, parse_config
-from examples.tsdsr.training.regularisers import (
-    GAN_WEIGHT,
-    REGULARISERS,
-    WITH_DASM,
-    Regulariser,
-)
+from examples.tsdsr.training.config import REGULARISERS, WITH_DASM, TrainConfig, parse_config
+from examples.tsdsr.training.regularisers import GAN_WEIGHT, Regulariser
 from examples.tsdsr.training.step import Losses, train_step
 from scoredistill import (
     CFG,

@@ -64,6 +64,7 @@ CHANGES = {
     "max_steps": {"max_steps": 300_000},
     "batch_size": {"batch_size": 4},
     "mixed_precision": {"mixed_precision": "bf16"},
+    "optimizer": {"optimizer": "adamw8bit"},
     "fsdp": {"fsdp": True},
     "seed": {"seed": 44},
     "output_dir": {"output_dir": "/moved/run"},

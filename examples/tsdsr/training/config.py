@@ -29,11 +29,16 @@ from typing import Any
 import jsonargparse
 import yaml
 
-from examples.tsdsr.training.regularisers import REGULARISERS, check_regulariser
 from scoredistill.cli import ArgumentParser, UserError, in_range, number
 from scoredistill.messages import brief
 from scoredistill.optim import OPTIMIZERS
 
+# The choices of --regulariser, in the order the docs' table lists them.
+REGULARISERS = ("tsd", "vsd", "dmd", "sid", "sim", "decoupled-dmd", "f-kl", "f-js", "dmd2-gan")
+# Those with a DASM trajectory (TSD-SR Sec. 3.4): the direction-term losses (f-distill and
+# DMD2 are DMD's direction; their head reads the first point). SiD and SIM differentiate the
+# models at one level; decoupled DMD has two levels of its own.
+WITH_DASM = frozenset({"tsd", "vsd", "dmd", "f-kl", "f-js", "dmd2-gan"})
 
 @dataclass
 class TrainConfig:
@@ -133,6 +138,22 @@ class TrainConfig:
             raise ValueError("use_latents reads the latent of the unflipped image: turn hflip "
                              "off (--no-hflip), since the VAE's latent of a flipped image is not "
                              "the flipped latent")
+
+
+def check_regulariser(config: TrainConfig) -> None:
+    """ValueError (one line, naming the field and the fix) for settings the chosen
+    ``config.regulariser`` cannot honour: DASM, or a TSD-only option given another value."""
+    name = config.regulariser
+    if config.use_dasm and name not in WITH_DASM:
+        raise ValueError(f"regulariser {name} has no DASM trajectory (only "
+                         f"{', '.join(sorted(WITH_DASM))} do): pass --no-use-dasm "
+                         "(use_dasm: false)")
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for field, users in (("tsd_lambda", {"tsd"}), ("tsd_space", {"tsd", "vsd"})):
+        value = getattr(config, field)
+        if name not in users and value != defaults[field]:
+            raise ValueError(f"{field} {value!r} is read by --regulariser "
+                             f"{' or '.join(sorted(users))} only, not {name}: drop it")
 
 
 # Allowed values, checked on every TrainConfig and by argparse at parse time (cli.number).

@@ -8,7 +8,6 @@ the index range (``--index-low/--index-high``) stay TSD-SR's for all of them.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from examples.tsdsr.training.config import TrainConfig
 from scoredistill import (
     CFG,
     DASMSampler,
@@ -36,15 +36,8 @@ from scoredistill import (
 from scoredistill.losses.adversarial import HeadOutput
 
 if TYPE_CHECKING:
-    from examples.tsdsr.training.config import TrainConfig
     from scoredistill.adapters import LoraRoles
 
-# The choices of --regulariser, in the order the docs' table lists them.
-REGULARISERS = ("tsd", "vsd", "dmd", "sid", "sim", "decoupled-dmd", "f-kl", "f-js", "dmd2-gan")
-# Those with a DASM trajectory (TSD-SR Sec. 3.4): the direction-term losses (f-distill and
-# DMD2 are DMD's direction; their head reads the first point). SiD and SIM differentiate the
-# models at one level; decoupled DMD has two levels of its own.
-WITH_DASM = frozenset({"tsd", "vsd", "dmd", "f-kl", "f-js", "dmd2-gan"})
 # Whose features the discriminator head reads: DMD2's head is on the fake score's bottleneck
 # (trained with it, through its LoRA); f-distill's on the frozen teacher's, as NVlabs FastGen.
 HEAD_ROLE: dict[str, Literal["fake", "teacher"]] = {"f-kl": "teacher", "f-js": "teacher",
@@ -57,22 +50,6 @@ HEAD_WEIGHT = 1e-2  # the head's loss beside the fake score's (DMD2's guidance_c
 GUIDED_FAKE = frozenset({"tsd", "vsd"})
 SID_ALPHA = 1.0  # SiD-LSG's, the text-to-image version (the EDM version's is 1.2)
 SIM_C = 1.0  # SIM's pseudo-Huber constant in x0 units (the paper leaves it to the user)
-
-
-def check_regulariser(config: TrainConfig) -> None:
-    """ValueError (one line, naming the field and the fix) for settings the chosen
-    ``config.regulariser`` cannot honour: DASM, or a TSD-only option given another value."""
-    name = config.regulariser
-    if config.use_dasm and name not in WITH_DASM:
-        raise ValueError(f"regulariser {name} has no DASM trajectory (only "
-                         f"{', '.join(sorted(WITH_DASM))} do): pass --no-use-dasm "
-                         "(use_dasm: false)")
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
-    for field, users in (("tsd_lambda", {"tsd"}), ("tsd_space", {"tsd", "vsd"})):
-        value = getattr(config, field)
-        if name not in users and value != defaults[field]:
-            raise ValueError(f"{field} {value!r} is read by --regulariser "
-                             f"{' or '.join(sorted(users))} only, not {name}: drop it")
 
 
 def _dasm(config: TrainConfig) -> DASMSampler | None:
