@@ -175,9 +175,14 @@ def train(config: TrainConfig) -> Path:
     out = Path(config.output_dir)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=str(out),
                               log_with=None if config.report_to == "none" else config.report_to)
-    check_parallelism(config, accelerator)
-    with one_run(out, accelerator):  # before anything is written into --output-dir
-        return _train(config, accelerator)
+    # Every way out ends the trackers and the process group: a gloo group left to interpreter
+    # exit can abort the process ("terminate called without an active exception").
+    try:
+        check_parallelism(config, accelerator)
+        with one_run(out, accelerator):  # before anything is written into --output-dir
+            return _train(config, accelerator)
+    finally:
+        accelerator.end_training()
 
 
 def main_process_writes(accelerator: Any, what: str, write: Callable[[], object]) -> None:
@@ -310,11 +315,9 @@ def _train(config: TrainConfig, accelerator: Any) -> Path:
                 save(done)
             if stop.requested(accelerator):
                 checkpoint = ckpt_root / f"step-{done:08d}" if saved else save(done)
-                accelerator.end_training()
                 raise Preempted(stop.signal_name, done, checkpoint)
             if done % config.validate_every == 0 or done == config.max_steps:
                 run_validation(done)
-    accelerator.end_training()
     return out
 
 
