@@ -11,11 +11,21 @@ Each plan row: the peak by category, FLOPs per sample and the compute floor on n
     python -m benchmarks.memory_plan            # SD3-medium (FLUX.1-dev, SDXL when built in)
     python -m benchmarks.memory_plan --quick    # the tiny preset only, into a temporary folder
     python -m benchmarks.memory_plan --cuda     # on a GPU: predicted vs max_memory_allocated
+
+The full run traces ~55 real-size steps (hours on one CPU core): each traced row is kept in
+``memory_plan.partial.json`` beside the report as soon as it is done, so a run that is stopped
+goes on where it was when started again. A kept row is used only while the project's source files
+it ran (and torch's, diffusers' and peft's versions) are unchanged; the file goes once the report
+is written.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +33,14 @@ from typing import Any
 import torch
 
 from benchmarks import options
-from benchmarks.report import command_line, markdown_table, write_pending, write_report
+from benchmarks.report import (
+    command_line,
+    machine,
+    markdown_table,
+    write_json,
+    write_pending,
+    write_report,
+)
 from scoredistill.cli import UserError
 from scoredistill.memory import (
     GPUS,
@@ -99,6 +116,71 @@ def plans(quick: bool) -> list[tuple[str, int, Callable[[], Plan]]]:
                      ("SR 2048 -> 8192 px", SRRun(height=2048, width=2048))):
         out.append((f"sd3-medium: {name}", sr.images, functools.partial(plan_sr, sd3, sr)))
     return out
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("scoredistill", "benchmarks", "examples")  # the project's code a trace can run
+PARTIAL = "memory_plan.partial.json"
+STARTED = time.time()
+
+
+def project_sources() -> list[str]:
+    """The project's source files imported so far (relative paths): the code a row has run."""
+    files = set()
+    for module in list(sys.modules.values()):
+        path = Path(getattr(module, "__file__", None) or "/").resolve()
+        if path.is_relative_to(ROOT) and path.relative_to(ROOT).parts[0] in PACKAGES:
+            files.add(str(path.relative_to(ROOT)))
+    return sorted(files)
+
+
+def digest(files: Sequence[str]) -> str:
+    """A hash of ``files``' contents and the versions of the libraries a trace runs through."""
+    versions = machine()
+    h = hashlib.sha256(json.dumps([versions[k] for k in ("torch", "diffusers", "peft")]).encode())
+    for name in files:
+        path = ROOT / name
+        h.update(name.encode() + (path.read_bytes() if path.is_file() else b"<gone>"))
+    return h.hexdigest()
+
+
+class KeptRows:
+    """Traced plan rows kept in ``out/memory_plan.partial.json`` (written atomically after each
+    row), each with the source files it ran and their hash; a row whose files changed since is
+    traced again."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / PARTIAL
+        kept = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.rows = {setup: row for setup, row in kept.items()
+                     if row["digest"] == digest(row["sources"])}
+        self.unkept: set[str] = set()
+        if kept:
+            print(f"{self.path}: {len(self.rows)} of {len(kept)} traced rows kept (the others "
+                  "ran code that has changed since)", flush=True)
+
+    def get(self, setup: str, make: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The kept (peak, floor) rows of ``setup``, else ``make()``'s, kept."""
+        if setup not in self.rows:
+            start = time.perf_counter()
+            peak, floor = make()
+            files = project_sources()
+            self.rows[setup] = {"peak": peak, "floor": floor, "sources": files,
+                                "digest": digest(files), "seconds": time.perf_counter() - start}
+            # A file edited during the run is hashed as it is now, not as it ran: not kept.
+            edited = [f for f in files
+                      if not (ROOT / f).is_file() or (ROOT / f).stat().st_mtime > STARTED]
+            if edited:
+                self.unkept.add(setup)
+                print(f"{setup} is not kept for a later run: {edited[0]} changed during this "
+                      "one", flush=True)
+            write_json(self.path, {k: v for k, v in self.rows.items() if k not in self.unkept})
+        return self.rows[setup]["peak"], self.rows[setup]["floor"]
+
+    def done(self) -> None:
+        """The report is written: the kept rows are in it."""
+        self.path.unlink(missing_ok=True)
 
 
 def plan_rows(setup: str, samples: int, plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -209,10 +291,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         return cuda_check(out, command_line(PROG, argv))
     torch.manual_seed(0)
     rows = [row(*case) for case in CASES if not args.quick or case[0] == "tiny"]
-    peaks, floors = [], []
+    kept, peaks, floors = KeptRows(out), [], []
     for setup, samples, plan in plans(args.quick):
-        print(f"tracing {setup}", flush=True)
-        peak, floor = plan_rows(setup, samples, plan())
+        print(f"{'kept' if setup in kept.rows else 'tracing'} {setup}", flush=True)
+        peak, floor = kept.get(setup, lambda s=setup, n=samples, p=plan: plan_rows(s, n, p()))
         peaks.append(peak)
         floors.append(floor)
     missing = [m for m in TRAIN_MODELS if m not in SPECS]
@@ -240,9 +322,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if missing and not args.quick:
         notes += (f"\n\nNot built in yet, so not planned: {', '.join(missing)} (issue 24 "
                   "asks for their rows).")
-    return write_report("memory_plan", "Predicted peak vs a real CPU run", rows,
-                        meta={"plans": peaks, "floors": floors, "missing": missing},
-                        notes=notes, out_dir=out, command=command_line(PROG, argv))
+    md = write_report("memory_plan", "Predicted peak vs a real CPU run", rows,
+                      meta={"plans": peaks, "floors": floors, "missing": missing,
+                            "trace_seconds": {k: v["seconds"] for k, v in kept.rows.items()}},
+                      notes=notes, out_dir=out, command=command_line(PROG, argv))
+    kept.done()
+    return md
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """benchmarks/memory_plan.py's quick mode: the validation rows, and the plan and floor tables of
-the tiny preset (shared backbone, the release's two copies, precompute, SR)."""
+the tiny preset (shared backbone, the release's two copies, precompute, SR); a stopped run goes
+on where it was."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,6 +13,7 @@ pytest.importorskip("lpips", reason="the train step needs the train extra (LPIPS
 pytest.importorskip("transformers", reason="the precompute plan needs the train extra")
 
 from benchmarks.memory_plan import main
+from scoredistill.memory.trace import GIB
 
 
 @pytest.mark.slow
@@ -34,3 +37,66 @@ def test_quick_run_writes_the_check_plans_and_floors(tmp_path):
     for line in text.splitlines():
         if line.startswith("|"):
             assert line.count("|") - 1 <= 6, line
+
+
+def fake_plan(calls: list[str], name: str, stop: bool = False):
+    def make():
+        calls.append(name)
+        if stop:
+            raise KeyboardInterrupt  # the run stopped while tracing this row
+        return SimpleNamespace(peak={"Total": GIB, "Parameter": GIB / 2}, flops=1e12,
+                               min_bytes=GIB)
+    return make
+
+
+def test_a_stopped_run_goes_on_where_it_was(tmp_path, monkeypatch):
+    """Traced rows are kept as they finish: a second run traces only the rows left, and only
+    rows whose code is unchanged are kept."""
+    import benchmarks.memory_plan as mp
+
+    calls: list[str] = []
+    monkeypatch.setattr(mp, "CASES", [("tiny", "train", None)])
+    monkeypatch.setattr(mp, "row", lambda *case: {"model": "tiny", "predicted MiB": 1})
+    monkeypatch.setattr(mp, "plans", lambda quick: [
+        ("a", 1, fake_plan(calls, "a")), ("b", 1, fake_plan(calls, "b", stop=True))])
+    with pytest.raises(KeyboardInterrupt):
+        mp.main(["--quick", "--out", str(tmp_path)])
+    assert calls == ["a", "b"] and not (tmp_path / "memory_plan.json").exists()
+    kept = json.loads((tmp_path / mp.PARTIAL).read_text())
+    assert list(kept) == ["a"] and "benchmarks/memory_plan.py" in kept["a"]["sources"]
+
+    monkeypatch.setattr(mp, "plans", lambda quick: [
+        ("a", 1, fake_plan(calls, "a")), ("b", 1, fake_plan(calls, "b"))])
+    mp.main(["--quick", "--out", str(tmp_path)])
+    assert calls == ["a", "b", "b"] and not (tmp_path / mp.PARTIAL).exists()
+    report = json.loads((tmp_path / "memory_plan.json").read_text())
+    assert [p["setup"] for p in report["plans"]] == ["a", "b"]
+    assert report["plans"][0]["peak GiB"] == 1 and set(report["trace_seconds"]) == {"a", "b"}
+
+    # A row whose code changed since it was traced is traced again.
+    (tmp_path / mp.PARTIAL).write_text(json.dumps({"a": {**kept["a"], "digest": "stale"}}))
+    mp.main(["--quick", "--out", str(tmp_path)])
+    assert calls == ["a", "b", "b", "a", "b"]
+
+    # A source file edited while a run traces is hashed as it is now, not as it ran: not kept.
+    monkeypatch.setattr(mp, "STARTED", 0.0)  # every file is newer than the run's start
+    monkeypatch.setattr(mp, "plans", lambda quick: [
+        ("a", 1, fake_plan(calls, "a")), ("b", 1, fake_plan(calls, "b", stop=True))])
+    with pytest.raises(KeyboardInterrupt):
+        mp.main(["--quick", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / mp.PARTIAL).read_text()) == {}
+
+
+def test_the_digest_follows_the_sources_it_names(tmp_path, monkeypatch):
+    import benchmarks.memory_plan as mp
+
+    assert {"benchmarks/memory_plan.py", "scoredistill/memory/steps.py"} <= set(
+        mp.project_sources())
+    monkeypatch.setattr(mp, "ROOT", tmp_path)
+    (tmp_path / "m.py").write_text("x = 1\n")
+    before = mp.digest(["m.py"])
+    assert mp.digest(["m.py"]) == before
+    (tmp_path / "m.py").write_text("x = 2\n")
+    assert mp.digest(["m.py"]) != before
+    (tmp_path / "m.py").unlink()
+    assert mp.digest(["m.py"]) != before
