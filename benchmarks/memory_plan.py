@@ -12,11 +12,11 @@ Each plan row: the peak by category, FLOPs per sample and the compute floor on n
     python -m benchmarks.memory_plan --quick    # the tiny preset only, into a temporary folder
     python -m benchmarks.memory_plan --cuda     # on a GPU: predicted vs max_memory_allocated
 
-The full run traces ~55 real-size steps (hours on one CPU core): each traced row is kept in
-``memory_plan.partial.json`` beside the report as soon as it is done, so a run that is stopped
-goes on where it was when started again. A kept row is used only while the project's source files
-it ran (and torch's, diffusers' and peft's versions) are unchanged; the file goes once the report
-is written.
+The full run traces ~55 real-size steps (hours on one CPU core; ``--jobs N`` traces N rows at
+once): each traced row is kept in ``memory_plan.partial.json`` beside the report as soon as it
+is done, so a run that is stopped goes on where it was when started again. A kept row is used
+only while the project's source files it ran (and torch's, diffusers' and peft's versions) are
+unchanged; the file goes once the report is written.
 """
 
 from __future__ import annotations
@@ -27,10 +27,13 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from benchmarks import options
 from benchmarks.report import (
@@ -159,28 +162,63 @@ class KeptRows:
             print(f"{self.path}: {len(self.rows)} of {len(kept)} traced rows kept (the others "
                   "ran code that has changed since)", flush=True)
 
-    def get(self, setup: str, make: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
-            ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The kept (peak, floor) rows of ``setup``, else ``make()``'s, kept."""
-        if setup not in self.rows:
-            start = time.perf_counter()
-            peak, floor = make()
-            files = project_sources()
-            self.rows[setup] = {"peak": peak, "floor": floor, "sources": files,
-                                "digest": digest(files), "seconds": time.perf_counter() - start}
-            # A file edited during the run is hashed as it is now, not as it ran: not kept.
-            edited = [f for f in files
-                      if not (ROOT / f).is_file() or (ROOT / f).stat().st_mtime > STARTED]
-            if edited:
-                self.unkept.add(setup)
-                print(f"{setup} is not kept for a later run: {edited[0]} changed during this "
-                      "one", flush=True)
-            write_json(self.path, {k: v for k, v in self.rows.items() if k not in self.unkept})
-        return self.rows[setup]["peak"], self.rows[setup]["floor"]
+    def add(self, setup: str, traced: Traced) -> None:
+        """Keep ``traced``, the row of ``setup``, and write the file (not if a file it ran
+        changed after this run started: it is hashed as it is now, not as it ran)."""
+        peak, floor, files, seconds = traced
+        self.rows[setup] = {"peak": peak, "floor": floor, "sources": files,
+                            "digest": digest(files), "seconds": seconds}
+        edited = [f for f in files
+                  if not (ROOT / f).is_file() or (ROOT / f).stat().st_mtime > STARTED]
+        if edited:
+            self.unkept.add(setup)
+            tqdm.write(f"{setup} is not kept for a later run: {edited[0]} changed during this "
+                       "one")
+        write_json(self.path, {k: v for k, v in self.rows.items() if k not in self.unkept})
 
     def done(self) -> None:
         """The report is written: the kept rows are in it."""
         self.path.unlink(missing_ok=True)
+
+
+# A traced row: (peak row, floor row, the project's source files it ran, seconds).
+Traced = tuple[dict[str, Any], dict[str, Any], list[str], float]
+
+
+def trace(index: int, quick: bool) -> Traced:
+    """Trace row ``index`` of ``plans(quick)`` (in a worker process with ``--jobs``)."""
+    setup, samples, plan = plans(quick)[index]
+    start = time.perf_counter()
+    peak, floor = plan_rows(setup, samples, plan())
+    return peak, floor, project_sources(), time.perf_counter() - start
+
+
+def quiet_diffusers() -> None:
+    from diffusers.utils import logging
+
+    logging.set_verbosity_error()  # the "keep modules in float32" notice for random weights
+
+
+def trace_all(kept: KeptRows, quick: bool, jobs: int) -> None:
+    """Trace the rows ``kept`` lacks, ``jobs`` at a time, keeping each as it finishes."""
+    setups = [setup for setup, _, _ in plans(quick)]
+    todo = [i for i, setup in enumerate(setups) if setup not in kept.rows]
+    bar = tqdm(total=len(todo), desc="tracing plans", unit="row", dynamic_ncols=True)
+    if jobs == 1:
+        for i in todo:
+            bar.set_postfix_str(setups[i])
+            kept.add(setups[i], trace(i, quick))
+            bar.update()
+        return bar.close()
+    # Spawned, not forked: each worker imports torch afresh, as a separate run would.
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
+                             initializer=quiet_diffusers) as pool:
+        running = {pool.submit(trace, i, quick): i for i in todo}
+        for done in as_completed(running):
+            kept.add(setups[running[done]], done.result())
+            bar.set_postfix_str(setups[running[done]])
+            bar.update()
+    bar.close()
 
 
 def plan_rows(setup: str, samples: int, plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -278,25 +316,24 @@ def main(argv: Sequence[str] | None = None) -> Path:
                              "(memory_plan_gpu.md)")
     parser.add_argument("--plan", action="store_true",
                         help="with --cuda: write the GPU table's rows unmeasured (no GPU needed)")
+    parser.add_argument("--jobs", type=options.COUNT, default=1,
+                        help="trace this many plan rows at once, each in a process of its own "
+                             "(one CPU core and a few GiB of RAM each)")
     args = options.parse(parser, argv)
     out = options.out_dir(args)
     if args.plan:
         if not args.cuda:
             raise UserError("--plan writes the GPU table's planned rows: give it with --cuda")
         return pending(out)
-    from diffusers.utils import logging
-
-    logging.set_verbosity_error()  # the "keep modules in float32" notice for random weights
+    quiet_diffusers()
     if args.cuda:
         return cuda_check(out, command_line(PROG, argv))
     torch.manual_seed(0)
     rows = [row(*case) for case in CASES if not args.quick or case[0] == "tiny"]
-    kept, peaks, floors = KeptRows(out), [], []
-    for setup, samples, plan in plans(args.quick):
-        print(f"{'kept' if setup in kept.rows else 'tracing'} {setup}", flush=True)
-        peak, floor = kept.get(setup, lambda s=setup, n=samples, p=plan: plan_rows(s, n, p()))
-        peaks.append(peak)
-        floors.append(floor)
+    kept = KeptRows(out)
+    trace_all(kept, args.quick, args.jobs)
+    peaks = [kept.rows[setup]["peak"] for setup, _, _ in plans(args.quick)]
+    floors = [kept.rows[setup]["floor"] for setup, _, _ in plans(args.quick)]
     missing = [m for m in TRAIN_MODELS if m not in SPECS]
     notes = ("fp32 weights, the paper's LoRA ranks (64), DASM, CFG 7.5, LPIPS, AdamW for both "
              "roles; SR with today's tile defaults. `real` is the peak the CPU allocator held "

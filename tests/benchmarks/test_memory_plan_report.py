@@ -18,8 +18,14 @@ from scoredistill.memory.trace import GIB
 
 @pytest.mark.slow
 def test_quick_run_writes_the_check_plans_and_floors(tmp_path):
-    md = main(["--quick", "--out", str(tmp_path)])
+    from benchmarks.memory_plan import trace
+
+    # Two rows at a time, each in a spawned process: the same rows as traced in this one.
+    md = main(["--quick", "--out", str(tmp_path), "--jobs", "2"])
     report = json.loads((tmp_path / "memory_plan.json").read_text())
+    peak, floor, sources, _ = trace(0, quick=True)
+    assert report["plans"][0] == peak and report["floors"][0] == floor
+    assert "scoredistill/memory/steps.py" in sources
     text = md.read_text()
     assert report["machine"]["device"] and "LOWER BOUND" in text
     assert all(abs(r["error %"]) <= 5 for r in report["rows"])
