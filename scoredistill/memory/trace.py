@@ -3,6 +3,7 @@ FlopCounterMode (FLOPs). Nothing is allocated, so any backbone size traces on an
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -125,11 +126,21 @@ def trace(phases: Sequence[Phase], modules: Sequence[nn.Module],
     tracker.track_external(*modules, *external)
     _frozen_params_without_hooks(tracker, modules)
     roots = [_Step(phase, modules) for phase in phases]
-    with tracker, FlopCounterMode(display=False) as flops:
-        for root in roots:
-            after = root(torch.zeros((), requires_grad=True))
-            if after is not None:
-                after()
+    # A checkpointed step frees some recomputed tensors only through reference cycles, so its
+    # peak would depend on when the cyclic collector happens to run, which depends on every
+    # Python object the process made before (a trace after another read 1-3% apart): the
+    # collector is held off for the step, and the plan is the peak with those cycles kept.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with tracker, FlopCounterMode(display=False) as flops:
+            for root in roots:
+                after = root(torch.zeros((), requires_grad=True))
+                if after is not None:
+                    after()
+    finally:
+        if collecting:
+            gc.enable()
     (device, peak), = tracker.get_tracker_snapshot("peak").items()
     rows = []
     for module, stats in tracker.memory_tracking.items():
