@@ -85,7 +85,7 @@ def test_precompute_latents_load_the_vae_alone(tmp_path):
 
 
 @pytest.mark.xfail(strict=True, reason="known: a checkpointed step is over-predicted (tiny "
-                   "+15.6%, sd3-100m at 256 px +34%; without checkpointing +0.3%/+0.5%); see "
+                   "+16.6%, sd3-100m at 256 px +38%; without checkpointing within 1%); see "
                    "the memory guide. Strict: a fix makes this pass, then drop the marker")
 def test_checkpointed_train_step_matches_a_real_run():
     pytest.importorskip("lpips", reason="the train step needs the train extra (LPIPS)")
