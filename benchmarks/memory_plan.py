@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -207,6 +208,19 @@ def quiet_diffusers() -> None:
     logging.set_verbosity_error()  # the "keep modules in float32" notice for random weights
 
 
+def start_worker(run: int) -> None:
+    """A ``--jobs`` worker of the process ``run``: diffusers quiet, and (on Linux) ended with
+    that run, so that a run killed with SIGTERM or SIGKILL leaves no worker tracing on."""
+    quiet_diffusers()
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != run:  # the run ended before the line above
+            os._exit(1)
+
+
 def trace_all(kept: KeptRows, quick: bool, jobs: int) -> None:
     """Trace the rows ``kept`` lacks, ``jobs`` at a time, keeping each as it finishes."""
     setups = [setup for setup, _, _ in plans(quick)]
@@ -220,7 +234,7 @@ def trace_all(kept: KeptRows, quick: bool, jobs: int) -> None:
         return bar.close()
     # Spawned, not forked: each worker imports torch afresh, as a separate run would.
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
-                             initializer=quiet_diffusers) as pool:
+                             initializer=start_worker, initargs=(os.getpid(),)) as pool:
         running = {pool.submit(trace, i, quick): i for i in todo}
         for done in as_completed(running):
             kept.add(setups[running[done]], done.result())

@@ -5,6 +5,11 @@ on where it was."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -111,3 +116,55 @@ def test_the_digest_follows_the_sources_it_names(tmp_path, monkeypatch):
     assert mp.digest(["m.py"]) != before
     (tmp_path / "m.py").unlink()
     assert mp.digest(["m.py"]) != before
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# A run with one --jobs worker busy for ten minutes; it prints the worker's pid once started.
+BUSY_RUN = """
+import os, time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from benchmarks.memory_plan import start_worker
+with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=start_worker,
+                         initargs=(os.getpid(),)) as pool:
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 600).result()
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_run_leaves_no_worker_tracing():
+    """--jobs: a run killed with SIGTERM (no Python cleanup runs) takes a busy worker with it;
+    without that, the worker would finish its row (minutes at real sizes) and the next queued."""
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.Popen([sys.executable, "-c", BUSY_RUN], cwd=root, stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        worker = int(run.stdout.readline())
+        assert _alive(worker)
+        run.send_signal(signal.SIGTERM)
+        run.wait(30)
+        deadline = time.monotonic() + 30
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker)
+    finally:
+        run.kill()
