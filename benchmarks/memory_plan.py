@@ -67,11 +67,9 @@ MIB = 2**20
 F32 = torch.float32
 CASES: list[tuple[str, str, Any]] = [
     ("tiny", "train", TrainOptions(size=64, dtype=F32)),
-    ("tiny", "train", TrainOptions(size=64, dtype=F32, offload_vae_activations=True)),
     ("tiny", "train", TrainOptions(size=64, dtype=F32, checkpointing=True)),
     ("tiny", "sr", SRRun(height=32, width=48, images=2, batch=2, dtype=F32)),
     ("sd3-100m", "train", TrainOptions(size=256, dtype=F32)),
-    ("sd3-100m", "train", TrainOptions(size=256, dtype=F32, offload_vae_activations=True)),
     ("sd3-100m", "train", TrainOptions(size=256, dtype=F32, checkpointing=True)),
     ("sd3-100m", "sr", SRRun(height=64, width=64, images=1, batch=2, dtype=F32)),
 ]
@@ -112,10 +110,6 @@ def plans(quick: bool) -> list[tuple[str, int, Callable[[], Plan]]]:
                         out.append((f"{model}: {design}, {size} px, b{batch}, checkpointing "
                                     f"{'on' if ckpt else 'off'}", batch,
                                     functools.partial(plan, spec, opts)))
-                if model == "sd3-medium":
-                    opts = TrainOptions(size=size, batch=batch, offload_vae_activations=True)
-                    out.append((f"{model}: ours, {size} px, b{batch}, checkpointing off, VAE "
-                                "offload", batch, functools.partial(plan_train, spec, opts)))
     sd3 = SPECS["sd3-medium"]
     for dtype, latents, image in ((BF16, False, 512), (BF16, True, 1024),
                                   (torch.float32, False, 512), (torch.float32, True, 1024)):
@@ -261,8 +255,6 @@ def plan_rows(setup: str, samples: int, plan: Plan) -> tuple[dict[str, Any], dic
 CUDA_CASES: list[tuple[str, str, Any]] = [
     ("SD3-medium train 512 px b1, checkpointing off", "train", TrainOptions()),
     ("SD3-medium train 512 px b1, checkpointing on", "train", TrainOptions(checkpointing=True)),
-    ("SD3-medium train 512 px b1, VAE offload", "train",
-     TrainOptions(offload_vae_activations=True)),
     ("SD3-medium SR 1024 -> 4096 px", "sr", SRRun(height=1024, width=1024)),
 ]
 CUDA_TITLE = "Predicted peak vs torch.cuda.max_memory_allocated"
@@ -318,7 +310,6 @@ def row(model: str, kind: str, opts: Any) -> dict[str, Any]:
     plan = (plan_train if kind == "train" else plan_sr)(spec, opts)
     real = (measure_train if kind == "train" else measure_sr)(spec, opts)
     what = (f"train {opts.size} px, batch {opts.batch}"
-            + (", VAE offload" if opts.offload_vae_activations else "")
             + (", checkpointing" if opts.checkpointing else "") if kind == "train" else
             f"SR {opts.images} x {opts.height}x{opts.width} px x{opts.upscale:g}")
     return {"case": f"{model}: {what}", "predicted MiB": plan.total / MIB,
@@ -367,10 +358,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
              "blocks an operator allocates and frees before it returns (CPU oneDNN's reordered "
              "convolution inputs, im2col buffers), which the trace, seeing tensors between "
              "operators, cannot predict; on a GPU their counterparts are cuDNN workspaces. "
-             "`VAE offload` (`--offload-vae-activations`): the tensors the VAE saves for the "
-             "backward held as NumPy arrays, outside torch's allocator as host memory is "
-             "outside the GPU's. Issue 24's target: within 5%; checkpointed steps are "
-             "over-predicted (the memory guide).\n\n"
+             "Issue 24's target: within 5%; checkpointed steps are over-predicted (the memory "
+             "guide).\n\n"
              "#### Planned peaks at real sizes (fake tensors, no GPU)\n\n"
              "bf16 weights, fp32 LoRA (ranks 64), DASM, CFG 7.5, LPIPS, AdamW for both roles. "
              "`ours`: one shared backbone with LoRA roles (`scoredistill.memory.steps`); "
