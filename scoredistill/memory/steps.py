@@ -13,7 +13,6 @@ function.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -49,9 +48,6 @@ class TrainOptions:
     lpips: bool = True
     checkpointing: bool = False
     optimizer: str = "adamw"  # or "adamw8bit" (scoredistill.optim: 8-bit moments)
-    # The VAE encoder's and decoder's saved activations held in host memory until the backward
-    # (the recipe's --offload-vae-activations, torch's save_on_cpu).
-    offload_vae_activations: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,8 +99,7 @@ def _vae_lora(vae: nn.Module) -> list[nn.Parameter]:
 
 
 def train_step(roles: LoraRoles, parts: Backbone, spec: BackboneSpec, opts: TrainOptions,
-               device: str, traffic: list[int] | None = None
-               ) -> tuple[list[nn.Module], Step, list[Any]]:
+               device: str) -> tuple[list[nn.Module], Step, list[Any]]:
     """The iteration over the family's adapters, and what exists before it (optimisers, the
     batch). FLUX.1-dev and FLUX.2-dev embed the guidance scale: their teacher and fake score take
     it in the condition (no real CFG, no null prompt), as benchmarks/train_step_flux.py does."""
@@ -139,17 +134,11 @@ def train_step(roles: LoraRoles, parts: Backbone, spec: BackboneSpec, opts: Trai
 
     z_hat_box: list[torch.Tensor] = []
 
-    def offload() -> contextlib.AbstractContextManager:
-        return (HostOffload(traffic) if opts.offload_vae_activations
-                else contextlib.nullcontext())
-
     def generator_step() -> Callable[[], None]:
         with _autocast(device, opts.dtype):
-            with offload():
-                z_lq = encode(spec, vae, lq, "sample")
+            z_lq = encode(spec, vae, lq, "sample")
             z_hat = one_step(roles.student, z_lq, expand_cond(default, b))
-            with offload():
-                x_hat = decode(spec, vae, z_hat)
+            x_hat = decode(spec, vae, z_hat)
             with torch.no_grad(), _adapters_off(vae):
                 z = encode(spec, vae, hq, "mode")
             loss = F.mse_loss(z_hat, z) + tsd(z_hat, cond, teacher=guided(roles.teacher),
@@ -167,49 +156,6 @@ def train_step(roles: LoraRoles, parts: Backbone, spec: BackboneSpec, opts: Trai
     modules = [parts.transformer, vae, *([lpips] if lpips is not None else [])]
     batch = [lq, hq, *tree_leaves([cond, default, null])]
     return modules, [generator_step, fake_step], [*optimisers, *batch]
-
-
-class HostOffload(torch.autograd.graph.saved_tensors_hooks):
-    """``torch.autograd.graph.save_on_cpu`` (the recipe's ``--offload-vae-activations``), in the
-    planner's three kinds of run; ``traffic`` collects the bytes of each tensor offloaded.
-
-    A CUDA tensor saved for the backward goes through save_on_cpu's own hooks (a pinned host
-    copy, copied back when the backward unpacks it). A fake tensor (the plan) leaves no device
-    copy behind, only its shape, and the backward gets a fresh device tensor of that shape: the
-    trace frees what the offload frees, for as long as it frees it. A real CPU tensor (the
-    validation run, where the CPU stands for the device) is held as a NumPy array, memory
-    outside torch's allocator as the host's is outside CUDA's, and unpacked into a new tensor:
-    so the allocator measures what the plan predicts, independently of the trace."""
-
-    def __init__(self, traffic: list[int] | None = None) -> None:
-        from torch._subclasses.fake_tensor import is_fake
-
-        cuda = torch.autograd.graph.save_on_cpu(pin_memory=True)
-
-        def pack(t: torch.Tensor) -> tuple[str, Any]:
-            if traffic is not None:  # the bytes copied to the host (and back)
-                traffic.append(t.numel() * t.element_size())
-            if is_fake(t):
-                return "fake", (t.shape, t.dtype, t.device)
-            if t.device.type == "cpu":
-                # NumPy has no bfloat16: the bytes are kept, viewed as integers of their width.
-                ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-                raw = t.detach().contiguous().view(ints[t.element_size()])
-                return "numpy", (raw.numpy().copy(), t.dtype, t.shape)
-            return "cuda", cuda.pack_hook(t)
-
-        # Unpacked contiguous, as save_on_cpu's copy back is.
-        def unpack(packed: tuple[str, Any]) -> torch.Tensor:
-            kind, saved = packed
-            if kind == "fake":
-                shape, dtype, device = saved
-                return torch.empty(shape, dtype=dtype, device=device)
-            if kind == "numpy":
-                array, dtype, shape = saved
-                return torch.from_numpy(array).clone().view(dtype).view(shape)
-            return cuda.unpack_hook(saved)
-
-        super().__init__(pack, unpack)
 
 
 @contextlib.contextmanager
@@ -269,9 +215,7 @@ def plan_train(spec: BackboneSpec, opts: TrainOptions, device: str = "cpu") -> P
     """The train iteration traced on fake ``device`` tensors."""
     meta = _meta(spec, opts.dtype)
     roles = train_models(meta, spec, opts)
-    traffic: list[int] = []
-    plan = _trace_fake(meta, device, lambda: train_step(roles, meta, spec, opts, device, traffic))
-    return dataclasses.replace(plan, host_bytes=sum(traffic))
+    return _trace_fake(meta, device, lambda: train_step(roles, meta, spec, opts, device))
 
 
 def check_sr(spec: BackboneSpec) -> None:

@@ -22,14 +22,12 @@ class Plan:
     """A traced step: bytes at the peak by MemTracker category ("Parameter", "Gradient",
     "Optstate", "Activation", "Temp", "Buffer", "Other") with "Total"; the ``top`` modules as
     (name, peak bytes while it ran, bytes it added over its start); FLOPs; the bytes every
-    step must at least read (parameters and buffers once); the bytes offloaded to host memory
-    and copied back (each way) per step, if any."""
+    step must at least read (parameters and buffers once)."""
 
     peak: dict[str, int]
     top: list[tuple[str, int, int]]
     flops: int
     min_bytes: int
-    host_bytes: int = 0
 
     @property
     def total(self) -> int:
