@@ -37,8 +37,7 @@ def test_quick_run_writes_the_check_plans_and_floors(tmp_path):
         # A checkpointed step is over-predicted, never under (the memory guide; the planner's
         # xfail test): an upper bound. The others within issue 24's 5%.
         assert r["error %"] > 0 if "checkpointing" in r["case"] else abs(r["error %"]) <= 5, r
-    assert {"tiny: train 64 px, batch 1, VAE offload",
-            "tiny: train 64 px, batch 1, checkpointing"} <= {r["case"] for r in report["rows"]}
+    assert "tiny: train 64 px, batch 1, checkpointing" in {r["case"] for r in report["rows"]}
     plans = {p["setup"].split(",")[0]: p for p in report["plans"]}
     ours, release = plans["tiny: ours"], plans["tiny: release"]
     # The release holds a second transformer copy; the same step otherwise.
