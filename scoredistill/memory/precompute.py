@@ -116,7 +116,7 @@ def plan_precompute(spec: BackboneSpec, run: PrecomputeRun, device: str = "cpu",
             module.tie_weights()
         phases = _precompute_step(modules, vae, run, encoders[0]["max_position_embeddings"],
                                   t5_tokens, device)
-        return trace(phases, held)
+        return trace(phases, held, device=device)
 
 
 def _real_vae(spec: BackboneSpec, dtype: torch.dtype) -> nn.Module:

@@ -18,6 +18,9 @@ NOT_COUNTED = (
 def render(title: str, plan: Plan) -> str:
     """The plan as lines of text."""
     lines = [title, "", f"Peak allocated: {plan.total / GIB:.2f} GiB", ""]
+    if plan.host:
+        lines[-1:-1] = [f"Host memory meanwhile (the tiled VAE's waiting tiles, in RAM, not on "
+                        f"the card): {plan.host / GIB:.2f} GiB"]
     lines += [f"  {name:<12}{plan.peak.get(name, 0) / GIB:>10.3f} GiB" for name in CATEGORIES]
     lines += ["", "Top modules (the most one call, forward or backward, adds over its own "
                   "start; and the peak while it ran):"]

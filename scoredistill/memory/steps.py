@@ -13,13 +13,17 @@ function.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
+import numpy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .backbones import Backbone, BackboneSpec, build_meta, build_real, make_fake
@@ -227,11 +231,15 @@ def check_sr(spec: BackboneSpec) -> None:
 
 
 def plan_sr(spec: BackboneSpec, opts: SRRun, device: str = "cpu") -> Plan:
-    """The SR pipeline's run traced on fake ``device`` tensors."""
+    """The SR pipeline's run traced on fake ``device`` tensors, as it runs on an accelerator:
+    the tiled VAE's waiting tiles are host memory (:attr:`Plan.host`), not ``device``'s."""
+    from scoredistill.sr import vae_tiling
+
     check_sr(spec)
     meta = _meta(spec, opts.dtype)
     _sr_models(meta, opts)
-    return _trace_fake(meta, device, lambda: _sr_step(meta, spec, opts, device))
+    with mock.patch.object(vae_tiling, "HOST", torch.device("meta")):
+        return _trace_fake(meta, device, lambda: _sr_step(meta, spec, opts, device))
 
 
 def _meta(spec: BackboneSpec, dtype: torch.dtype) -> Backbone:
@@ -253,7 +261,7 @@ def _trace_fake(meta: Backbone, device: str,
         for module in (meta.transformer, meta.vae):
             make_fake(module, device)
         modules, step, external = setup()
-        return trace(step, modules, external)
+        return trace(step, modules, external, device=device)
 
 
 def measure_train(spec: BackboneSpec, opts: TrainOptions) -> Allocated:
@@ -267,7 +275,11 @@ def measure_train(spec: BackboneSpec, opts: TrainOptions) -> Allocated:
 
 
 def measure_sr(spec: BackboneSpec, opts: SRRun) -> Allocated:
-    """Peak bytes allocated during a REAL CPU run of the SR pipeline (weights included)."""
+    """Peak bytes allocated during a REAL CPU run of the SR pipeline (weights included), with
+    the tiled VAE's waiting tiles held outside torch's allocator, as an accelerator's run holds
+    them in host memory (:class:`_HostOutsideTorch`)."""
+    from scoredistill.sr import vae_tiling
+
     check_sr(spec)
 
     def setup() -> Callable[[], None]:
@@ -276,4 +288,30 @@ def measure_sr(spec: BackboneSpec, opts: SRRun) -> Allocated:
         phases = _sr_step(parts, spec, opts, "cpu")[1]
         return lambda: run_phases(phases)
 
-    return allocated_peak(setup)
+    with mock.patch.object(vae_tiling, "HOST", torch.device("meta")), _HostOutsideTorch():
+        return allocated_peak(setup)
+
+
+class _HostOutsideTorch(TorchFunctionMode):
+    """A CPU run's stand-in for host memory: a tensor sent to "meta" is copied into a NumPy
+    buffer instead (torch's allocator, which the profiler reads, never sees it), and one sent
+    back to the CPU is copied into a new torch tensor, as an upload allocates on the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: dict[int, weakref.ref[torch.Tensor]] = {}  # by id: == is elementwise
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and len(args) == 2 and isinstance(args[1], torch.device):
+            tensor, device = args
+            if device.type == "meta":
+                buffer = numpy.empty(tensor.numel() * tensor.element_size(), numpy.uint8)
+                held = torch.from_numpy(buffer).view(tensor.dtype).view(tensor.shape)
+                held.copy_(tensor)
+                self.held[id(held)] = weakref.ref(held)
+                return held
+            if device.type == "cpu" and (ref := self.held.get(id(tensor))) and ref() is tensor:
+                return tensor.clone()
+        return func(*args, **kwargs)

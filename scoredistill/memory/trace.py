@@ -13,6 +13,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 GIB = 2**30
+REVISION = 2
+"""Raised whenever a plan of the same inputs changes, so that plans cached under the old one
+(the SR CLI's memory check) are traced again. 2: the tiled VAE's waiting tiles are host
+memory, no longer the device's."""
 Phase = Callable[[], "Callable[[], None] | None"]
 """A step's forward part; it returns what to run after it (backward, optimiser step), or None."""
 
@@ -22,12 +26,15 @@ class Plan:
     """A traced step: bytes at the peak by MemTracker category ("Parameter", "Gradient",
     "Optstate", "Activation", "Temp", "Buffer", "Other") with "Total"; the ``top`` modules as
     (name, peak bytes while it ran, bytes it added over its start); FLOPs; the bytes every
-    step must at least read (parameters and buffers once)."""
+    step must at least read (parameters and buffers once); ``host``: the peak bytes held on
+    another device, host memory in an SR plan (the tiled VAE's waiting tiles; 0 for a step that
+    holds everything on one device)."""
 
     peak: dict[str, int]
     top: list[tuple[str, int, int]]
     flops: int
     min_bytes: int
+    host: int = 0
 
     @property
     def total(self) -> int:
@@ -114,9 +121,11 @@ def _tracker() -> Any:
 
 
 def trace(phases: Sequence[Phase], modules: Sequence[nn.Module],
-          external: Sequence[Any] = (), top: int = 10) -> Plan:
+          external: Sequence[Any] = (), top: int = 10, device: str = "cpu") -> Plan:
     """Run a step's ``phases`` in order under MemTracker and FlopCounterMode; ``modules`` (and
-    ``external``: optimisers, input tensors) exist before it and are counted from the start."""
+    ``external``: optimisers, input tensors) exist before it and are counted from the start.
+    The peak is ``device``'s; tensors the step holds on another device (the SR plan's stand-in
+    for host memory, where the tiled VAE's tiles wait) are :attr:`Plan.host`."""
     from torch.distributed._tools.mem_tracker import _ModState
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -139,11 +148,14 @@ def trace(phases: Sequence[Phase], modules: Sequence[nn.Module],
     finally:
         if collecting:
             gc.enable()
-    (device, peak), = tracker.get_tracker_snapshot("peak").items()
+    compute = _device(device)
+    peaks = {_device(dev): snap for dev, snap in tracker.get_tracker_snapshot("peak").items()}
+    peak = peaks.pop(compute, {"Total": 0})
+    host = max((snap["Total"] for snap in peaks.values()), default=0)
     rows = []
     for module, stats in tracker.memory_tracking.items():
         name = stats.mod_fqn.partition(".")[2]  # without the phase's parent module
-        calls = [(start.get(device, {}).get("Total", 0), high.get(device, {}).get("Total", 0))
+        calls = [(_at(start, compute), _at(high, compute))
                  for pre, peak in ((_ModState.PRE_FW, _ModState.PEAK_FW),
                                    (_ModState.PRE_BW, _ModState.PEAK_BW))
                  for start, high in zip(stats.snapshots.get(pre, []),
@@ -160,7 +172,19 @@ def trace(phases: Sequence[Phase], modules: Sequence[nn.Module],
     weights = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
     min_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     return Plan({getattr(k, "value", k): int(v) for k, v in peak.items()}, rows[:top],
-                int(flops.get_total_flops()), min_bytes)
+                int(flops.get_total_flops()), min_bytes, int(host))
+
+
+def _device(device: str | torch.device) -> torch.device:
+    # Fake CUDA tensors made on "cuda" are on "cuda:0".
+    device = torch.device(device)
+    return torch.device(device.type, 0) if device.type == "cuda" and device.index is None \
+        else device
+
+
+def _at(snapshot: dict[Any, dict[str, int]], device: torch.device) -> int:
+    """The total bytes of ``device`` in a MemTracker snapshot (keyed by torch.device)."""
+    return next((v["Total"] for k, v in snapshot.items() if _device(k) == device), 0)
 
 
 def run_phases(phases: Sequence[Phase]) -> None:

@@ -4,7 +4,8 @@ real sizes, from the model folder's config.json, no weights read) against the CU
 memory. A run that will not fit is refused, naming the tile and batch flags that would fit.
 
 Plans are cached on disk (``$XDG_CACHE_HOME/scoredistill/sr_plans.json``, by a hash of the
-config, the sizes, the flags and the library versions): a traced plan of SD3-medium at
+config, the sizes, the flags, the library versions and the planner's
+:data:`~scoredistill.memory.trace.REVISION`): a traced plan of SD3-medium at
 1024 -> 4096 px takes about a minute of CPU, a cached one nothing.
 """
 
@@ -177,7 +178,7 @@ def _smallest(s: Settings) -> Settings:
 
 def planned(run: Run, settings: Settings) -> tuple[int, str]:
     """(peak bytes, the stage where it happens) of ``run`` with ``settings``: from the disk cache,
-    else traced by :func:`scoredistill.memory.plan_sr` on fake CUDA tensors and cached."""
+    else traced by :func:`scoredistill.memory.plan_sr` on fake tensors and cached."""
     from scoredistill.memory import read_spec
 
     spec = read_spec(run.config)
@@ -225,7 +226,10 @@ def _images_per_call(spec: object, run: Run, settings: Settings) -> int:
 
 
 def _key(spec: object, run: Run, settings: Settings) -> str:
+    from scoredistill.memory.trace import REVISION
+
     versions = {name: _version(name) for name in ("scoredistill", "torch", "diffusers")}
+    versions["planner"] = str(REVISION)
     text = json.dumps([dataclasses.asdict(spec), dataclasses.asdict(run) | {"config": None},  # type: ignore[call-overload]
                        dataclasses.asdict(settings), versions], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

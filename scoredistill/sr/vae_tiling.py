@@ -31,6 +31,10 @@ from torch import Tensor, nn
 
 from scoredistill.sr.vae_steps import Add, Attend, Local, Network, Norm, Save
 
+HOST = torch.device("cpu")
+"""Where tiles wait between GroupNorms with ``offload``. The memory planner, which traces an
+accelerator's work with CPU kernels, sets it to "meta" so that it can tell the two apart."""
+
 Span = tuple[slice, slice]
 """Rows and columns of a rectangle, in px."""
 _Op = Local | Attend | Save | Add  # the steps between GroupNorms
@@ -105,7 +109,7 @@ def run_tiled(net: Network, x: Tensor, *, tile: int, margin: int,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     tiles = plan_tiles(*x.shape[-2:], tile=tile, margin=margin, grid=net.grid)
-    store = torch.device("cpu") if offload else x.device
+    store = HOST if offload else x.device
     states = [_TileState(group, torch.cat([x[(..., *t.window)] for t in group]))
               for group in _batches(tiles, batch_size)]
     normalise = _compiled_normalise() if compile else _normalise

@@ -3,6 +3,9 @@ same step allocates, read from torch.profiler's allocator records (issue 24)."""
 
 from __future__ import annotations
 
+import dataclasses
+from unittest import mock
+
 import pytest
 import torch
 
@@ -19,6 +22,7 @@ from scoredistill.memory import (
     plan_train,
 )
 from scoredistill.memory.cli import main
+from scoredistill.sr.tiling import TileConfig
 
 TOL = 0.05  # issue 24: predicted peak within 5% of the measured one
 TRAIN = TrainOptions(size=64, dtype=torch.float32)  # the paper's ranks (64) on the tiny preset
@@ -69,6 +73,63 @@ def test_sr_peak_matches_a_real_run():
     plan, measured = plan_sr(SPECS["tiny"], SR), measure_sr(SPECS["tiny"], SR)
     assert agree(plan.total, measured), (plan.total, measured)
     assert plan.peak["Gradient"] == 0 and plan.peak["Optstate"] == 0
+
+
+# Tiles small enough that 64 -> 256 px tiles the VAE (whose tiles wait between GroupNorms).
+TILED = SRRun(height=64, width=64, images=1, batch=2, dtype=torch.float32,
+              tiles=TileConfig(latent=16, latent_overlap=4, encoder=64, encoder_overlap=8,
+                               decoder=8, decoder_overlap=2))
+
+
+@pytest.fixture(scope="module")
+def tiled_case():
+    return plan_sr(SPECS["tiny"], TILED), measure_sr(SPECS["tiny"], TILED)
+
+
+def test_tiled_sr_peak_matches_a_real_run_with_the_tiles_in_host_memory(tiled_case):
+    # On an accelerator the tiles wait in host memory; the real CPU run holds them in NumPy
+    # buffers, outside the allocator the profiler reads (measure_sr).
+    plan, measured = tiled_case
+    assert agree(plan.total, measured), (plan.total, measured)
+    assert plan.host > 0.5 * plan.total, (plan.host, plan.total)  # tiny weights, large tiles
+
+
+def test_a_plan_with_the_waiting_tiles_on_the_device_fails(tiled_case):
+    # The plant: the tiles kept where the VAE computes (the planner before REVISION 2 counted
+    # them so, and read 2048 -> 8192 px on SD3-medium as 79.6 GiB).
+    from scoredistill.sr import tiling, vae_tiling
+
+    def on_device(*args, **kwargs):
+        return vae_tiling.run_tiled(*args, **{**kwargs, "offload": False})
+
+    with mock.patch.object(tiling, "run_tiled", on_device):
+        planted = plan_sr(SPECS["tiny"], TILED)
+    assert planted.host == 0
+    assert not agree(planted.total, tiled_case[1]), (planted.total, tiled_case[1])
+
+
+def test_tiles_held_outside_torch_give_the_same_image():
+    # measure_sr's stand-in for host memory moves bytes only: the tiled decode is unchanged.
+    from scoredistill.memory.steps import _HostOutsideTorch
+    from scoredistill.sr import vae_tiling
+    from scoredistill.sr.tiling import tiled_decode
+    from tests.sr.test_vae_tiling import make_vae
+
+    vae, z = make_vae(), torch.randn(1, 16, 24, 24)
+    with torch.no_grad():
+        expected = tiled_decode(vae, z, tile=8, overlap=2, offload=False)
+        with mock.patch.object(vae_tiling, "HOST", torch.device("meta")), \
+                _HostOutsideTorch() as held:
+            got = tiled_decode(vae, z, tile=8, overlap=2)
+    assert held.held  # tiles did wait outside torch
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_the_printed_plan_names_the_host_memory(tiled_case):
+    from scoredistill.memory.report import render
+
+    assert "Host memory meanwhile" in render("t", tiled_case[0])
+    assert "Host memory" not in render("t", dataclasses.replace(tiled_case[0], host=0))
 
 
 def test_floor_is_the_larger_of_compute_and_bandwidth():
