@@ -27,7 +27,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -61,6 +61,7 @@ from scoredistill.memory import (
 from scoredistill.memory.precompute import PrecomputeRun, plan_precompute
 from scoredistill.memory.release import plan_release
 from scoredistill.memory.trace import GIB
+from scoredistill.sr.tiling import TileConfig
 
 PROG = "benchmarks.memory_plan"
 MIB = 2**20
@@ -73,6 +74,12 @@ CASES: list[tuple[str, str, Any]] = [
     ("sd3-100m", "train", TrainOptions(size=256, dtype=F32, checkpointing=True)),
     ("sd3-100m", "sr", SRRun(height=64, width=64, images=1, batch=2, dtype=F32)),
 ]
+# Tiles small enough that 64 -> 256 px tiles the VAE: tiles waiting between its GroupNorms are
+# host memory, held outside torch's allocator in the real run (scoredistill.memory.measure_sr).
+SMALL_TILES = TileConfig(latent=16, latent_overlap=4, encoder=128, encoder_overlap=8,
+                         decoder=16, decoder_overlap=2)
+CASES += [(model, "sr", SRRun(height=64, width=64, images=1, batch=2, dtype=F32,
+                              tiles=SMALL_TILES)) for model in ("tiny", "sd3-100m")]
 
 
 BF16 = torch.bfloat16
@@ -159,8 +166,9 @@ class KeptRows:
         self.path = out / PARTIAL
         kept = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.rows = {setup: row for setup, row in kept.items()
-                     if row["digest"] == digest(row["sources"])}
+                     if "date" in row and row["digest"] == digest(row["sources"])}
         self.unkept: set[str] = set()
+        self.date = machine()["date"]  # this run's start: the date of the rows it traces
         if kept:
             print(f"{self.path}: {len(self.rows)} of {len(kept)} traced rows kept (the others "
                   "ran code that has changed since)", flush=True)
@@ -170,7 +178,8 @@ class KeptRows:
         changed after this run started: it is hashed as it is now, not as it ran)."""
         peak, floor, files, seconds = traced
         self.rows[setup] = {"peak": peak, "floor": floor, "sources": files,
-                            "digest": digest(files), "seconds": seconds}
+                            "digest": digest(files), "seconds": seconds,
+                            "date": self.date}
         edited = [f for f in files
                   if not (ROOT / f).is_file() or (ROOT / f).stat().st_mtime > STARTED]
         if edited:
@@ -215,10 +224,11 @@ def start_worker(run: int) -> None:
             os._exit(1)
 
 
-def trace_all(kept: KeptRows, quick: bool, jobs: int) -> None:
-    """Trace the rows ``kept`` lacks, ``jobs`` at a time, keeping each as it finishes."""
+def trace_all(kept: KeptRows, quick: bool, jobs: int, skip: Collection[str] = ()) -> None:
+    """Trace the rows ``kept`` lacks (but those in ``skip``), ``jobs`` at a time, keeping each
+    as it finishes."""
     setups = [setup for setup, _, _ in plans(quick)]
-    todo = [i for i, setup in enumerate(setups) if setup not in kept.rows]
+    todo = [i for i, setup in enumerate(setups) if setup not in kept.rows and setup not in skip]
     bar = tqdm(total=len(todo), desc="tracing plans", unit="row", dynamic_ncols=True)
     if jobs == 1:
         for i in todo:
@@ -237,6 +247,36 @@ def trace_all(kept: KeptRows, quick: bool, jobs: int) -> None:
     bar.close()
 
 
+def earlier_rows(out: Path, only: str, setups: Sequence[str]) -> dict[str, Any]:
+    """The plan rows of the report in ``out`` whose setup lacks ``only`` (all of ``setups``
+    but those: a run with ``--only`` traces just these again), with the dates they were traced."""
+    path = out / "memory_plan.json"
+    if not path.is_file():
+        raise UserError(f"--only traces some rows again and takes the others from {path}, "
+                        "which is not there: run without --only first")
+    report = json.loads(path.read_text())
+    dates = report.get("traced", {})
+    rows = {p["setup"]: {"peak": p, "floor": f, "seconds": report["trace_seconds"][p["setup"]],
+                         "date": dates.get(p["setup"], report["machine"]["date"])}
+            for p, f in zip(report["plans"], report["floors"], strict=True)}
+    wanted = [s for s in setups if only not in s]
+    if missing := [s for s in wanted if s not in rows]:
+        raise UserError(f"--only {only!r}: {path} has no row {missing[0]!r} (and "
+                        f"{len(missing) - 1} more): run without --only")
+    return {s: rows[s] for s in wanted}
+
+
+def host_table(peaks: Sequence[dict[str, Any]]) -> str:
+    """The rows that hold host memory (the tiled VAE's waiting tiles), as a markdown section."""
+    held = [{"setup": p["setup"], "peak GiB (card)": p["peak GiB"], "host GiB": p["host GiB"]}
+            for p in peaks if "host GiB" in p]
+    if not held:
+        return ""
+    return ("\n\n#### Host memory beside the card's\n\n"
+            "Between the VAE's GroupNorms its tiles wait in host memory (RAM), not on the card: "
+            "the peak host memory they take during the step.\n\n" + markdown_table(held))
+
+
 def plan_rows(setup: str, samples: int, plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
     """The peak-by-category row and the compute-floor row of one plan."""
     gib = {k: v / GIB for k, v in plan.peak.items()}
@@ -246,6 +286,8 @@ def plan_rows(setup: str, samples: int, plan: Plan) -> tuple[dict[str, Any], dic
             "activations + temp GiB": gib["Total"] - sum(
                 gib.get(k, 0) for k in ("Parameter", "Buffer", "Gradient", "Optstate")),
             "TFLOP / sample": plan.flops / samples / 1e12}
+    if plan.host:
+        peak["host GiB"] = plan.host / GIB
     floor = {"setup": setup, **{
         f"{gpu} ms >=": 1e3 * floor_seconds(plan.flops, plan.min_bytes, GPUS[gpu]) / samples
         for gpu in FLOOR_GPUS}}
@@ -311,7 +353,8 @@ def row(model: str, kind: str, opts: Any) -> dict[str, Any]:
     real = (measure_train if kind == "train" else measure_sr)(spec, opts)
     what = (f"train {opts.size} px, batch {opts.batch}"
             + (", checkpointing" if opts.checkpointing else "") if kind == "train" else
-            f"SR {opts.images} x {opts.height}x{opts.width} px x{opts.upscale:g}")
+            f"SR {opts.images} x {opts.height}x{opts.width} px x{opts.upscale:g}"
+            + (", VAE tiled" if isinstance(opts.tiles, TileConfig) else ""))
     return {"case": f"{model}: {what}", "predicted MiB": plan.total / MIB,
             "real MiB (no scratch)": real.without_scratch / MIB,
             "error %": 100 * (plan.total / real.without_scratch - 1),
@@ -336,6 +379,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--jobs", type=options.COUNT, default=1,
                         help="trace this many plan rows at once, each in a process of its own "
                              "(one CPU core and a few GiB of RAM each)")
+    parser.add_argument("--only", metavar="TEXT",
+                        help="trace again only the plan rows whose setup contains TEXT (e.g. "
+                             "'SR'), after a change that only they run; the other rows are "
+                             "taken from the report already in the output folder")
     args = options.parse(parser, argv)
     out = options.out_dir(args)
     if args.plan:
@@ -345,16 +392,25 @@ def main(argv: Sequence[str] | None = None) -> Path:
     quiet_diffusers()
     if args.cuda:
         return cuda_check(out, command_line(PROG, argv))
+    setups = [setup for setup, _, _ in plans(args.quick)]
+    earlier = earlier_rows(out, args.only, setups) if args.only else {}
+    if args.only and len(earlier) == len(setups):
+        raise UserError(f"--only {args.only!r} matches no plan row: give part of a setup's "
+                        f"name, e.g. 'SR' or '{setups[0]}'")
     torch.manual_seed(0)
     rows = [row(*case) for case in CASES if not args.quick or case[0] == "tiny"]
     kept = KeptRows(out)
-    trace_all(kept, args.quick, args.jobs)
-    peaks = [kept.rows[setup]["peak"] for setup, _, _ in plans(args.quick)]
-    floors = [kept.rows[setup]["floor"] for setup, _, _ in plans(args.quick)]
+    trace_all(kept, args.quick, args.jobs, skip=earlier)
+    rows_of = {**kept.rows, **earlier}
+    peaks = [rows_of[setup]["peak"] for setup in setups]
+    floors = [rows_of[setup]["floor"] for setup in setups]
     missing = [m for m in TRAIN_MODELS if m not in SPECS]
     notes = ("fp32 weights, the paper's LoRA ranks (64), DASM, CFG 7.5, LPIPS, AdamW for both "
-             "roles; SR with today's tile defaults. `real` is the peak the CPU allocator held "
-             "during the step (torch.profiler, `profile_memory=True`); `no scratch` leaves out "
+             "roles; SR with today's tile defaults, or (`VAE tiled`) tiles small enough that the "
+             "VAE tiles, its waiting tiles held in NumPy buffers, outside torch's allocator, "
+             "as an accelerator's run holds them in host memory. `real` is the peak the CPU "
+             "allocator held during the step (torch.profiler, `profile_memory=True`); "
+             "`no scratch` leaves out "
              "blocks an operator allocates and frees before it returns (CPU oneDNN's reordered "
              "convolution inputs, im2col buffers), which the trace, seeing tensors between "
              "operators, cannot predict; on a GPU their counterparts are cuDNN workspaces. "
@@ -369,7 +425,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
              "(256 tokens) with 8 captions per call, and with `--latents` the VAE encoder on "
              "one image (`scoredistill.memory.precompute`). SR: 4x with today's tile "
              "defaults. Not counted: the CUDA context (0.3-0.6 GiB), cuDNN/cuBLAS workspaces "
-             "and allocator fragmentation.\n\n" + markdown_table(peaks) +
+             "and allocator fragmentation.\n\n"
+             + markdown_table([{k: v for k, v in p.items() if k != "host GiB"} for p in peaks])
+             + host_table(peaks) +
              "\n\n#### Compute floor per sample, a LOWER BOUND\n\n"
              "max(FLOPs / datasheet dense BF16 peak, weights read once / bandwidth) per "
              "sample (`scoredistill/memory/gpus.py` cites each datasheet); real steps take "
@@ -377,9 +435,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if missing and not args.quick:
         notes += (f"\n\nNot built in yet, so not planned: {', '.join(missing)} (issue 24 "
                   "asks for their rows).")
+    if len(dates := {rows_of[s]["date"] for s in setups}) > 1:
+        notes += ("\n\nTraced over several runs (`--only` traces again the rows a change "
+                  "runs): " + "; ".join(
+                      f"{count} row{'s' * (count > 1)} on {d}" for d in sorted(dates)
+                      if (count := sum(rows_of[s]["date"] == d for s in setups)))
+                  + " (`traced` in the JSON gives each row's).")
     md = write_report("memory_plan", "Predicted peak vs a real CPU run", rows,
                       meta={"plans": peaks, "floors": floors, "missing": missing,
-                            "trace_seconds": {k: v["seconds"] for k, v in kept.rows.items()}},
+                            "trace_seconds": {s: rows_of[s]["seconds"] for s in setups},
+                            "traced": {s: rows_of[s]["date"] for s in setups}},
                       notes=notes, out_dir=out, command=command_line(PROG, argv))
     kept.done()
     return md

@@ -54,13 +54,13 @@ def test_quick_run_writes_the_check_plans_and_floors(tmp_path):
             assert line.count("|") - 1 <= 6, line
 
 
-def fake_plan(calls: list[str], name: str, stop: bool = False):
+def fake_plan(calls: list[str], name: str, stop: bool = False, host: int = 0):
     def make():
         calls.append(name)
         if stop:
             raise KeyboardInterrupt  # the run stopped while tracing this row
         return SimpleNamespace(peak={"Total": GIB, "Parameter": GIB / 2}, flops=1e12,
-                               min_bytes=GIB)
+                               min_bytes=GIB, host=host)
     return make
 
 
@@ -100,6 +100,46 @@ def test_a_stopped_run_goes_on_where_it_was(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         mp.main(["--quick", "--out", str(tmp_path)])
     assert json.loads((tmp_path / mp.PARTIAL).read_text()) == {}
+
+
+def test_only_traces_the_rows_it_names_and_takes_the_others_from_the_report(tmp_path,
+                                                                              monkeypatch):
+    import benchmarks.memory_plan as mp
+    from scoredistill.cli import UserError
+
+    calls: list[str] = []
+    monkeypatch.setattr(mp, "CASES", [("tiny", "train", None)])
+    monkeypatch.setattr(mp, "row", lambda *case: {"model": "tiny", "predicted MiB": 1})
+    monkeypatch.setattr(mp, "plans", lambda quick: [
+        ("train a", 1, fake_plan(calls, "train a")),
+        ("SR b", 1, fake_plan(calls, "SR b", host=3 * GIB))])
+    with pytest.raises(UserError, match=r"memory_plan\.json, which is not there"):
+        mp.main(["--quick", "--out", str(tmp_path), "--only", "SR"])
+    mp.main(["--quick", "--out", str(tmp_path)])
+    first = json.loads((tmp_path / "memory_plan.json").read_text())
+    assert calls == ["train a", "SR b"] and "Traced over several runs" not in (
+        tmp_path / "memory_plan.md").read_text()
+
+    monkeypatch.setattr(mp.KeptRows, "__init__", _dated(mp.KeptRows.__init__, "later"))
+    mp.main(["--quick", "--out", str(tmp_path), "--only", "SR"])
+    assert calls == ["train a", "SR b", "SR b"]
+    report = json.loads((tmp_path / "memory_plan.json").read_text())
+    assert report["plans"] == first["plans"] and report["floors"] == first["floors"]
+    assert report["traced"] == {"train a": first["traced"]["train a"], "SR b": "later"}
+    md = (tmp_path / "memory_plan.md").read_text()
+    assert f"1 row on {first['traced']['train a']}; 1 row on later" in md
+    # The host memory of the SR row, in a table of its own (the docs' tables: <= 6 columns).
+    assert "#### Host memory beside the card's" in md and "| SR b | 1 | 3 |" in md
+    with pytest.raises(UserError, match="matches no plan row"):
+        mp.main(["--quick", "--out", str(tmp_path), "--only", "FLUX"])
+    assert calls == ["train a", "SR b", "SR b"]
+
+
+def _dated(init, date: str):
+    def dated(self, out):
+        init(self, out)
+        self.date = date
+    return dated
 
 
 def test_the_digest_follows_the_sources_it_names(tmp_path, monkeypatch):
