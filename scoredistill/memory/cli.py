@@ -56,10 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gradient checkpointing in the transformer and the VAE")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                        help="both roles' AdamW; adamw8bit: bitsandbytes' 8-bit moments")
+    train.add_argument("--offload-vae-activations", action="store_true",
+                       help="the VAE's saved activations in host memory until the backward "
+                            "(the recipe's flag: torch's save_on_cpu)")
     train.add_argument("--fit", type=memory_size, metavar="SIZE",
-                       help="search checkpointing, batch and optimizer for the fewest FLOPs per "
-                            "sample that fit a card of SIZE (24GB, 24GiB, 16g; GB read as GiB) "
-                            "less --headroom, and print the recipe's command line")
+                       help="search checkpointing, batch and optimizer (and, where nothing fits "
+                            "without it, the VAE offload) for the fewest FLOPs per sample that "
+                            "fit a card of SIZE (24GB, 24GiB, 16g; GB read as GiB) less "
+                            "--headroom, and print the recipe's command line")
     train.add_argument("--headroom", type=number(float, 0), default=HEADROOM / GIB,
                        help="GiB left free on the card for what the plan does not count")
     train.add_argument("--no-dasm", action="store_true", help="TSD at one point, not DASM")
@@ -134,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             student_rank=args.student_rank, fake_rank=args.fake_rank,
                             vae_rank=args.vae_rank, dasm=not args.no_dasm,
                             lpips=not args.no_lpips, checkpointing=args.checkpointing,
-                            optimizer=args.optimizer)
+                            optimizer=args.optimizer,
+                            offload_vae_activations=args.offload_vae_activations)
         if args.fit is not None:
             if args.design != "ours":
                 raise UserError(f"--fit searches the shared backbone's settings, not --design "
@@ -146,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"{opts.student_rank}/{opts.fake_rank}/{opts.vae_rank}), {opts.size} px, "
                  f"batch {opts.batch}, DASM {'on' if opts.dasm else 'off'}, LPIPS "
                  f"{'on' if opts.lpips else 'off'}, checkpointing "
-                 f"{'on' if opts.checkpointing else 'off'}; {opts.optimizer} for both roles")
+                 f"{'on' if opts.checkpointing else 'off'}; {opts.optimizer} for both roles"
+                 + ("; the VAE's activations offloaded" if opts.offload_vae_activations else ""))
     elif args.command == "precompute":
         run = PrecomputeRun(batch=args.batch, dtype=dtype, latents=args.latents,
                             image=args.image)

@@ -2,13 +2,16 @@
 sample whose planned peak fits a card, and the ``examples/tsdsr/train.py`` command that runs it.
 
 Knobs searched: gradient checkpointing (off, on), batch (1, 2, ...), the optimiser (AdamW or
-bitsandbytes' 8-bit AdamW). Held as given, because they change the method rather than its
-memory: the LoRA ranks, DASM, LPIPS, CFG, the crop size, and the fake-score updates per
-generator update (the generator's step, where the peak is, runs unchanged on the steps that
-update it). Every peak is a trace (:func:`~scoredistill.memory.steps.plan_train`) but one:
-the 8-bit optimiser's, which is the AdamW trace less the optimiser state it saves, exact because
-the state is held through the whole step (checked against a trace by the tests), and the winner
-is traced again as it runs.
+bitsandbytes' 8-bit AdamW), and, only where nothing fits without it, the VAE's saved activations
+held in host memory (``--offload-vae-activations``): it adds no FLOPs, so a FLOP count would
+always prefer it, but it copies those activations over PCIe twice a step, time the count does
+not see and no GPU has measured here, so it is searched last. Held as given, because they change
+the method rather than its memory: the LoRA ranks, DASM, LPIPS, CFG, the crop size, and the
+fake-score updates per generator update (the generator's step, where the peak is, runs unchanged
+on the steps that update it). Every peak is a trace
+(:func:`~scoredistill.memory.steps.plan_train`) but one: the 8-bit optimiser's, which is the
+AdamW trace less the optimiser state it saves, exact because the state is held through the whole
+step (checked against a trace by the tests), and the winner is traced again as it runs.
 
 Pruning (each trace costs minutes at SD3-medium size): the peak grows with the batch, so a
 setting's batches stop at the first that does not fit; checkpointing only adds FLOPs (the
@@ -76,7 +79,7 @@ class Candidate:
         """The knobs the search moves, in words."""
         o = self.opts
         return (f"checkpointing {'on' if o.checkpointing else 'off'}, batch {o.batch}, "
-                f"{o.optimizer}")
+                f"{o.optimizer}" + (", VAE offload" if o.offload_vae_activations else ""))
 
 
 @dataclass(frozen=True)
@@ -147,20 +150,24 @@ def fit(spec: BackboneSpec, base: TrainOptions, card: int, headroom: int = HEADR
         return traces[opts]
 
     tried: list[Candidate] = []
-    for checkpointing in (False, True):
-        for batch in range(1, max_batch + 1):
-            opts = dataclasses.replace(base, checkpointing=checkpointing, batch=batch,
-                                       optimizer="adamw")
-            if checkpointing and batch > 1 and _cannot_win(traces, base, tried, target,
-                                                           max_batch):
-                break
-            p = traced(opts)
-            tried.append(Candidate(opts, p.total, p.flops))
-            if eight_bit:
-                tried.append(Candidate(dataclasses.replace(opts, optimizer="adamw8bit"),
-                                       p.total - saving, p.flops))
-            if tried[-1].peak > target:
-                break  # and every larger batch: the peak grows with it
+    for offload in (False, True):
+        if any(c.peak <= target for c in tried):
+            break  # the offload is the last resort
+        around = dataclasses.replace(base, offload_vae_activations=offload)
+        for checkpointing in (False, True):
+            for batch in range(1, max_batch + 1):
+                opts = dataclasses.replace(around, checkpointing=checkpointing, batch=batch,
+                                           optimizer="adamw")
+                if checkpointing and batch > 1 and _cannot_win(traces, around, tried, target,
+                                                               max_batch):
+                    break
+                p = traced(opts)
+                tried.append(Candidate(opts, p.total, p.flops))
+                if eight_bit:
+                    tried.append(Candidate(dataclasses.replace(opts, optimizer="adamw8bit"),
+                                           p.total - saving, p.flops))
+                if tried[-1].peak > target:
+                    break  # and every larger batch: the peak grows with it
     fits = [c for c in tried if c.peak <= target]
     best = min(fits, key=_rank, default=None)
     winner = None if best is None else traced(best.opts)
@@ -184,7 +191,8 @@ def _cannot_win(traces: Mapping[TrainOptions, Plan], base: TrainOptions,
     off = [traces.get(dataclasses.replace(base, checkpointing=False, batch=b,
                                           optimizer="adamw")) for b in (1, 2)]
     on = traces.get(dataclasses.replace(base, checkpointing=True, batch=1, optimizer="adamw"))
-    fits = [c for c in tried if c.peak <= target and not c.opts.checkpointing]
+    fits = [c for c in tried if c.peak <= target and not c.opts.checkpointing
+            and c.opts.offload_vae_activations == base.offload_vae_activations]
     if None in off or on is None or not fits:
         return False
     f1 = off[1].flops - off[0].flops
@@ -202,6 +210,8 @@ def recipe_args(opts: TrainOptions, pretrained: str = "/path/to/sd3-medium") -> 
             "--optimizer", opts.optimizer, "--mixed-precision", MIXED_PRECISION[opts.dtype],
             "--student-rank", str(opts.student_rank), "--fake-rank", str(opts.fake_rank),
             "--vae-rank", str(opts.vae_rank), "--cfg-scale", f"{opts.cfg_scale:g}"]
+    if opts.offload_vae_activations:
+        args.append("--offload-vae-activations")
     if not opts.dasm:
         args.append("--no-use-dasm")
     if not opts.lpips:
@@ -220,7 +230,8 @@ def options_from_recipe(config: Mapping[str, Any] | Any) -> TrainOptions:
                         dasm=get("use_dasm"), cfg_scale=get("cfg_scale"),
                         lpips=bool(get("lpips_weight")),
                         checkpointing=get("gradient_checkpointing"),
-                        optimizer=get("optimizer"))
+                        optimizer=get("optimizer"),
+                        offload_vae_activations=get("offload_vae_activations"))
 
 
 def memory_size(text: str) -> int:
@@ -240,9 +251,10 @@ def fit_command(args: Any, spec: BackboneSpec, base: TrainOptions) -> int:
 
     from .report import render
 
-    if args.batch != 1 or args.checkpointing or args.optimizer != "adamw":
-        raise UserError("--fit searches --batch, --checkpointing and --optimizer itself: leave "
-                        "them out")
+    if (args.batch != 1 or args.checkpointing or args.optimizer != "adamw"
+            or args.offload_vae_activations):
+        raise UserError("--fit searches --batch, --checkpointing, --optimizer and "
+                        "--offload-vae-activations itself: leave them out")
     if getattr(args, "design", "ours") != "ours":
         raise UserError("--fit searches the recipe's knobs (--design ours); the release's "
                         "design has no recipe here to run")
@@ -263,11 +275,12 @@ def fit_command(args: Any, spec: BackboneSpec, base: TrainOptions) -> int:
         raise UserError(f"{head}: nothing fits; the smallest peak found is {low.peak / GIB:.2f} "
                         f"GiB ({low.label()}): lower the LoRA ranks or --size, or plan a larger "
                         "card")
-    lines = [head, "", f"  {'configuration':<44}{'peak GiB':>10}{'TFLOP/sample':>14}"]
+    width = max(len(c.label()) for c in result.tried) + 2
+    lines = [head, "", f"  {'configuration':<{width}}{'peak GiB':>10}{'TFLOP/sample':>14}"]
     for c in result.tried:
         mark = "  <- best" if c == result.best else (
             "" if c.peak <= result.target else "  over")
-        lines.append(f"  {c.label():<44}{c.peak / GIB:>10.2f}"
+        lines.append(f"  {c.label():<{width}}{c.peak / GIB:>10.2f}"
                      f"{c.flops_per_sample / 1e12:>14.2f}{mark}")
     model = args.model if args.model not in SPECS else f"/path/to/{args.model}"
     command = " ".join(["python examples/tsdsr/train.py", *recipe_args(result.best.opts, model),

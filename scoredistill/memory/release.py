@@ -104,6 +104,9 @@ def _paths(spec: BackboneSpec, opts: TrainOptions) -> ModuleType:
         raise ValueError(f"the release's step runs DASM (N = {paths.DASM.num_points}) and CFG "
                          f"{paths.GUIDANCE:g}, got DASM {'on' if opts.dasm else 'off'} and CFG "
                          f"{opts.cfg_scale:g}: plan that setting with the shared backbone")
+    if opts.offload_vae_activations:
+        raise ValueError("the release's step keeps the VAE's activations on the GPU: plan the "
+                         "offload (--offload-vae-activations) with the shared backbone")
     return paths
 
 

@@ -13,6 +13,7 @@ function.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ class TrainOptions:
     lpips: bool = True
     checkpointing: bool = False
     optimizer: str = "adamw"  # or "adamw8bit" (scoredistill.optim: 8-bit moments)
+    # The VAE encoder's and decoder's saved activations held in host memory until the backward
+    # (the recipe's --offload-vae-activations, torch's save_on_cpu).
+    offload_vae_activations: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,8 @@ def _vae_lora(vae: nn.Module) -> list[nn.Parameter]:
 
 
 def train_step(roles: LoraRoles, parts: Backbone, spec: BackboneSpec, opts: TrainOptions,
-               device: str) -> tuple[list[nn.Module], Step, list[Any]]:
+               device: str, traffic: list[int] | None = None
+               ) -> tuple[list[nn.Module], Step, list[Any]]:
     """The iteration over the family's adapters, and what exists before it (optimisers, the
     batch). FLUX.1-dev and FLUX.2-dev embed the guidance scale: their teacher and fake score take
     it in the condition (no real CFG, no null prompt), as benchmarks/train_step_flux.py does."""
@@ -138,11 +143,17 @@ def train_step(roles: LoraRoles, parts: Backbone, spec: BackboneSpec, opts: Trai
 
     z_hat_box: list[torch.Tensor] = []
 
+    def offload() -> contextlib.AbstractContextManager:
+        return (HostOffload(traffic) if opts.offload_vae_activations
+                else contextlib.nullcontext())
+
     def generator_step() -> Callable[[], None]:
         with _autocast(device, opts.dtype):
-            z_lq = encode(spec, vae, lq, "sample")
+            with offload():
+                z_lq = encode(spec, vae, lq, "sample")
             z_hat = one_step(roles.student, z_lq, expand_cond(default, b))
-            x_hat = decode(spec, vae, z_hat)
+            with offload():
+                x_hat = decode(spec, vae, z_hat)
             with torch.no_grad(), _adapters_off(vae):
                 z = encode(spec, vae, hq, "mode")
             loss = F.mse_loss(z_hat, z) + tsd(z_hat, cond, teacher=guided(roles.teacher),
@@ -160,6 +171,52 @@ def train_step(roles: LoraRoles, parts: Backbone, spec: BackboneSpec, opts: Trai
     modules = [parts.transformer, vae, *([lpips] if lpips is not None else [])]
     batch = [lq, hq, *tree_leaves([cond, default, null])]
     return modules, [generator_step, fake_step], [*optimisers, *batch]
+
+
+class HostOffload(torch.autograd.graph.saved_tensors_hooks):
+    """``torch.autograd.graph.save_on_cpu`` (the recipe's ``--offload-vae-activations``), in the
+    planner's three kinds of run; ``traffic`` collects the bytes of each tensor offloaded.
+
+    A CUDA tensor saved for the backward goes through save_on_cpu's own hooks (a pinned host
+    copy, copied back when the backward unpacks it). A fake tensor (the plan) moves to the
+    stand-in for host memory ("meta": :attr:`Plan.host` counts it) and comes back as a fresh
+    device tensor: the trace frees what the offload frees, for as long as it frees it. A real
+    CPU tensor (the validation run, where the CPU stands for the device) is held outside torch's
+    allocator (:func:`_outside_torch`) and unpacked into a new tensor: so the allocator measures
+    what the plan predicts, independently of the trace."""
+
+    def __init__(self, traffic: list[int] | None = None) -> None:
+        from torch._subclasses.fake_tensor import is_fake
+
+        cuda = torch.autograd.graph.save_on_cpu(pin_memory=True)
+
+        def pack(t: torch.Tensor) -> tuple[str, Any]:
+            if traffic is not None:  # the bytes copied to the host (and back)
+                traffic.append(t.numel() * t.element_size())
+            if is_fake(t):
+                return "fake", (t.to("meta"), t.device)
+            if t.device.type == "cpu":
+                return "numpy", _outside_torch(t.detach())
+            return "cuda", cuda.pack_hook(t)
+
+        # Unpacked contiguous, as save_on_cpu's copy back is.
+        def unpack(packed: tuple[str, Any]) -> torch.Tensor:
+            kind, saved = packed
+            if kind == "fake":
+                held, device = saved
+                return held.to(device)
+            if kind == "numpy":
+                return saved.clone()
+            return cuda.unpack_hook(saved)
+
+        super().__init__(pack, unpack)
+
+
+def _outside_torch(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of the CPU tensor ``t`` in a NumPy buffer: memory that torch's allocator,
+    and the profiler reading it, never sees (the validation runs' stand-in for host memory)."""
+    buffer = numpy.empty(t.numel() * t.element_size(), numpy.uint8)  # bytes: bf16 too
+    return torch.from_numpy(buffer).view(t.dtype).view(t.shape).copy_(t)
 
 
 @contextlib.contextmanager
@@ -219,7 +276,9 @@ def plan_train(spec: BackboneSpec, opts: TrainOptions, device: str = "cpu") -> P
     """The train iteration traced on fake ``device`` tensors."""
     meta = _meta(spec, opts.dtype)
     roles = train_models(meta, spec, opts)
-    return _trace_fake(meta, device, lambda: train_step(roles, meta, spec, opts, device))
+    traffic: list[int] = []
+    plan = _trace_fake(meta, device, lambda: train_step(roles, meta, spec, opts, device, traffic))
+    return dataclasses.replace(plan, offloaded=sum(traffic))
 
 
 def check_sr(spec: BackboneSpec) -> None:
@@ -307,9 +366,7 @@ class _HostOutsideTorch(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) == 2 and isinstance(args[1], torch.device):
             tensor, device = args
             if device.type == "meta":
-                buffer = numpy.empty(tensor.numel() * tensor.element_size(), numpy.uint8)
-                held = torch.from_numpy(buffer).view(tensor.dtype).view(tensor.shape)
-                held.copy_(tensor)
+                held = _outside_torch(tensor)
                 self.held[id(held)] = weakref.ref(held)
                 return held
             if device.type == "cpu" and (ref := self.held.get(id(tensor))) and ref() is tensor:

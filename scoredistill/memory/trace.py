@@ -28,13 +28,15 @@ class Plan:
     (name, peak bytes while it ran, bytes it added over its start); FLOPs; the bytes every
     step must at least read (parameters and buffers once); ``host``: the peak bytes held on
     another device, host memory in an SR plan (the tiled VAE's waiting tiles; 0 for a step that
-    holds everything on one device)."""
+    holds everything on one device); ``offloaded``: the bytes an activation offload copies to
+    the host and back (each way) per step."""
 
     peak: dict[str, int]
     top: list[tuple[str, int, int]]
     flops: int
     min_bytes: int
     host: int = 0
+    offloaded: int = 0
 
     @property
     def total(self) -> int:

@@ -41,14 +41,17 @@ def test_other_sizes_are_one_line(text, capsys):
 
 class Stand:
     """A planner of known results: 4 GiB of weights plus 6 GiB of activations per sample (3 with
-    checkpointing); 10 TFLOP per sample (14 with checkpointing's recompute) + 1 GFLOP a step."""
+    checkpointing), 2 GiB (1) less with the VAE's offloaded; 10 TFLOP per sample (14 with
+    checkpointing's recompute) + 1 GFLOP a step."""
 
     def __init__(self) -> None:
         self.calls: list[TrainOptions] = []
 
     def __call__(self, spec, opts: TrainOptions) -> Plan:
         self.calls.append(opts)
-        total = 4 * GIB + (3 if opts.checkpointing else 6) * GIB * opts.batch
+        per_sample = (3 if opts.checkpointing else 6) - (
+            (1 if opts.checkpointing else 2) if opts.offload_vae_activations else 0)
+        total = 4 * GIB + per_sample * GIB * opts.batch
         flops = int(1e9 + opts.batch * (14e12 if opts.checkpointing else 10e12))
         return Plan({"Total": total, "Activation": total - 4 * GIB}, [], flops, 0)
 
@@ -57,13 +60,17 @@ class Stand:
     (24, (False, 3)),  # 10, 16, 22 GiB fit a 22 GiB target: the largest batch, no recompute
     (12, (False, 1)),
     (11, (True, 1)),   # 10 GiB fits the card but not the card less 2 GiB of headroom
-    (9, (True, 1)),
+    (9, (True, 1)),    # 7 GiB; the offload (8 GiB without checkpointing) is not searched
+    (8, (True, 1, True)),  # nothing fits without the offload: 6 GiB with it
 ])
 def test_fewest_flops_per_sample_under_the_target(card, best):
     stand = Stand()
     result = fit(SPECS["tiny"], TINY, card * GIB, plan=stand)
     assert result.best is not None and result.target == (card - 2) * GIB
-    assert (result.best.opts.checkpointing, result.best.opts.batch) == best
+    o = result.best.opts
+    assert (o.checkpointing, o.batch, *([True] if o.offload_vae_activations else [])) == best
+    # The offload is the last resort: planned only where nothing fits without it.
+    assert any(c.offload_vae_activations for c in stand.calls) == (card == 8)
     assert result.best.opts.optimizer == "adamw"  # 8-bit saves ~1 MB here: never needed
     assert result.best.peak <= result.target
     assert result.plan == stand(None, result.best.opts)  # the winner's own trace is shown
@@ -79,8 +86,9 @@ def test_nothing_fits_is_one_line_naming_the_smallest_peak(monkeypatch, capsys):
     code = main(["train", "--model", "tiny", "--size", "64", "--dtype", "fp32", "--fit", "6GB"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert "nothing fits" in err[0] and "smallest peak found is 7.00 GiB" in err[0], err
-    assert "checkpointing on, batch 1" in err[0]
+    # The smallest: checkpointing on and the VAE's activations offloaded, 4 + 2 GiB.
+    assert "nothing fits" in err[0] and "smallest peak found is 6.00 GiB" in err[0], err
+    assert "checkpointing on, batch 1, adamw" in err[0] and ", VAE offload)" in err[0]
 
 
 def test_the_printed_command_runs_the_pick(monkeypatch, capsys):
@@ -102,7 +110,7 @@ def test_the_printed_command_runs_the_pick(monkeypatch, capsys):
     TrainOptions(),
     TrainOptions(size=256, batch=3, checkpointing=True, optimizer="adamw8bit", dasm=False,
                  lpips=False, student_rank=16, fake_rank=8, vae_rank=4, cfg_scale=3.0,
-                 dtype=torch.float16),
+                 dtype=torch.float16, offload_vae_activations=True),
 ])
 def test_recipe_args_round_trip(opts):
     pytest.importorskip("jsonargparse", reason="the recipe's parser (train extra)")
@@ -165,3 +173,9 @@ def test_without_bitsandbytes_8bit_is_left_out_and_said_so(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "8-bit AdamW not searched: bitsandbytes is not installed" in out
     assert "adamw8bit" not in out.split("python examples/tsdsr/train.py ")[0]
+
+
+def test_fit_refuses_the_knobs_it_searches(capsys):
+    code = main(["train", "--model", "tiny", "--fit", "24GB", "--offload-vae-activations"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--offload-vae-activations" in err[0], err

@@ -25,6 +25,7 @@ CHANGES = {
     "fake_rank": {"fake_rank": 8},
     "vae_rank": {"vae_rank": 8},
     "gradient_checkpointing": {"gradient_checkpointing": False},
+    "offload_vae_activations": {"offload_vae_activations": True},
     "hq_dir": {"hq_dir": "/moved/hq"},
     "lq_dir": {"lq_dir": "/moved/lq"},
     "jpeg_codec": {"jpeg_codec": "libjpeg"},
@@ -82,7 +83,8 @@ CHANGES = {
 ALLOWED = {"pretrained", "teacher_lora", "lpips_backbone", "hq_dir", "lq_dir", "embeds_dir",
            "val_hq_dir", "val_lq_dir", "output_dir", "resume", "checkpoint_every",
            "checkpoints_keep", "validate_every", "log_every", "report_to", "dataloader_workers",
-           "skip_bad_files", "gradient_checkpointing", "fsdp", "max_steps"}
+           "skip_bad_files", "gradient_checkpointing", "offload_vae_activations", "fsdp",
+           "max_steps"}
 
 
 def test_every_recorded_field_has_a_change_below():

@@ -278,3 +278,31 @@ def test_precomputed_latents_refuse_flips_missing_files_and_other_sizes(data, la
     assert run(data, tmp_path / "b", "--embeds-dir", str(latent_embeds), "--no-hflip",
                "--use-latents", "--resolution", "32") == 2
     assert "pre-cropped to --resolution 32" in caplog.text
+
+
+def test_offloaded_vae_activations_train_as_held_ones(data, tmp_path, monkeypatch):
+    """--offload-vae-activations: the VAE's saved tensors go through save_on_cpu (counted here,
+    each one copied as to the host and back) and the weights equal a run's without it."""
+    packed: list[tuple[int, ...]] = []
+
+    class Copying(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory: bool = False) -> None:
+            def pack(t):
+                packed.append(tuple(t.shape))
+                return t.detach().clone()
+
+            super().__init__(pack, lambda t: t.clone())
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Copying)
+    finals, counts = {}, {}
+    for name, extra in (("held", []), ("offloaded", ["--offload-vae-activations"])):
+        before = len(packed)
+        assert run(data, tmp_path / name, *extra) == 0
+        counts[name] = len(packed) - before
+        finals[name] = weights(tmp_path / name / "checkpoints" / "step-00000004")
+    assert counts["held"] == 0 and counts["offloaded"] > 0, counts
+    # Image-sized tensors of the VAE (64 px crops, 3 or more channels at full size) were saved.
+    assert any(len(s) == 4 and s[-2:] == (64, 64) for s in packed)
+    assert finals["offloaded"].keys() == finals["held"].keys()
+    for k, v in finals["held"].items():
+        torch.testing.assert_close(finals["offloaded"][k], v, rtol=0, atol=0)

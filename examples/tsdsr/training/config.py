@@ -52,6 +52,9 @@ class TrainConfig:
     fake_rank: int = 64
     vae_rank: int = 64
     gradient_checkpointing: bool = True
+    # Hold the VAE encoder's and decoder's saved activations in (pinned) host memory until the
+    # backward (torch's save_on_cpu): less GPU memory, two PCIe copies a step; same maths.
+    offload_vae_activations: bool = False
     # Data: HQ folder (captions as .txt beside images), optional stored LQ, precomputed embeds.
     hq_dir: str | None = None
     lq_dir: str | None = None  # None: Real-ESRGAN degradation on the fly

@@ -30,7 +30,7 @@ CHANGEABLE = frozenset({
     "val_hq_dir", "val_lq_dir", "output_dir", "resume", "checkpoint_every", "checkpoints_keep",
     "validate_every", "log_every", "report_to", "dataloader_workers", "skip_bad_files",
     # How the same maths is computed.
-    "gradient_checkpointing", "fsdp",
+    "gradient_checkpointing", "offload_vae_activations", "fsdp",
     # A longer (or shorter) run: the learning-rate schedule is recomputed for it.
     "max_steps",
 })

@@ -7,6 +7,7 @@ update (no optimizer step, gradients zeroed) and is counted.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,19 +50,31 @@ class Optimisation:
 
 
 def student_forward(models: TSDSRModels, lq: Tensor, default: dict[str, Tensor],
-                    generator: torch.Generator | None = None, posterior: Posterior = "sample"
-                    ) -> tuple[Tensor, Tensor]:
-    """``G_theta``: LQ (B, 3, H, W) in [-1, 1] -> (z_hat (B, 16, H/8, W/8), x_hat (B, 3, H, W))."""
-    z_hat = student_latent(models, lq, default, generator, posterior)
-    return z_hat, decode(models.vae, z_hat)
+                    generator: torch.Generator | None = None, posterior: Posterior = "sample",
+                    offload: bool = False) -> tuple[Tensor, Tensor]:
+    """``G_theta``: LQ (B, 3, H, W) in [-1, 1] -> (z_hat (B, 16, H/8, W/8), x_hat (B, 3, H, W)).
+
+    ``offload``: the VAE's saved activations in host memory until the backward
+    (``--offload-vae-activations``)."""
+    z_hat = student_latent(models, lq, default, generator, posterior, offload)
+    with saved_on_host(offload):
+        return z_hat, decode(models.vae, z_hat)
 
 
 def student_latent(models: TSDSRModels, lq: Tensor, default: dict[str, Tensor],
-                   generator: torch.Generator | None = None, posterior: Posterior = "sample"
-                   ) -> Tensor:
+                   generator: torch.Generator | None = None, posterior: Posterior = "sample",
+                   offload: bool = False) -> Tensor:
     """The student's latent ``z_hat`` (B, 16, H/8, W/8) of LQ (B, 3, H, W) in [-1, 1]."""
-    z_lq = encode(models.vae, lq, posterior=posterior, generator=generator)
+    with saved_on_host(offload):
+        z_lq = encode(models.vae, lq, posterior=posterior, generator=generator)
     return one_step(models.roles.student, z_lq, expand_cond(default, lq.shape[0]))
+
+
+def saved_on_host(offload: bool) -> contextlib.AbstractContextManager:
+    """Autograd's saved tensors in host memory (pinned where CUDA is) while ``offload``."""
+    if not offload:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
 
 
 def target_latent(models: TSDSRModels, batch: dict) -> Tensor:
@@ -80,7 +93,8 @@ def generator_loss(models: TSDSRModels, losses: Losses, config: TrainConfig, bat
     """
     lq, hq = batch["lq"] * 2 - 1, batch["hq"] * 2 - 1
     cond = {k: batch[k] for k in ("prompt_embeds", "pooled_projections")}
-    z_hat, x_hat = student_forward(models, lq, prompts["default"], generator)
+    z_hat, x_hat = student_forward(models, lq, prompts["default"], generator,
+                                   offload=config.offload_vae_activations)
     z = target_latent(models, batch) if z is None else z
     zero = z_hat.new_zeros(())
     rec = models.lpips(x_hat, hq).mean() if config.lpips_weight else zero
