@@ -218,6 +218,7 @@ def allocated_peak(setup: Callable[[], Callable[[], None]]) -> Allocated:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    gc.collect()  # what earlier work left to the cyclic collector is freed now, not in the step
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run = setup()
         with record_function(_MARK):
@@ -228,8 +229,8 @@ def allocated_peak(setup: Callable[[], Callable[[], None]]) -> Allocated:
         nodes.append(node)
         stack.extend(node.children)
     mark, = (n for n in nodes if n.name == _MARK)
-    records = sorted((n.start_time_ns, n.typed[1].alloc_size, n.typed[1].ptr, id(n.parent))
-                     for n in nodes if n.typed[0] == _EventType.Allocation)
+    records = _own(sorted((n.start_time_ns, n.typed[1].alloc_size, n.typed[1].ptr,
+                           id(n.parent)) for n in nodes if n.typed[0] == _EventType.Allocation))
     scratch = _scratch(records)
     current = clean_current = peak = clean = 0
     for time, size, ptr, _ in records:
@@ -239,6 +240,23 @@ def allocated_peak(setup: Callable[[], Callable[[], None]]) -> Allocated:
         if mark.start_time_ns <= time <= mark.end_time_ns:
             peak, clean = max(peak, current), max(clean, clean_current)
     return Allocated(peak, clean)
+
+
+def _own(records: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """The records without frees of blocks allocated before the profile began: memory the step
+    did not allocate (a model an earlier run left to the cyclic collector, freed mid-step) would
+    otherwise be subtracted from what it did, down to a negative total."""
+    live, out = set(), []
+    for record in records:
+        _, size, ptr, _ = record
+        if size > 0:
+            live.add(ptr)
+        elif ptr in live:
+            live.remove(ptr)
+        else:
+            continue
+        out.append(record)
+    return out
 
 
 def _scratch(records: list[tuple[int, int, int, int]]) -> set[tuple[int, int]]:
