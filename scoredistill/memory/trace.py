@@ -243,9 +243,10 @@ def allocated_peak(setup: Callable[[], Callable[[], None]]) -> Allocated:
 
 
 def _own(records: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
-    """The records without frees of blocks allocated before the profile began: memory the step
-    did not allocate (a model an earlier run left to the cyclic collector, freed mid-step) would
-    otherwise be subtracted from what it did, down to a negative total."""
+    """The records without frees of blocks allocated before the profile began. The profiler
+    reports the free of any block it saw allocated, in an earlier profile too: memory the step
+    did not allocate (an earlier check's model, collected mid-step) would otherwise be
+    subtracted from what it did, down to a negative total."""
     live, out = set(), []
     for record in records:
         _, size, ptr, _ = record

@@ -244,3 +244,25 @@ def test_offload_unpacks_the_same_values():
         with HostOffload():
             y = torch.nn.functional.silu(conv(x)).square().sum()
         assert torch.equal(torch.autograd.grad(y, x)[0], plain)
+
+
+def test_memory_freed_in_the_step_but_allocated_before_it_does_not_count():
+    # An earlier check's model, collected mid-step, was subtracted from the step's own memory
+    # (a tiny tiled SR check after the sd3-100m rows read a peak of 0). The profiler reports
+    # the free of a block it saw allocated, in any earlier profile, so one is made in one.
+    from torch.profiler import ProfilerActivity, profile
+
+    from scoredistill.memory.trace import allocated_peak
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+        before = [torch.empty(4_000_000)]  # 16 MB, the earlier check's
+
+    def setup():
+        def run() -> None:
+            before.clear()
+            block = torch.ones(1_000_000)  # 4 MB, the step's own
+            del block
+        return run
+
+    measured = allocated_peak(setup)
+    assert 4_000_000 <= measured.without_scratch <= measured.peak < 4_100_000, measured
