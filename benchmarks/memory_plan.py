@@ -269,14 +269,17 @@ def earlier_rows(out: Path, only: str, setups: Sequence[str]) -> dict[str, Any]:
 
 
 def host_table(peaks: Sequence[dict[str, Any]]) -> str:
-    """The rows that hold host memory (the tiled VAE's waiting tiles), as a markdown section."""
+    """The rows that hold host memory (the tiled VAE's waiting tiles, the VAE's offloaded
+    activations), as a markdown section."""
     held = [{"setup": p["setup"], "peak GiB (card)": p["peak GiB"], "host GiB": p["host GiB"]}
             for p in peaks if "host GiB" in p]
     if not held:
         return ""
     return ("\n\n#### Host memory beside the card's\n\n"
-            "Between the VAE's GroupNorms its tiles wait in host memory (RAM), not on the card: "
-            "the peak host memory they take during the step.\n\n" + markdown_table(held))
+            "The most host memory (RAM, not the card's) the step holds: the tiles the SR "
+            "pipeline's tiled VAE keeps waiting between its GroupNorms, or (`VAE offload`) what "
+            "the VAE saves for the backward. The host needs this much free besides the "
+            "process's own.\n\n" + markdown_table(held))
 
 
 def plan_rows(setup: str, samples: int, plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
