@@ -27,9 +27,9 @@ class Plan:
     "Optstate", "Activation", "Temp", "Buffer", "Other") with "Total"; the ``top`` modules as
     (name, peak bytes while it ran, bytes it added over its start); FLOPs; the bytes every
     step must at least read (parameters and buffers once); ``host``: the peak bytes held on
-    another device, host memory in an SR plan (the tiled VAE's waiting tiles; 0 for a step that
-    holds everything on one device); ``offloaded``: the bytes an activation offload copies to
-    the host and back (each way) per step."""
+    the stand-in for host memory ("meta": the tiled VAE's waiting tiles, activations offloaded
+    for the backward; 0 for a step that holds everything on one device); ``offloaded``: the
+    bytes an activation offload copies to the host and back (each way) per step."""
 
     peak: dict[str, int]
     top: list[tuple[str, int, int]]
@@ -126,8 +126,8 @@ def trace(phases: Sequence[Phase], modules: Sequence[nn.Module],
           external: Sequence[Any] = (), top: int = 10, device: str = "cpu") -> Plan:
     """Run a step's ``phases`` in order under MemTracker and FlopCounterMode; ``modules`` (and
     ``external``: optimisers, input tensors) exist before it and are counted from the start.
-    The peak is ``device``'s; tensors the step holds on another device (the SR plan's stand-in
-    for host memory, where the tiled VAE's tiles wait) are :attr:`Plan.host`."""
+    The peak is ``device``'s; tensors the step holds on another device (the stand-in for host
+    memory) are :attr:`Plan.host`."""
     from torch.distributed._tools.mem_tracker import _ModState
     from torch.utils.flop_counter import FlopCounterMode
 
