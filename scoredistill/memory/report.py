@@ -23,8 +23,8 @@ def render(title: str, plan: Plan) -> str:
     """The plan as lines of text."""
     lines = [title, "", f"Peak allocated: {plan.total / GIB:.2f} GiB", ""]
     if plan.host:
-        lines[-1:-1] = [f"Host memory meanwhile (RAM, not the card's: the tiled VAE's waiting "
-                        f"tiles, offloaded activations): {plan.host / GIB:.2f} GiB at most"]
+        lines[-1:-1] = [f"Host memory meanwhile (RAM, not the card's): {plan.host / GIB:.2f} "
+                        "GiB at most"]
     lines += [f"  {name:<12}{plan.peak.get(name, 0) / GIB:>10.3f} GiB" for name in CATEGORIES]
     lines += ["", "Top modules (the most one call, forward or backward, adds over its own "
                   "start; and the peak while it ran):"]
