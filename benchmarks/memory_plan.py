@@ -302,9 +302,10 @@ def plan_rows(setup: str, samples: int, plan: Plan) -> tuple[dict[str, Any], dic
 CUDA_CASES: list[tuple[str, str, Any]] = [
     ("SD3-medium train 512 px b1, checkpointing off", "train", TrainOptions()),
     ("SD3-medium train 512 px b1, checkpointing on", "train", TrainOptions(checkpointing=True)),
+    ("SD3-medium SR 1024 -> 4096 px", "sr", SRRun(height=1024, width=1024)),
+    # Last: gpu_session.sh gives part 3 a time limit, and each row is written as it finishes.
     ("SD3-medium train 512 px b1, VAE offload", "train",
      TrainOptions(offload_vae_activations=True)),
-    ("SD3-medium SR 1024 -> 4096 px", "sr", SRRun(height=1024, width=1024)),
 ]
 CUDA_TITLE = "Predicted peak vs torch.cuda.max_memory_allocated"
 
