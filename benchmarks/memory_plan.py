@@ -11,6 +11,7 @@ Each plan row: the peak by category, FLOPs per sample and the compute floor on n
     python -m benchmarks.memory_plan            # SD3-medium (FLUX.1-dev, SDXL when built in)
     python -m benchmarks.memory_plan --quick    # the tiny preset only, into a temporary folder
     python -m benchmarks.memory_plan --cuda     # on a GPU: predicted vs max_memory_allocated
+    python -m benchmarks.memory_plan --only SR  # the SR rows again, the others from the report
 
 The full run traces ~55 real-size steps (hours on one CPU core; ``--jobs N`` traces N rows at
 once): each traced row is kept in ``memory_plan.partial.json`` beside the report as soon as it
