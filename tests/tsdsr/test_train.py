@@ -5,6 +5,7 @@ These check the loop's mechanics, not learning, so they run on the instant rando
 instead of the pre-fitted default (run_tiny.py checks learning)."""
 
 import contextlib
+import fcntl
 import io
 import json
 import multiprocessing
@@ -26,7 +27,7 @@ from examples.tsdsr.training import models
 from examples.tsdsr.training.checkpoint import checkpoints
 from examples.tsdsr.training.config import parse_config
 from examples.tsdsr.training.preemption import StopOnSignal
-from examples.tsdsr.training.preflight import lock_output_dir
+from examples.tsdsr.training.preflight import LOCK_FILE, lock_output_dir
 from scoredistill.cli import EXIT_PREEMPTED, UserError
 from scoredistill.sr.imageio import save_png
 from scoredistill.sr.loading import load_prompts
@@ -204,6 +205,42 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
         holder.kill()
         holder.join()
     os.close(lock_output_dir(tmp_path))
+
+
+@pytest.mark.parametrize("writes_pid", [True, False])
+def test_a_run_refused_as_the_holder_starts_names_the_holder(tmp_path, writes_pid):
+    """Refused between the holder's flock and its pid write, with an ended run's pid still in
+    the file (the race that once failed CI): the refused run names the holder, never the ended
+    run; if the holder writes no pid in time, it names no one."""
+    context = multiprocessing.get_context("fork")
+    ended = context.Process(target=lambda: None)
+    ended.start()
+    ended.join()
+    (tmp_path / LOCK_FILE).write_text(f"{ended.pid}\n")
+    locked = context.Event()
+
+    def hold():  # lock_output_dir's steps, slowed between the lock and the pid
+        fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locked.set()
+        time.sleep(0.3)
+        if writes_pid:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        time.sleep(300)
+
+    holder = context.Process(target=hold)
+    holder.start()
+    try:
+        assert locked.wait(timeout=60)
+        with pytest.raises(UserError) as refused:
+            lock_output_dir(tmp_path)
+    finally:
+        holder.kill()
+        holder.join()
+    named = f"in use by another training run (pid {holder.pid}): wait"
+    assert (named if writes_pid else "in use by another training run: wait") in str(refused.value)
+    assert f"pid {ended.pid}" not in str(refused.value)
 
 
 def test_non_finite_loss_skips_the_update(data, tmp_path):

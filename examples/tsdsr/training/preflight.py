@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +57,33 @@ def check_tracker(report_to: str) -> None:
                         f"{modules[0]}, or pass --report-to none (or another tracker)")
 
 
+def _running(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+def _holder_pid(fd: int, wait_s: float = 1.0) -> str:
+    """The pid of the run holding the lock on ``fd``'s file, or "" if none shows in ``wait_s``.
+
+    The holder writes its pid just after it takes the lock, so a run refused at that instant
+    finds the file empty, or still holding the pid of an earlier run that has ended: it waits a
+    moment for a running process's pid rather than name no one, or the wrong process.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        pid = os.pread(fd, 32, 0).decode("ascii", "replace")
+        if pid.endswith("\n") and pid.strip().isdigit() and _running(pid):
+            return pid.strip()
+        if time.monotonic() > deadline:
+            return ""
+        time.sleep(0.005)
+
+
 def lock_output_dir(output_dir: str | Path) -> int:
     """Take ``output_dir``'s run lock (``flock`` on its ``.train.lock``, checked and taken in one
     system call, so two runs started together cannot both get it); return the file descriptor
@@ -68,10 +96,10 @@ def lock_output_dir(output_dir: str | Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        holder = _holder_pid(fd)
         os.close(fd)
         raise UserError(f"--output-dir {output_dir} is in use by another training run"
-                        f"{f' (pid {holder})' if holder.isdigit() else ''}: wait for it to end, "
+                        f"{f' (pid {holder})' if holder else ''}: wait for it to end, "
                         "or give another --output-dir") from None
     # The file stays after the run: unlinking it while another run opens it would let the two
     # lock two different files.
