@@ -1,7 +1,8 @@
 """``scoredistill-sr``'s memory check, made before anything loads: the memory planner's peak for
 the run (:func:`scoredistill.memory.plan_sr`: the pipeline traced on fake tensors at the run's
 real sizes, from the model folder's config.json, no weights read) against the CUDA card's free
-memory. A run that will not fit is refused, naming the tile and batch flags that would fit.
+memory, and the host memory the tiled VAE's waiting tiles take against the RAM available. A
+run that will not fit is refused, naming the tile and batch flags that would fit on the card.
 
 Plans are cached on disk (``$XDG_CACHE_HOME/scoredistill/sr_plans.json``, by a hash of the
 config, the sizes, the flags, the library versions and the planner's
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -35,6 +37,16 @@ MIN_TILES = TileConfig(latent=16, encoder=128, decoder=32)
 """Tile sides the search does not go below (the overlaps are the run's own)."""
 STAGES = {"AutoencoderKL.encoder": "encoder", "AutoencoderKL.decoder": "decoder"}
 """Module name prefixes of the planner's rows -> stage; any other module is the transformer's."""
+
+
+class Planned(NamedTuple):
+    """A planned run: peak bytes on the card, the stage where it happens ("transformer",
+    "encoder", "decoder"), and the bytes of host memory the tiled VAE's waiting tiles take at
+    most (:attr:`scoredistill.memory.Plan.host`; 0 untiled)."""
+
+    peak: int
+    stage: str
+    host: int
 
 
 @dataclass(frozen=True)
@@ -97,19 +109,34 @@ def free_memory(device: str) -> int:
     return torch.cuda.mem_get_info(torch.device(device))[0]
 
 
+def available_host_memory() -> int:
+    """Bytes of host RAM that can be taken now without swapping (psutil's ``available``)."""
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def check(run: Run, settings: Settings, device: str, *, plan: Callable | None = None,
           log: Callable[[str], None] | None = None) -> None:
-    """:class:`UserError` (one line) unless the planned peak fits in ``device``'s free memory;
-    it names the peak, the free memory, and the largest settings found that fit.
+    """:class:`UserError` (one line) unless the planned peak fits in ``device``'s free memory
+    and the tiled VAE's waiting tiles in the host's available RAM; it names what the run needs,
+    what is free, and for the card the largest settings found that fit.
 
-    ``plan(run, settings) -> (peak bytes, stage)`` defaults to :func:`planned` (cached)."""
+    ``plan(run, settings) -> Planned`` defaults to :func:`planned` (cached)."""
     plan = plan or planned
     log = log or print
-    free = free_memory(device)
-    log(f"scoredistill-sr: checking that the run fits in {device}'s {size(free)} free "
-        f"(memory plan of the largest input, {run.height}x{run.width} px; once per setting, "
-        "then cached; --force skips it)")
-    peak, stage = plan(run, settings)
+    free, available = free_memory(device), available_host_memory()
+    log(f"scoredistill-sr: checking that the run fits in {device}'s {size(free)} free and the "
+        f"host's {size(available)} available (memory plan of the largest input, "
+        f"{run.height}x{run.width} px; once per setting, then cached; --force skips it)")
+    peak, stage, host = plan(run, settings)
+    if host > available:
+        # Tiles or batches do not shrink it: the tiles hold the whole image's activations.
+        raise UserError(f"this run would need {size(host)} of host memory for the VAE's tiles "
+                        f"(planned, largest input {run.height}x{run.width} px, "
+                        f"{settings.flags()}) but {size(available)} is available: free host "
+                        "memory, or use a smaller --upscale or smaller inputs; or pass --force "
+                        "to run anyway")
     if peak <= free:
         return
     log(f"scoredistill-sr: planned {size(peak)}, over the free memory: searching for settings "
@@ -140,7 +167,7 @@ def fitting(run: Run, settings: Settings, free: int, stage: str, plan: Callable,
             if smaller is None:
                 return None
         settings = smaller
-        peak, stage = plan(run, settings)
+        peak, stage, _ = plan(run, settings)
         log(f"  {settings.flags()}: {size(peak)}")
         if peak <= free:
             return settings, peak
@@ -176,23 +203,27 @@ def _smallest(s: Settings) -> Settings:
         s = smaller
 
 
-def planned(run: Run, settings: Settings) -> tuple[int, str]:
-    """(peak bytes, the stage where it happens) of ``run`` with ``settings``: from the disk cache,
-    else traced by :func:`scoredistill.memory.plan_sr` on fake tensors and cached."""
+def planned(run: Run, settings: Settings) -> Planned:
+    """``run`` with ``settings`` planned: from the disk cache, else traced by
+    :func:`scoredistill.memory.plan_sr` on fake tensors and cached."""
     from scoredistill.memory import read_spec
 
     spec = read_spec(run.config)
     key = _key(spec, run, settings)
     cache = _read_cache()
-    if key not in cache:
+    if not _entry(cache.get(key)):  # missing, or cached in another form (before host memory)
         cache = _read_cache()  # another process may have written it meanwhile
         cache[key] = list(_trace(spec, run, settings))
         _write_cache(cache)
-    peak, stage = cache[key]
-    return int(peak), str(stage)
+    peak, stage, host = cache[key]
+    return Planned(int(peak), str(stage), int(host))
 
 
-def _trace(spec: object, run: Run, settings: Settings) -> tuple[int, str]:
+def _entry(value: object) -> bool:
+    return isinstance(value, list) and len(value) == len(Planned._fields)
+
+
+def _trace(spec: object, run: Run, settings: Settings) -> Planned:
     from diffusers.utils import logging
 
     from scoredistill.memory import SRRun, plan_sr
@@ -205,7 +236,7 @@ def _trace(spec: object, run: Run, settings: Settings) -> tuple[int, str]:
     plan = plan_sr(spec, opts)  # type: ignore[arg-type]  # CPU kernels, as scoredistill-plan
     name = max(plan.top, key=lambda row: row[1], default=("", 0, 0))[0]
     stage = next((st for prefix, st in STAGES.items() if name.startswith(prefix)), "transformer")
-    return plan.total, stage
+    return Planned(plan.total, stage, plan.host)
 
 
 def _images_per_call(spec: object, run: Run, settings: Settings) -> int:

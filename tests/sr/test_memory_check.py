@@ -5,6 +5,7 @@ for real (fake tensors, CPU)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -37,7 +38,15 @@ def inputs(tmp_path) -> Path:
 
 
 @pytest.fixture
-def cuda(monkeypatch, tmp_path):
+def ram(monkeypatch) -> list[int]:
+    """``ram[0]`` bytes of host memory available (1 PiB unless a test plants less)."""
+    available = [2**50]
+    monkeypatch.setattr(memory_check, "available_host_memory", lambda: available[0])
+    return available
+
+
+@pytest.fixture
+def cuda(monkeypatch, tmp_path, ram):
     """The check applies (as on CUDA) with ``free[0]`` bytes free; plans cached under tmp;
     returns (free, calls to from_pretrained)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -60,8 +69,9 @@ def _run(sd3_folder, inputs, tmp_path, *extra):
     return main([str(inputs), "-o", str(out), *model_flags(sd3_folder), *ARGS, *extra]), out
 
 
-def _planned(sd3_folder, flags: str) -> int:
-    """The planner's peak for the CLI run with ``flags`` (the settings part of the message)."""
+def _planned(sd3_folder, flags: str, field: str = "peak") -> int:
+    """The planner's peak (or host bytes) for the CLI run with ``flags`` (the settings part of
+    the message)."""
     def pair(name):
         return tuple(int(v) for v in re.search(rf"--{name}-tile (\d+) (\d+)", flags).groups())
 
@@ -70,7 +80,8 @@ def _planned(sd3_folder, flags: str) -> int:
     vae_batch = int(re.search(r"--vae-batch-size (\d+)", flags)[1])
     run = memory_check.Run(str(sd3_folder), 24, 40, 3, 2.0, 32, torch.float32,
                            False)
-    return memory_check.planned(run, memory_check.Settings(batch, vae_batch, tiles))[0]
+    return getattr(memory_check.planned(run, memory_check.Settings(batch, vae_batch, tiles)),
+                   field)
 
 
 DEFAULT = ("--batch-size 8 --vae-batch-size 8 --latent-tile 64 8 --encoder-tile 1024 64 "
@@ -102,6 +113,42 @@ def test_a_fitting_run_goes_through(sd3_folder, inputs, tmp_path, cuda, capsys):
     assert code == 0, capsys.readouterr().err
     assert len(loads) == 1 and sorted(p.name for p in out.glob("*.png")) == [
         "a.png", "b.png", "c.png"]
+
+
+# Tiles small enough that the tiny VAE runs in tiles, so its waiting tiles take host memory.
+SMALL = ["--encoder-tile", "32", "4", "--decoder-tile", "4", "1"]
+
+
+def test_a_run_whose_tiles_overfill_the_host_ram_is_refused(sd3_folder, inputs, tmp_path,
+                                                             cuda, ram, capsys):
+    free, loads = cuda
+    flags = DEFAULT.replace("1024 64", "32 4").replace("224 16", "4 1")
+    free[0] = _planned(sd3_folder, flags)  # the card has room: the host is what refuses
+    host = _planned(sd3_folder, flags, "host")
+    assert host > 0 and _planned(sd3_folder, DEFAULT, "host") == 0  # untiled VAE: none
+    ram[0] = host - 1
+    code, out = _run(sd3_folder, inputs, tmp_path, *SMALL)
+    err = capsys.readouterr().err.strip()
+    size = memory_check.size
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"would need {size(host)} of host memory" in err and \
+        f"but {size(ram[0])} is available" in err and "--force" in err, err
+    assert not loads and not list(out.glob("*.png"))
+    ram[0] = host  # exactly enough
+    code, out = _run(sd3_folder, inputs, tmp_path, *SMALL)
+    assert code == 0, capsys.readouterr().err
+    assert len(loads) == 1 and len(list(out.glob("*.png"))) == 3
+
+
+def test_plans_cached_without_host_memory_are_traced_again(sd3_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    run = memory_check.Run(str(sd3_folder), 24, 40, 3, 2.0, 32, torch.float32, False)
+    settings = memory_check.Settings(2, 2, memory_check.TileConfig())
+    fresh = memory_check.planned(run, settings)
+    cache = json.loads(memory_check.cache_file().read_text())
+    (key, _), = cache.items()
+    memory_check.cache_file().write_text(json.dumps({key: [1, "decoder"]}))  # the old form
+    assert memory_check.planned(run, settings) == fresh
 
 
 def test_force_goes_past_the_refusal_without_planning(sd3_folder, inputs, tmp_path, cuda,
