@@ -146,7 +146,7 @@ def test_8bit_peak_is_adamws_less_the_state_it_saves(tiny_plans):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, bound_gib", [("24gb", 22), ("16gb", 14)])
+@pytest.mark.parametrize("name, bound_gib", [("24gb", 22), ("16gb", 14), ("12gb", 10)])
 def test_presets_fit_their_cards(name, bound_gib):
     # SD3-medium at real size, traced on fake tensors: minutes per preset.
     pytest.importorskip("lpips", reason="the train step's LPIPS (train extra)")
