@@ -61,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(the recipe's flag: torch's save_on_cpu)")
     train.add_argument("--fit", type=memory_size, metavar="SIZE",
                        help="search checkpointing, batch and optimizer (and, where nothing fits "
-                            "without it, the VAE offload) for the fewest FLOPs per sample that "
-                            "fit a card of SIZE (24GB, 24GiB, 16g; GB read as GiB) less "
-                            "--headroom, and print the recipe's command line")
+                            "without them, the VAE offload, then LoRA ranks halved down to 8) "
+                            "for the fewest FLOPs per sample that fit a card of SIZE (24GB, "
+                            "24GiB, 16g; GB read as GiB) less --headroom, and print the "
+                            "recipe's command line")
     train.add_argument("--headroom", type=number(float, 0), default=HEADROOM / GIB,
                        help="GiB left free on the card for what the plan does not count")
     train.add_argument("--no-dasm", action="store_true", help="TSD at one point, not DASM")

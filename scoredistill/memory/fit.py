@@ -5,10 +5,13 @@ Knobs searched: gradient checkpointing (off, on), batch (1, 2, ...), the optimis
 bitsandbytes' 8-bit AdamW), and, only where nothing fits without it, the VAE's saved activations
 held in host memory (``--offload-vae-activations``): it adds no FLOPs, so a FLOP count would
 always prefer it, but it copies those activations over PCIe twice a step, time the count does
-not see and no GPU has measured here, so it is searched last. Held as given, because they change
-the method rather than its memory: the LoRA ranks, DASM, LPIPS, CFG, the crop size, and the
-fake-score updates per generator update (the generator's step, where the peak is, runs unchanged
-on the steps that update it). Every peak is a trace
+not see and no GPU has measured here, so it is searched last. Only where nothing fits at the
+given LoRA ranks are they halved (all three together, down to 8), and the result says so: a
+lower rank is a change of the method (fewer trained parameters), not of its memory. Held as
+given, because they change the method: DASM, LPIPS, CFG and the crop size. Not searched: the
+fake-score updates per generator update, since neither the peak nor FLOPs per generator update
+can fall with more of them (the generator's step, where the peak is, runs unchanged on the steps
+that update it, and every extra update adds a fake-score step). Every peak is a trace
 (:func:`~scoredistill.memory.steps.plan_train`) but one: the 8-bit optimiser's, which is the
 AdamW trace less the optimiser state it saves, exact because the state is held through the whole
 step (checked against a trace by the tests), and the winner is traced again as it runs.
@@ -43,6 +46,9 @@ gets a 22 GiB target, issue 24's bound for the 24 GB preset."""
 MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
 """The planner's weight dtype -> the recipe's ``mixed_precision``."""
 
+MIN_RANK = 8
+"""The lowest LoRA rank the search halves down to."""
+
 _UNITS = {"g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mib": 2**20}
 
 
@@ -69,6 +75,7 @@ class Candidate:
     opts: TrainOptions
     peak: int
     flops: int
+    lowered: bool = False  # the LoRA ranks are lower than those asked for
 
     @property
     def flops_per_sample(self) -> float:
@@ -79,7 +86,8 @@ class Candidate:
         """The knobs the search moves, in words."""
         o = self.opts
         return (f"checkpointing {'on' if o.checkpointing else 'off'}, batch {o.batch}, "
-                f"{o.optimizer}" + (", VAE offload" if o.offload_vae_activations else ""))
+                f"{o.optimizer}" + (", VAE offload" if o.offload_vae_activations else "")
+                + (f", ranks {ranks(o)}" if self.lowered else ""))
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,22 @@ class Fit:
     def smallest(self) -> Candidate:
         """The candidate with the smallest peak."""
         return min(self.tried, key=lambda c: c.peak)
+
+
+def ranks(opts: TrainOptions) -> str:
+    """The LoRA ranks, student/fake/VAE."""
+    return f"{opts.student_rank}/{opts.fake_rank}/{opts.vae_rank}"
+
+
+def rank_levels(base: TrainOptions) -> list[TrainOptions]:
+    """``base``, then its LoRA ranks halved together while the lowest stays at least
+    :data:`MIN_RANK` (or, for ranks already under it, ``base`` only)."""
+    levels = [base]
+    while min(r := (levels[-1].student_rank, levels[-1].fake_rank, levels[-1].vae_rank)) \
+            >= 2 * MIN_RANK:
+        levels.append(dataclasses.replace(levels[-1], student_rank=r[0] // 2,
+                                          fake_rank=r[1] // 2, vae_rank=r[2] // 2))
+    return levels
 
 
 def eight_bit_available() -> bool:
@@ -132,8 +156,9 @@ def fit(spec: BackboneSpec, base: TrainOptions, card: int, headroom: int = HEADR
         ) -> Fit:
     """Search checkpointing, batch and optimiser around ``base`` (its other knobs held) for the
     fewest FLOPs per sample with a peak at most ``card - headroom`` bytes; ties go to the larger
-    batch (GPU throughput), then to AdamW (exact moments). ``plan``: plan_train, or a stand-in
-    with its signature (tests)."""
+    batch (GPU throughput), then to AdamW (exact moments). Where nothing fits, the VAE offload,
+    then lower LoRA ranks (:func:`rank_levels`). ``plan``: plan_train, or a stand-in with its
+    signature (tests)."""
     start, target = time.perf_counter(), card - headroom
     if target <= 0:
         raise ValueError(f"a {card / GIB:g} GiB card less {headroom / GIB:g} GiB of headroom "
@@ -141,7 +166,7 @@ def fit(spec: BackboneSpec, base: TrainOptions, card: int, headroom: int = HEADR
     # 8-bit AdamW's saving is read from bitsandbytes' own state: without it the knob is left
     # out (and said so), since the command would not run here either.
     eight_bit = eight_bit_available()
-    saving, plan = optimiser_saving(spec, base) if eight_bit else 0, plan or plan_train
+    plan = plan or plan_train
     traces = _TRACES.setdefault((repr(spec), plan), {})
 
     def traced(opts: TrainOptions) -> Plan:
@@ -150,24 +175,28 @@ def fit(spec: BackboneSpec, base: TrainOptions, card: int, headroom: int = HEADR
         return traces[opts]
 
     tried: list[Candidate] = []
-    for offload in (False, True):
+    for level in rank_levels(base):
         if any(c.peak <= target for c in tried):
-            break  # the offload is the last resort
-        around = dataclasses.replace(base, offload_vae_activations=offload)
-        for checkpointing in (False, True):
-            for batch in range(1, max_batch + 1):
-                opts = dataclasses.replace(around, checkpointing=checkpointing, batch=batch,
-                                           optimizer="adamw")
-                if checkpointing and batch > 1 and _cannot_win(traces, around, tried, target,
-                                                               max_batch):
-                    break
-                p = traced(opts)
-                tried.append(Candidate(opts, p.total, p.flops))
-                if eight_bit:
-                    tried.append(Candidate(dataclasses.replace(opts, optimizer="adamw8bit"),
-                                           p.total - saving, p.flops))
-                if tried[-1].peak > target:
-                    break  # and every larger batch: the peak grows with it
+            break  # lower ranks are the last resort
+        saving, lowered = optimiser_saving(spec, level) if eight_bit else 0, level != base
+        for offload in (False, True):
+            if any(c.peak <= target for c in tried):
+                break  # the offload is the last resort at these ranks
+            around = dataclasses.replace(level, offload_vae_activations=offload)
+            for checkpointing in (False, True):
+                for batch in range(1, max_batch + 1):
+                    opts = dataclasses.replace(around, checkpointing=checkpointing,
+                                               batch=batch, optimizer="adamw")
+                    if checkpointing and batch > 1 and _cannot_win(traces, around, tried,
+                                                                   target, max_batch):
+                        break
+                    p = traced(opts)
+                    tried.append(Candidate(opts, p.total, p.flops, lowered))
+                    if eight_bit:
+                        tried.append(Candidate(dataclasses.replace(opts, optimizer="adamw8bit"),
+                                               p.total - saving, p.flops, lowered))
+                    if tried[-1].peak > target:
+                        break  # and every larger batch: the peak grows with it
     fits = [c for c in tried if c.peak <= target]
     best = min(fits, key=_rank, default=None)
     winner = None if best is None else traced(best.opts)
@@ -272,11 +301,17 @@ def fit_command(args: Any, spec: BackboneSpec, base: TrainOptions) -> int:
                "installed (pip install 'scoredistill[adam8bit]')"))
     if result.best is None:
         low = result.smallest()
-        raise UserError(f"{head}: nothing fits; the smallest peak found is {low.peak / GIB:.2f} "
-                        f"GiB ({low.label()}): lower the LoRA ranks or --size, or plan a larger "
-                        "card")
+        raise UserError(f"{head}: nothing fits, with LoRA ranks down to "
+                        f"{ranks(rank_levels(base)[-1])}; the smallest peak found is "
+                        f"{low.peak / GIB:.2f} GiB ({low.label()}): lower --size, or plan a "
+                        "larger card")
     width = max(len(c.label()) for c in result.tried) + 2
-    lines = [head, "", f"  {'configuration':<{width}}{'peak GiB':>10}{'TFLOP/sample':>14}"]
+    lines = [head]
+    if result.best.lowered:
+        lines.append(f"Nothing fits at LoRA ranks {ranks(base)}: lowered to "
+                     f"{ranks(result.best.opts)}, which changes the method (fewer trained "
+                     "parameters), not only its memory")
+    lines += ["", f"  {'configuration':<{width}}{'peak GiB':>10}{'TFLOP/sample':>14}"]
     for c in result.tried:
         mark = "  <- best" if c == result.best else (
             "" if c.peak <= result.target else "  over")

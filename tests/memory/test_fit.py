@@ -5,6 +5,7 @@ optimiser's derived peak against a trace, and the presets' planned peaks (issue 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from scoredistill.memory.fit import (
     optimiser_saving,
     options_from_recipe,
     parse_memory,
+    rank_levels,
     recipe_args,
 )
 from scoredistill.memory.trace import GIB, Plan
@@ -40,9 +42,10 @@ def test_other_sizes_are_one_line(text, capsys):
 
 
 class Stand:
-    """A planner of known results: 4 GiB of weights plus 6 GiB of activations per sample (3 with
-    checkpointing), 2 GiB (1) less with the VAE's offloaded; 10 TFLOP per sample (14 with
-    checkpointing's recompute) + 1 GFLOP a step."""
+    """A planner of known results: 4 GiB of weights at the LoRA ranks 64 (2 GiB + 2 GiB x rank /
+    64) plus 6 GiB of activations per sample (3 with checkpointing), 2 GiB (1) less with the
+    VAE's offloaded; 10 TFLOP per sample (14 with checkpointing's recompute) + 1 GFLOP a
+    step."""
 
     def __init__(self) -> None:
         self.calls: list[TrainOptions] = []
@@ -51,9 +54,10 @@ class Stand:
         self.calls.append(opts)
         per_sample = (3 if opts.checkpointing else 6) - (
             (1 if opts.checkpointing else 2) if opts.offload_vae_activations else 0)
-        total = 4 * GIB + per_sample * GIB * opts.batch
+        weights = 2 * GIB + 2 * GIB * opts.student_rank // 64
+        total = weights + per_sample * GIB * opts.batch
         flops = int(1e9 + opts.batch * (14e12 if opts.checkpointing else 10e12))
-        return Plan({"Total": total, "Activation": total - 4 * GIB}, [], flops, 0)
+        return Plan({"Total": total, "Activation": total - weights}, [], flops, 0)
 
 
 @pytest.mark.parametrize("card, best", [
@@ -69,8 +73,10 @@ def test_fewest_flops_per_sample_under_the_target(card, best):
     assert result.best is not None and result.target == (card - 2) * GIB
     o = result.best.opts
     assert (o.checkpointing, o.batch, *([True] if o.offload_vae_activations else [])) == best
-    # The offload is the last resort: planned only where nothing fits without it.
+    # The offload is the last resort: planned only where nothing fits without it; the ranks
+    # stay as asked wherever something fits at them.
     assert any(c.offload_vae_activations for c in stand.calls) == (card == 8)
+    assert {c.student_rank for c in stand.calls} == {64} and not result.best.lowered
     assert result.best.opts.optimizer == "adamw"  # 8-bit saves ~1 MB here: never needed
     assert result.best.peak <= result.target
     assert result.plan == stand(None, result.best.opts)  # the winner's own trace is shown
@@ -86,9 +92,44 @@ def test_nothing_fits_is_one_line_naming_the_smallest_peak(monkeypatch, capsys):
     code = main(["train", "--model", "tiny", "--size", "64", "--dtype", "fp32", "--fit", "6GB"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    # The smallest: checkpointing on and the VAE's activations offloaded, 4 + 2 GiB.
-    assert "nothing fits" in err[0] and "smallest peak found is 6.00 GiB" in err[0], err
-    assert "checkpointing on, batch 1, adamw" in err[0] and ", VAE offload)" in err[0]
+    # The smallest: checkpointing on, the VAE's activations offloaded and the ranks at 8:
+    # 2.25 + 2 GiB against a 4 GiB target.
+    assert "nothing fits, with LoRA ranks down to 8/8/8" in err[0], err
+    assert "smallest peak found is 4.25 GiB" in err[0], err
+    # 8-bit AdamW's saving (about 1 MB here) makes it the smallest where bitsandbytes is in.
+    assert re.search(r"\(checkpointing on, batch 1, adamw(8bit)?, VAE offload, ranks 8/8/8\)",
+                     err[0]), err
+
+
+def test_lower_ranks_only_where_nothing_fits_at_the_asked_ones(monkeypatch, capsys):
+    import scoredistill.memory.fit as fit_module
+
+    pytest.importorskip("jsonargparse", reason="the recipe's parser (train extra)")
+    from examples.tsdsr.training.config import parse_config
+
+    stand = Stand()
+    monkeypatch.setattr(fit_module, "plan_train", stand)
+    # A 5 GiB target: 6 GiB at ranks 64 at best; 3 + 2 GiB at ranks 32 with checkpointing and
+    # the offload. Ranks 16 are never planned.
+    assert main(["train", "--model", "tiny", "--size", "64", "--dtype", "fp32", "--fit",
+                 "7GB"]) == 0
+    assert [r for r in (64, 32, 16) if any(c.student_rank == r for c in stand.calls)] == [64, 32]
+    out = capsys.readouterr().out
+    assert "Nothing fits at LoRA ranks 64/64/64: lowered to 32/32/32" in out
+    command = out.split("python examples/tsdsr/train.py ")[1].split()
+    assert options_from_recipe(parse_config(command)) == dataclasses.replace(
+        TINY, student_rank=32, fake_rank=32, vae_rank=32, checkpointing=True,
+        offload_vae_activations=True)
+
+
+@pytest.mark.parametrize("asked, levels", [
+    ((64, 64, 64), [(64, 64, 64), (32, 32, 32), (16, 16, 16), (8, 8, 8)]),
+    ((64, 64, 16), [(64, 64, 16), (32, 32, 8)]),
+    ((4, 4, 4), [(4, 4, 4)]),
+])
+def test_rank_levels_halve_together_down_to_8(asked, levels):
+    base = TrainOptions(student_rank=asked[0], fake_rank=asked[1], vae_rank=asked[2])
+    assert [(o.student_rank, o.fake_rank, o.vae_rank) for o in rank_levels(base)] == levels
 
 
 def test_the_printed_command_runs_the_pick(monkeypatch, capsys):
